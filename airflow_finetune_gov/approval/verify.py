@@ -1,0 +1,66 @@
+"""Check a run's approval from the lineage record (pure; no Airflow import).
+
+Nothing downstream of the gate trusts the gate task's state or XCom: a ``user`` can mark the gate
+task ``success`` over REST or in the UI, and XCom can be written through the API. The lineage record
+is written only by the governed tasks' own code, is append-only, and is chained by hash; an approval
+counts only if it is recorded there, by an allowed approver who is not the requester, with the
+tier's quorum of distinct people and no rejection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_finetune_gov.lineage.store import LineageStore
+
+
+class ApprovalMissing(RuntimeError):
+    pass
+
+
+def policy_decision(store: LineageStore, dag_id: str, run_id: str) -> dict[str, Any]:
+    events = store.events(dag_id=dag_id, run_id=run_id, event_type="policy.decided")
+    if not events:
+        raise ApprovalMissing(f"run {run_id} has no recorded policy decision: the policy check did not run")
+    return events[-1].payload_dict()
+
+
+def granted_approval(store: LineageStore, dag_id: str, run_id: str) -> dict[str, Any]:
+    decision = policy_decision(store, dag_id, run_id)
+    tier = decision["tier"]
+    if tier == "deny":
+        raise ApprovalMissing(f"run {run_id} was denied by policy: {'; '.join(decision['reasons'])}")
+    rejected = store.events(dag_id=dag_id, run_id=run_id, event_type="approval.rejected")
+    if rejected:
+        who = rejected[-1].payload_dict().get("responder")
+        raise ApprovalMissing(f"run {run_id} was rejected by {who}")
+    grants = [e.payload_dict() for e in store.events(dag_id=dag_id, run_id=run_id, event_type="approval.granted")]
+    requester = decision["request"]["requester"]
+    if tier == "auto":
+        auto = [g for g in grants if g.get("responder") == "policy" and g.get("policy_sha256") ==
+                decision["policy_sha256"]]
+        if not auto:
+            raise ApprovalMissing(f"run {run_id}: tier auto, but no policy approval is recorded")
+        approvers: list[str] = []
+        approval_id = auto[-1]["approval_id"]
+    else:
+        allowed = set(decision["approvers"]) - {requester}
+        valid = [g for g in grants if g.get("responder") in allowed]
+        approvers = sorted({g["responder"] for g in valid})
+        if len(approvers) < int(decision["quorum"]):
+            raise ApprovalMissing(
+                f"run {run_id} needs {decision['quorum']} distinct approver(s) from {sorted(allowed)}; "
+                f"recorded: {approvers or 'none'}. Marking the gate task successful does not approve a run."
+            )
+        approval_id = valid[-1]["approval_id"]
+    return {
+        "approval_id": approval_id,
+        "tier": tier,
+        "approvers": approvers,
+        "requester": requester,
+        "dataset": decision["request"]["dataset"],
+        "dataset_table": decision["dataset_table"],
+        "target_environment": decision["request"]["target_environment"],
+        "model": decision["request"]["model"],
+        "policy_sha256": decision["policy_sha256"],
+    }

@@ -1,0 +1,214 @@
+"""``fgov``: the operator's command line (stack, vault bootstrap, lineage, runs, audit)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(args.state_dir or os.environ.get("FGOV_STATE_DIR") or ".fgov")
+
+
+def _governance_url(args: argparse.Namespace) -> str:
+    if getattr(args, "db_url", None):
+        return args.db_url
+    if os.environ.get("FGOV_GOVERNANCE_DB_URL"):
+        return os.environ["FGOV_GOVERNANCE_DB_URL"]
+    from airflow_finetune_gov.stack.manager import Stack
+
+    state = Stack(_state_dir(args)).load()
+    if state and state.get("governance_db_url_file"):
+        return Path(state["governance_db_url_file"]).read_text().strip()
+    from airflow_finetune_gov import settings
+
+    return settings.get("governance_db_url")
+
+
+def _print(data: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.stack.manager import Stack, StackOptions
+
+    stack = Stack(_state_dir(args))
+    if args.action == "up":
+        state = stack.up(StackOptions(
+            state_dir=stack.dir, dags_folder=Path(args.dags_folder), postgres_port=args.postgres_port,
+            openbao_port=args.openbao_port, airflow_port=args.airflow_port, policy_file=args.policy_file,
+        ))
+        print(f"Airflow UI:  {state['airflow']['url']}  (users: {', '.join(state['airflow']['users'])}; "
+              f"passwords in {state['airflow']['passwords_file']})")
+        print(f"OpenBao:     {state['openbao']['addr']}")
+        print(f"PostgreSQL:  127.0.0.1:{state['postgres']['port']}")
+        print(f"State:       {stack.state_file}")
+        return 0
+    if args.action == "down":
+        stopped = stack.down()
+        print(f"stack down: stopped {len(stopped)} process(es)")
+        return 0
+    status = stack.status()
+    if args.json:
+        _print(status, True)
+    else:
+        print(f"state: {status['state_dir']}  running: {status['running']}")
+        for p in status["processes"]:
+            print(f"  {p['name']:<22} pid {p['pid']:<8} {'up' if p['alive'] else 'DOWN'}")
+        if status.get("airflow_health"):
+            print(f"  airflow health: {status['airflow_health']}")
+    return 0 if status["running"] else 3
+
+
+def cmd_vault(args: argparse.Namespace) -> int:
+    import hvac
+
+    from airflow_finetune_gov.policy.engine import load_policy
+    from airflow_finetune_gov.stack.provision import group_role
+    from airflow_finetune_gov.vault.bootstrap import BootstrapSpec, DatasetGrant, bootstrap
+
+    token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
+    if not token:
+        print("fgov vault bootstrap: set VAULT_TOKEN (or BAO_TOKEN) to a token allowed to configure mounts, "
+              "auth methods and policies", file=sys.stderr)
+        return 2
+    db_password = os.environ.get("FGOV_VAULT_DB_PASSWORD")
+    if not db_password:
+        print("fgov vault bootstrap: set FGOV_VAULT_DB_PASSWORD to the password of the database role that "
+              "OpenBao/Vault uses to create dataset credentials", file=sys.stderr)
+        return 2
+    policy = load_policy(args.policy_file)
+    summary = bootstrap(hvac.Client(url=args.addr, token=token), BootstrapSpec(
+        db_connection_url=args.db_connection_url, db_username=args.db_username, db_password=db_password,
+        datasets=[DatasetGrant(n, group_role(n)) for n in policy.datasets],
+        jwt_public_key_pem=Path(args.jwt_public_key).read_text(),
+        default_ttl=f"{policy.lease['default_ttl_minutes']}m", max_ttl=f"{policy.lease['max_ttl_minutes']}m",
+    ))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.lineage.store import LineageStore
+
+    store = LineageStore(_governance_url(args))
+    events = store.events(run_id=args.run_id, dag_id=args.dag_id)
+    if not events:
+        print(f"no lineage events for run {args.run_id}", file=sys.stderr)
+        return 1
+    if args.json:
+        _print([e.to_dict() for e in events], True)
+        return 0
+    print(f"lineage of {events[0].dag_id} / {args.run_id}: {len(events)} event(s)")
+    for e in events:
+        payload = e.payload_dict()
+        summary = ", ".join(f"{k}={_short(v)}" for k, v in payload.items() if k in _SUMMARY_KEYS)
+        print(f"  #{e.id:<5} {e.created_at[:19]}  {e.task_id:<16} try {e.try_number}  {e.event_type:<24} "
+              f"by {e.actor:<12} {summary}")
+    return 0
+
+
+_SUMMARY_KEYS = ("tier", "option", "responder", "lease_id", "db_role", "dataset", "rows", "content_sha256",
+                 "version", "verdict", "alias", "verified", "reason")
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 28 else text[:12] + "…" + text[-8:]
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.lineage.store import LineageStore
+
+    runs = LineageStore(_governance_url(args)).runs()
+    if args.json:
+        _print(runs, True)
+        return 0
+    for r in runs:
+        print(f"{r['dag_id']:<28} {r['run_id']:<48} events {r['events']:<4} {r['first'][:19]} .. {r['last'][:19]}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.lineage.store import LineageStore
+
+    result = LineageStore(_governance_url(args)).verify()
+    if args.json:
+        _print({"ok": result.ok, "checked": result.checked, "problems": result.problems}, True)
+    else:
+        print(f"checked {result.checked} event(s): {'chain intact' if result.ok else 'CHAIN BROKEN'}")
+        for p in result.problems:
+            print(f"  {p}")
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fgov", description="airflow-finetune-gov operations")
+    parser.add_argument("--state-dir", help="stack state directory (default ./.fgov or $FGOV_STATE_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    stack = sub.add_parser("stack", help="the embedded PostgreSQL + OpenBao + Airflow stack")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--dags-folder", default="dags")
+    stack.add_argument("--postgres-port", type=int)
+    stack.add_argument("--openbao-port", type=int)
+    stack.add_argument("--airflow-port", type=int)
+    stack.add_argument("--policy-file")
+    stack.add_argument("--json", action="store_true")
+    stack.set_defaults(func=cmd_stack)
+
+    vault = sub.add_parser("vault", help="configure your own Vault/OpenBao")
+    vault_sub = vault.add_subparsers(dest="action", required=True)
+    boot = vault_sub.add_parser("bootstrap", help="database engine, JWT auth, policies and roles (idempotent)")
+    boot.add_argument("--addr", default=os.environ.get("VAULT_ADDR") or os.environ.get("BAO_ADDR")
+                      or "http://127.0.0.1:8200")
+    boot.add_argument("--db-connection-url", required=True,
+                      help="e.g. postgresql://{{username}}:{{password}}@db:5432/postgres")
+    boot.add_argument("--db-username", default="fgov_vault")
+    boot.add_argument("--jwt-public-key", required=True, help="PEM public key of the workload-identity signer")
+    boot.add_argument("--policy-file")
+    boot.set_defaults(func=cmd_vault)
+
+    lineage = sub.add_parser("lineage", help="the lineage record of a run")
+    lineage_sub = lineage.add_subparsers(dest="action", required=True)
+    show = lineage_sub.add_parser("show", help="every event of one DAG run")
+    show.add_argument("run_id")
+    show.add_argument("--dag-id")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--db-url")
+    show.set_defaults(func=cmd_lineage)
+
+    runs = sub.add_parser("runs", help="governed runs")
+    runs_sub = runs.add_subparsers(dest="action", required=True)
+    rl = runs_sub.add_parser("list")
+    rl.add_argument("--json", action="store_true")
+    rl.add_argument("--db-url")
+    rl.set_defaults(func=cmd_runs)
+
+    audit = sub.add_parser("audit", help="verify the lineage hash chain")
+    audit_sub = audit.add_subparsers(dest="action", required=True)
+    av = audit_sub.add_parser("verify")
+    av.add_argument("--json", action="store_true")
+    av.add_argument("--db-url")
+    av.set_defaults(func=cmd_audit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from airflow_finetune_gov.stack.procs import StackError
+
+    try:
+        return int(args.func(args) or 0)
+    except StackError as exc:
+        print(f"fgov: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Thin glue between Airflow task context and the pure governance modules."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from airflow_finetune_gov import settings
+from airflow_finetune_gov.credentials.identity import TaskIdentity
+from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
+from airflow_finetune_gov.policy.engine import Policy, load_policy
+
+
+def identity(context: Any) -> TaskIdentity:
+    ti = context["ti"]
+    return TaskIdentity(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
+                        try_number=int(ti.try_number), map_index=int(getattr(ti, "map_index", -1) or -1))
+
+
+def event_key(context: Any) -> EventKey:
+    ident = identity(context)
+    return EventKey(ident.dag_id, ident.run_id, ident.task_id, ident.try_number, ident.map_index)
+
+
+def requester(context: Any) -> str:
+    dag_run = context["dag_run"]
+    return getattr(dag_run, "triggering_user_name", None) or "unknown"
+
+
+@functools.cache
+def lineage_store() -> LineageStore:
+    return LineageStore(settings.get("governance_db_url"))
+
+
+def policy() -> Policy:
+    return load_policy(settings.get("policy_file", required=False) or None)
+
+
+def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str | None = None) -> LineageEvent:
+    """Write one lineage event for this task try; a failure to record fails the task."""
+    event = lineage_store().record(event_key(context), event_type, actor=actor or "airflow", payload=payload)
+    context["task"].log.info("lineage: %s #%s recorded (hash %s)", event_type, event.id, event.hash[:12])
+    return event
+
+
+def run_events(context: Any, event_type: str | None = None) -> list[LineageEvent]:
+    ti = context["ti"]
+    return lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type)
+
+
+def vault_addr(conn_id: str) -> str:
+    from airflow.sdk import BaseHook
+
+    conn = BaseHook.get_connection(conn_id)
+    extra = conn.extra_dejson
+    use_tls = extra.get("use_tls", True)
+    if isinstance(use_tls, str):
+        use_tls = use_tls.lower() not in ("false", "0", "no")
+    scheme = "https" if use_tls else "http"
+    port = f":{conn.port}" if conn.port else ""
+    return f"{scheme}://{conn.host}{port}"

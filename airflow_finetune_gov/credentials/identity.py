@@ -1,0 +1,61 @@
+"""Workload identity: short-lived JWTs that name exactly one task try (pure, no Airflow import).
+
+OpenBao's JWT auth method verifies the signature, issuer, audience and expiry, binds roles to
+claims (``dataset``, ``purpose``, ``dag_id``) and copies the run identifiers into token metadata,
+so the audit log names the DAG run behind every request. No static Vault token exists anywhere.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+DEFAULT_TTL_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class TaskIdentity:
+    dag_id: str
+    run_id: str
+    task_id: str
+    try_number: int
+    map_index: int = -1
+
+    @property
+    def subject(self) -> str:
+        return f"{self.dag_id}/{self.run_id}/{self.task_id}/{self.try_number}"
+
+
+def mint(identity: TaskIdentity, *, key_pem: bytes, issuer: str, audience: str, purpose: str,
+         extra: dict[str, str] | None = None, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": issuer,
+        "aud": audience,
+        "sub": identity.subject,
+        "iat": now,
+        "nbf": now - 5,
+        "exp": now + ttl_seconds,
+        "jti": uuid.uuid4().hex,
+        "purpose": purpose,
+        "dag_id": identity.dag_id,
+        "run_id": identity.run_id,
+        "task_id": identity.task_id,
+        # claim_mappings copy claims into token metadata, which must be strings
+        "try_number": str(identity.try_number),
+        **(extra or {}),
+    }
+    return jwt.encode(claims, key_pem, algorithm="ES256")
+
+
+def load_key(path: str | Path) -> bytes:
+    p = Path(path)
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise RuntimeError(f"cannot read the workload-identity signing key {p}: {exc.strerror}; set "
+                           "[finetune_gov] workload_identity_key_path") from None

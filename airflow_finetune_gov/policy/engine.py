@@ -1,0 +1,227 @@
+"""Policy-as-code: decide the risk tier of a fine-tuning change (pure Python, no Airflow import).
+
+A policy is a YAML file; its sha256 is its version and goes into lineage with every decision. A
+malformed file raises ``PolicyError`` naming the file, the line and the problem, so a DAG that uses
+it fails at parse time rather than at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TIERS = ("auto", "single", "quorum", "deny")
+ENVIRONMENTS = ("test", "staging", "production")
+CLASSIFICATIONS = ("public", "internal", "pii", "sensitive")
+TUNING_METHODS = ("full", "lora", "adapter", "prompt_tuning")
+WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset")
+
+
+class PolicyError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    table: str
+    classification: str
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    when: dict[str, tuple[str, ...]]
+    tier: str
+    reason: str
+    line: int
+
+    def matches(self, facts: dict[str, str]) -> bool:
+        return all(facts.get(k) in allowed for k, allowed in self.when.items())
+
+
+@dataclass(frozen=True)
+class ChangeRequest:
+    model: str
+    dataset: str
+    target_environment: str
+    requester: str
+    tuning_method: str = "lora"
+    base_version: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    tier: str
+    reasons: list[str]
+    policy_name: str
+    policy_sha256: str
+    approvers: list[str]
+    quorum: int
+    classification: str
+    dataset_table: str
+    rule_line: int
+    request: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader that remembers the line of every mapping, for error messages."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
+    mapping = loader.construct_mapping(node, deep=True)
+    mapping["__line__"] = node.start_mark.line + 1
+    return mapping
+
+
+_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+@dataclass
+class Policy:
+    name: str
+    sha256: str
+    source: str
+    approvers: list[str]
+    datasets: dict[str, DatasetEntry]
+    rules: list[Rule]
+    quorum: int
+    lease: dict[str, int]
+    evaluation: dict[str, float]
+
+    def dataset(self, name: str) -> DatasetEntry:
+        try:
+            return self.datasets[name]
+        except KeyError:
+            raise PolicyError(
+                f"dataset {name!r} is not in policy {self.name} ({self.source}); "
+                f"known datasets: {', '.join(sorted(self.datasets))}"
+            ) from None
+
+    def decide(self, request: ChangeRequest) -> Decision:
+        if request.target_environment not in ENVIRONMENTS:
+            raise PolicyError(f"target_environment {request.target_environment!r} is not one of "
+                              f"{', '.join(ENVIRONMENTS)}")
+        if request.tuning_method not in TUNING_METHODS:
+            raise PolicyError(f"tuning_method {request.tuning_method!r} is not one of {', '.join(TUNING_METHODS)}")
+        ds = self.dataset(request.dataset)
+        facts = {"target_environment": request.target_environment, "classification": ds.classification,
+                 "tuning_method": request.tuning_method, "dataset": ds.name}
+        for rule in self.rules:
+            if rule.matches(facts):
+                approvers = [a for a in self.approvers if a != request.requester]
+                reasons = [rule.reason]
+                tier = rule.tier
+                need = self.quorum if tier == "quorum" else 1
+                if tier in ("single", "quorum") and len(approvers) < need:
+                    reasons.append(f"only {len(approvers)} approver(s) left once the requester is excluded; "
+                                   f"{need} needed")
+                    tier = "deny"
+                return Decision(tier=tier, reasons=reasons, policy_name=self.name, policy_sha256=self.sha256,
+                                approvers=approvers, quorum=need if tier != "auto" else 0,
+                                classification=ds.classification, dataset_table=ds.table,
+                                rule_line=rule.line, request=asdict(request))
+        raise PolicyError(f"no rule of policy {self.name} ({self.source}) matches {facts}; "
+                          "end the rules with a catch-all `when: {}`")
+
+
+def _fail(source: str, line: Any, problem: str) -> PolicyError:
+    return PolicyError(f"{source}, line {line}: {problem}")
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in value) if isinstance(value, list) else (str(value),)
+
+
+def parse_policy(text: str, source: str = "<policy>") -> Policy:
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    try:
+        doc = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else "?"
+        raise _fail(source, line, f"not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(doc, dict):
+        raise _fail(source, 1, "the policy must be a mapping")
+    top = doc["__line__"]
+    for key in ("name", "approvers", "datasets", "rules"):
+        if key not in doc:
+            raise _fail(source, top, f"missing required key {key!r}")
+    approvers = doc["approvers"]
+    if not isinstance(approvers, list) or not all(isinstance(a, str) for a in approvers):
+        raise _fail(source, top, "approvers must be a list of user names")
+    datasets: dict[str, DatasetEntry] = {}
+    if not isinstance(doc["datasets"], dict):
+        raise _fail(source, top, "datasets must be a mapping of name -> {table, classification}")
+    for name, entry in doc["datasets"].items():
+        if name == "__line__":
+            continue
+        if not isinstance(entry, dict):
+            raise _fail(source, doc["datasets"]["__line__"], f"dataset {name!r} must be a mapping")
+        line = entry["__line__"]
+        if not str(name).replace("_", "").isalnum():
+            raise _fail(source, line, f"dataset name {name!r} must be letters, digits and underscores")
+        table = entry.get("table")
+        if not isinstance(table, str) or not all(p.replace("_", "").isalnum() for p in table.split(".")):
+            raise _fail(source, line, f"dataset {name!r}: table must be schema.table, got {table!r}")
+        cls = entry.get("classification")
+        if cls not in CLASSIFICATIONS:
+            raise _fail(source, line, f"dataset {name!r}: classification {cls!r} is not one of "
+                        f"{', '.join(CLASSIFICATIONS)}")
+        datasets[str(name)] = DatasetEntry(str(name), table, cls, str(entry.get("description", "")))
+    rules: list[Rule] = []
+    if not isinstance(doc["rules"], list) or not doc["rules"]:
+        raise _fail(source, top, "rules must be a non-empty list")
+    for raw in doc["rules"]:
+        if not isinstance(raw, dict):
+            raise _fail(source, top, "each rule must be a mapping with when/tier/reason")
+        line = raw["__line__"]
+        tier = raw.get("tier")
+        if tier not in TIERS:
+            raise _fail(source, line, f"tier {tier!r} is not one of {', '.join(TIERS)}")
+        when = raw.get("when", {})
+        if not isinstance(when, dict):
+            raise _fail(source, line, "when must be a mapping")
+        parsed: dict[str, tuple[str, ...]] = {}
+        for key, value in when.items():
+            if key == "__line__":
+                continue
+            if key not in WHEN_KEYS:
+                raise _fail(source, line, f"unknown condition {key!r}; use one of {', '.join(WHEN_KEYS)}")
+            parsed[key] = _as_tuple(value)
+        reason = raw.get("reason")
+        if not reason:
+            raise _fail(source, line, "every rule needs a reason (it is shown to approvers and recorded)")
+        rules.append(Rule(when=parsed, tier=tier, reason=str(reason), line=line))
+    quorum = doc.get("quorum", 2)
+    if not isinstance(quorum, int) or quorum < 2:
+        raise _fail(source, top, f"quorum must be an integer >= 2, got {quorum!r}")
+    lease = {k: v for k, v in (doc.get("lease") or {}).items() if k != "__line__"}
+    lease.setdefault("default_ttl_minutes", 30)
+    lease.setdefault("max_ttl_minutes", 240)
+    evaluation = {k: float(v) for k, v in (doc.get("evaluation") or {}).items() if k != "__line__"}
+    return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
+                  datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation)
+
+
+def default_policy_text() -> str:
+    return resources.files("airflow_finetune_gov.policy").joinpath("default_policy.yaml").read_text()
+
+
+def load_policy(path: str | Path | None = None) -> Policy:
+    if not path:
+        return parse_policy(default_policy_text(), "airflow_finetune_gov/policy/default_policy.yaml")
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file {p}: {exc.strerror}") from None
+    return parse_policy(text, str(p))

@@ -1,0 +1,125 @@
+"""Provider metadata read by Airflow's ProvidersManager through the ``apache_airflow_provider`` entry point."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow_finetune_gov import __version__
+
+CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
+    "governance_db_url": {
+        "description": "SQLAlchemy URL of the governance database that holds the lineage record. "
+        "The role in it should be allowed to INSERT and SELECT lineage rows, never UPDATE or DELETE.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "postgresql+psycopg://fgov_lineage:***@127.0.0.1:5432/fgov_governance",
+        "default": None,
+    },
+    "datasets_monitor_url": {
+        "description": "SQLAlchemy URL of a login role with no privileges on the dataset server. "
+        "Used only to prove that a revoked dynamic role and its sessions are gone (pg_roles, "
+        "pg_stat_activity are readable by any role).",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "postgresql+psycopg://fgov_monitor:***@127.0.0.1:5432/postgres",
+        "default": None,
+    },
+    "datasets_host": {
+        "description": "host:port of the PostgreSQL server holding training datasets, as seen by workers.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "127.0.0.1:5432",
+        "default": None,
+    },
+    "datasets_database": {
+        "description": "Database that holds the training datasets.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov_datasets",
+    },
+    "vault_conn_id": {
+        "description": "Airflow connection to Vault/OpenBao. Holds the address only: tasks log in with "
+        "their own workload-identity JWT, never a static token.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "vault_default",
+    },
+    "workload_identity_key_path": {
+        "description": "PEM file with the EC private key (P-256) that signs per-task workload-identity "
+        "JWTs. OpenBao's JWT auth method holds the matching public key.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "/etc/airflow/fgov-workload-identity.pem",
+        "default": None,
+    },
+    "workload_identity_issuer": {
+        "description": "The ``iss`` claim of workload-identity JWTs; must match the JWT auth config.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "airflow-finetune-gov",
+    },
+    "workload_identity_audience": {
+        "description": "The ``aud`` claim of workload-identity JWTs; must be bound by the JWT roles.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "openbao",
+    },
+    "jwt_auth_mount": {
+        "description": "Mount path of the JWT auth method in Vault/OpenBao.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-jwt",
+    },
+    "database_mount": {
+        "description": "Mount path of the database secrets engine in Vault/OpenBao.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-database",
+    },
+    "policy_file": {
+        "description": "YAML policy file (risk tiers, approvers, datasets). Empty: the packaged default.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "/etc/airflow/fgov-policy.yaml",
+        "default": None,
+    },
+    "model_store": {
+        "description": "Directory of the content-addressed model store (models/<name>/<version>/).",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "/var/lib/fgov/models",
+        "default": None,
+    },
+    "lineage_url_template": {
+        "description": "Link to a run's lineage shown in approval requests; {dag_id} and {run_id} are filled in.",
+        "version_added": "0.1.0",
+        "type": "string",
+        "example": "http://airflow.example.com/dags/{dag_id}/runs/{run_id}",
+        "default": "",
+    },
+}
+
+
+def get_provider_info() -> dict[str, Any]:
+    return {
+        "package-name": "airflow-finetune-gov",
+        "name": "Fine-tune governance",
+        "description": "Governed LLM fine-tuning: approval gate, dataset-scoped dynamic credentials, "
+        "behaviour evaluation and verifiable lineage.",
+        "versions": [__version__],
+        "plugins": [
+            {"name": "finetune_gov", "plugin-class": "airflow_finetune_gov.plugin.FinetuneGovPlugin"},
+        ],
+        "config": {
+            "finetune_gov": {
+                "description": "Settings of the airflow-finetune-gov provider.",
+                "options": CONFIG_OPTIONS,
+            }
+        },
+    }

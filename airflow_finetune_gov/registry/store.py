@@ -1,0 +1,117 @@
+"""Content-addressed model store: ``<root>/<name>/<version>/`` with a manifest, plus aliases.
+
+A version is the first 16 hex digits of the sha256 over the manifest of file digests, so the
+same bytes always get the same version and a changed file cannot keep its version.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class RegistryError(RuntimeError):
+    pass
+
+
+def _check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value):
+        raise RegistryError(f"invalid {kind} {value!r}: letters, digits, '.', '_' and '-' only")
+    return value
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ModelStore:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def put(self, name: str, files: dict[str, bytes], metadata: dict[str, Any]) -> dict[str, Any]:
+        _check_name("model name", name)
+        digests = {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(files.items())}
+        manifest_core = json.dumps({"name": name, "files": digests}, sort_keys=True)
+        content_sha = hashlib.sha256(manifest_core.encode()).hexdigest()
+        version = content_sha[:16]
+        target = self.root / name / version
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+            for fname, data in files.items():
+                _check_name("file name", fname)
+                (tmp / fname).write_bytes(data)
+            manifest = {"name": name, "version": version, "sha256": content_sha, "files": digests,
+                        "created_at": datetime.now(UTC).isoformat(), "metadata": metadata}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not target.exists():
+                    raise
+        return self.manifest(name, version)
+
+    def manifest(self, name: str, version: str) -> dict[str, Any]:
+        path = self.root / _check_name("model name", name) / _check_name("version", version) / "manifest.json"
+        if not path.exists():
+            raise RegistryError(f"model {name} version {version} is not in the store at {self.root}")
+        return json.loads(path.read_text())
+
+    def verify(self, name: str, version: str) -> list[str]:
+        manifest = self.manifest(name, version)
+        base = self.root / name / version
+        problems = []
+        for fname, digest in manifest["files"].items():
+            p = base / fname
+            if not p.exists():
+                problems.append(f"{fname}: missing")
+            elif file_sha256(p) != digest:
+                problems.append(f"{fname}: digest differs from the manifest")
+        return problems
+
+    def read(self, name: str, version: str, fname: str) -> bytes:
+        self.manifest(name, version)
+        return (self.root / name / version / _check_name("file name", fname)).read_bytes()
+
+    @contextmanager
+    def _locked(self, name: str):
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        with open(self.root / name / ".lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            yield
+
+    def aliases(self, name: str) -> dict[str, Any]:
+        path = self.root / _check_name("model name", name) / "aliases.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def set_alias(self, name: str, alias: str, version: str, *, by: str, run: str) -> dict[str, Any]:
+        _check_name("alias", alias)
+        self.manifest(name, version)
+        with self._locked(name):
+            current = self.aliases(name)
+            previous = current.get(alias, {}).get("version")
+            history = current.get("_history", [])
+            history.append({"alias": alias, "from": previous, "to": version, "by": by, "run": run,
+                            "at": datetime.now(UTC).isoformat()})
+            current[alias] = {"version": version, "by": by, "run": run}
+            current["_history"] = history
+            tmp = self.root / name / ".aliases.tmp"
+            tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+            os.replace(tmp, self.root / name / "aliases.json")
+        return {"alias": alias, "from": previous, "to": version}

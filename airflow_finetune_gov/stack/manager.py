@@ -1,0 +1,357 @@
+"""``fgov stack up|down|status``: the embedded real stack (PostgreSQL, OpenBao, Airflow) on loopback.
+
+State lives under one directory (default ``./.fgov``, git-ignored): data, logs, secrets (mode 0700,
+files 0600) and ``stack.json``, which names ports, URLs, users and where their passwords are.
+``up`` is idempotent and all-or-nothing: if any step fails, every process it started is stopped
+before the error is raised, so a failed start leaves nothing running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import hvac
+import requests
+
+from airflow_finetune_gov.policy.engine import load_policy
+from airflow_finetune_gov.provider_info import CONFIG_OPTIONS
+from airflow_finetune_gov.stack import airflow as af
+from airflow_finetune_gov.stack import openbao, postgres, provision
+from airflow_finetune_gov.stack.procs import ProcRecord, StackError, pick_free_port, port_free, tcp_open
+from airflow_finetune_gov.vault.bootstrap import BootstrapSpec, DatasetGrant, bootstrap
+
+DEMO_DAG_ID = "governed_finetune_demo"
+
+
+@dataclass
+class StackOptions:
+    state_dir: Path
+    dags_folder: Path
+    postgres_port: int | None = None
+    openbao_port: int | None = None
+    airflow_port: int | None = None
+    policy_file: str | None = None
+    raw_audit_log: Path | None = None  # test-only: an audit device that records secrets in plaintext
+    log: Any = field(default=print)
+
+
+def _default_port(env: str, explicit: int | None) -> int | None:
+    if explicit:
+        return explicit
+    value = os.environ.get(env)
+    return int(value) if value else None
+
+
+class Stack:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir.resolve()
+        self.secrets = self.dir / "secrets"
+        self.logs = self.dir / "logs"
+        self.state_file = self.dir / "stack.json"
+
+    # --- state -----------------------------------------------------------------------------------
+    def load(self) -> dict[str, Any] | None:
+        if not self.state_file.exists():
+            return None
+        return json.loads(self.state_file.read_text())
+
+    def records(self, state: dict[str, Any] | None = None) -> list[ProcRecord]:
+        """Recorded processes, including those of a start-up that was itself killed half-way."""
+        state = state if state is not None else self.load()
+        raw = list((state or {}).get("processes", []))
+        partial = self.dir / "stack.partial.json"
+        if partial.exists():
+            raw += json.loads(partial.read_text()).get("processes", [])
+        seen: dict[int, ProcRecord] = {}
+        for item in raw:
+            record = ProcRecord.from_json(item)
+            seen.setdefault(record.pid, record)
+        return list(seen.values())
+
+    def _secret(self, name: str, factory=lambda: secrets.token_urlsafe(24)) -> str:
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        self.secrets.chmod(0o700)
+        path = self.secrets / name
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(factory())
+        return path.read_text()
+
+    def _write_json(self, path: Path, data: Any) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2)
+        os.replace(tmp, path)
+
+    # --- status ----------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        state = self.load()
+        if state is None:
+            return {"running": False, "state_dir": str(self.dir), "processes": []}
+        procs = [{"name": r.name, "pid": r.pid, "alive": r.alive(), "log": r.log} for r in self.records(state)]
+        airflow_health = af.health(state["airflow"]["url"]) if any(p["alive"] for p in procs) else {}
+        return {
+            "running": bool(procs) and all(p["alive"] for p in procs),
+            "state_dir": str(self.dir),
+            "processes": procs,
+            "airflow": state["airflow"]["url"],
+            "airflow_health": {k: v.get("status") for k, v in airflow_health.items() if isinstance(v, dict)},
+            "openbao": state["openbao"]["addr"],
+            "postgres": f"127.0.0.1:{state['postgres']['port']}",
+        }
+
+    # --- down ------------------------------------------------------------------------------------
+    def down(self, log=print) -> list[str]:
+        state = self.load()
+        stopped = []
+        for record in reversed(self.records(state)):
+            was_alive = record.alive()
+            if record.name == "postgres":
+                postgres.shutdown(record)
+            else:
+                from airflow_finetune_gov.stack.procs import stop
+
+                stop(record)
+            if was_alive:
+                stopped.append(f"{record.name} (pid {record.pid})")
+                log(f"stopped {record.name} (pid {record.pid})")
+        (self.dir / "stack.partial.json").unlink(missing_ok=True)
+        if state is not None:
+            state["processes"] = []
+            state["stopped_at"] = datetime.now(UTC).isoformat()
+            self._write_json(self.state_file, state)
+        return stopped
+
+    # --- up --------------------------------------------------------------------------------------
+    def up(self, opts: StackOptions) -> dict[str, Any]:
+        log = opts.log
+        state = self.load()
+        records = self.records(state)
+        if state and state.get("processes"):
+            if all(r.alive() for r in records) and af.components_healthy(state["airflow"]["url"]):
+                log(f"stack already running (state in {self.dir})")
+                return state
+        if any(r.alive() for r in records):
+            log("stack partly running: stopping what is left before a clean start")
+        if records:
+            self.down(log=lambda *_: None)
+
+        policy = load_policy(opts.policy_file)
+        # Preflight: everything that can fail before a process starts is checked first.
+        pg_bin = postgres.bin_dir()
+        bao_bin = openbao.binary()
+        af.airflow_bin()
+        if not opts.dags_folder.is_dir():
+            raise StackError(f"DAGs folder {opts.dags_folder} does not exist: run from the project root or "
+                             "pass --dags-folder")
+        taken: set[int] = set()
+        ports: dict[str, int] = {}
+        for name, explicit, env in (("postgres", opts.postgres_port, "FGOV_POSTGRES_PORT"),
+                                    ("openbao", opts.openbao_port, "FGOV_OPENBAO_PORT"),
+                                    ("airflow", opts.airflow_port, "FGOV_AIRFLOW_PORT")):
+            wanted = _default_port(env, explicit)
+            if wanted is not None:
+                if not port_free(wanted) or tcp_open(wanted):
+                    raise StackError(f"port {wanted} for {name} is already in use on 127.0.0.1: free it, or "
+                                     f"choose another with --{name}-port (or {env}); nothing was started")
+                ports[name] = wanted
+                taken.add(wanted)
+        for name in ("postgres", "openbao", "airflow"):
+            if name not in ports:
+                ports[name] = pick_free_port(taken)
+        log(f"binaries: postgres {pg_bin}, bao {bao_bin}; ports {ports}")
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        started: list[ProcRecord] = []
+        t0 = time.monotonic()
+        try:
+            state = self._start(opts, policy, ports, started)
+        except BaseException:
+            log("start-up failed: stopping everything this attempt started")
+            for record in reversed(started):
+                if record.name == "postgres":
+                    postgres.shutdown(record)
+                else:
+                    from airflow_finetune_gov.stack.procs import stop
+
+                    stop(record)
+            raise
+        state["cold_start_seconds"] = round(time.monotonic() - t0, 1)
+        self._write_json(self.state_file, state)
+        (self.dir / "stack.partial.json").unlink(missing_ok=True)
+        log(f"stack up in {state['cold_start_seconds']}s: Airflow {state['airflow']['url']}")
+        return state
+
+    def _start(self, opts: StackOptions, policy, ports: dict[str, int], started: list[ProcRecord]) -> dict[str, Any]:
+        log = opts.log
+        su_pw = self._secret("postgres-superuser")
+        role_pw = {role: self._secret(f"pg-{role}") for role in provision.LOGIN_ROLES}
+        root_token = "fgov-" + secrets.token_urlsafe(24)
+        self._write_secret_file("openbao-root-token", root_token)
+        key_path = self.secrets / "workload-identity.pem"
+        pubkey = _ensure_signing_key(key_path)
+
+        # PostgreSQL
+        pgdata = self.dir / "postgres" / "data"
+        postgres.initdb(pgdata, su_pw)
+        started.append(postgres.start(pgdata, ports["postgres"], self.logs / "postgres.log"))
+        self._write_partial(ports, started)
+        log(f"postgres ready on 127.0.0.1:{ports['postgres']}")
+        provision.provision("127.0.0.1", ports["postgres"], su_pw, role_pw, policy)
+        log("postgres provisioned: roles, databases, demo datasets, lineage schema")
+
+        # OpenBao
+        started.append(openbao.start(self.dir / "openbao", ports["openbao"], root_token, self.logs / "openbao.log",
+                                     raw_audit_log=opts.raw_audit_log))
+        self._write_partial(ports, started)
+        bao_addr = f"http://127.0.0.1:{ports['openbao']}"
+        client = hvac.Client(url=bao_addr, token=root_token)
+        summary = bootstrap(client, BootstrapSpec(
+            db_connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{ports['postgres']}/postgres",
+            db_username="fgov_vault", db_password=role_pw["fgov_vault"],
+            datasets=[DatasetGrant(name, provision.group_role(name)) for name in policy.datasets],
+            jwt_public_key_pem=pubkey,
+            default_ttl=f"{policy.lease['default_ttl_minutes']}m",
+            max_ttl=f"{policy.lease['max_ttl_minutes']}m",
+        ))
+        log(f"openbao ready at {bao_addr}: {summary}")
+
+        # Airflow
+        home = self.dir / "airflow"
+        airflow_url = f"http://127.0.0.1:{ports['airflow']}"
+        passwords_file = self.secrets / "airflow-passwords.json"
+        if not passwords_file.exists():
+            self._write_json(passwords_file, {u: secrets.token_urlsafe(16) for u in af.USERS})
+        pg = ("127.0.0.1", ports["postgres"])
+        airflow_db = provision.url("airflow", role_pw["airflow"], *pg, "airflow")
+        governance_url = provision.url("fgov_lineage", role_pw["fgov_lineage"], *pg, provision.GOVERNANCE_DB)
+        monitor_url = provision.url("fgov_monitor", role_pw["fgov_monitor"], *pg, "postgres")
+        fgov_conf = {
+            "governance_db_url": governance_url,
+            "datasets_monitor_url": monitor_url,
+            "datasets_host": f"127.0.0.1:{ports['postgres']}",
+            "datasets_database": provision.DATASETS_DB,
+            "vault_conn_id": "vault_default",
+            "workload_identity_key_path": str(key_path),
+            "workload_identity_issuer": CONFIG_OPTIONS["workload_identity_issuer"]["default"],
+            "workload_identity_audience": CONFIG_OPTIONS["workload_identity_audience"]["default"],
+            "jwt_auth_mount": "fgov-jwt",
+            "database_mount": "fgov-database",
+            "policy_file": opts.policy_file or "",
+            "model_store": str(self.dir / "models"),
+            "lineage_url_template": airflow_url + "/dags/{dag_id}/runs/{run_id}",
+        }
+        af.write_config(home, {
+            "core": {
+                "dags_folder": str(opts.dags_folder.resolve()),
+                "load_examples": "False",
+                "executor": "LocalExecutor",
+                "parallelism": "8",
+                "dags_are_paused_at_creation": "False",
+                "auth_manager": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+                "simple_auth_manager_users": ",".join(f"{u}:{r}" for u, r in af.USERS.items()),
+                "simple_auth_manager_all_admins": "False",
+                "simple_auth_manager_passwords_file": str(passwords_file),
+                "fernet_key": self._secret("airflow-fernet-key", _fernet_key),
+                "execution_api_server_url": f"{airflow_url}/execution/",
+            },
+            "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
+            "api": {"host": "127.0.0.1", "port": str(ports["airflow"]), "base_url": airflow_url, "workers": "1"},
+            "api_auth": {"jwt_secret": self._secret("airflow-jwt-secret")},
+            "logging": {"base_log_folder": str(self.dir / "airflow" / "logs")},
+            "scheduler": {"task_queued_timeout": "600"},
+            "dag_processor": {"refresh_interval": "30"},
+            "finetune_gov": fgov_conf,
+        })
+        t = time.monotonic()
+        af.migrate(home)
+        af.add_vault_connection(home, ports["openbao"], "fgov-jwt")
+        log(f"airflow metadata database migrated in {time.monotonic() - t:.1f}s")
+        for comp in af.COMPONENTS:
+            started.append(af.start_component(home, comp, self.logs))
+        self._write_partial(ports, started)
+        af.wait_healthy(airflow_url, started)
+        log(f"airflow healthy at {airflow_url}")
+
+        return {
+            "state_dir": str(self.dir),
+            "started_at": datetime.now(UTC).isoformat(),
+            "postgres": {"host": "127.0.0.1", "port": ports["postgres"], "data": str(pgdata),
+                         "superuser_password_file": str(self.secrets / "postgres-superuser"),
+                         "databases": ["airflow", provision.GOVERNANCE_DB, provision.DATASETS_DB]},
+            "openbao": {"addr": bao_addr, "root_token_file": str(self.secrets / "openbao-root-token"),
+                        "audit_log": str(self.dir / "openbao" / "audit.log"),
+                        "jwt_mount": summary["jwt_mount"], "database_mount": summary["database_mount"]},
+            "airflow": {"url": airflow_url, "home": str(home), "config": str(home / "airflow.cfg"),
+                        "users": {u: {"role": r} for u, r in af.USERS.items()},
+                        "passwords_file": str(passwords_file)},
+            "governance_db_url_file": str(self._write_secret_file("governance-db-url", governance_url)),
+            "workload_identity_key": str(key_path),
+            "model_store": fgov_conf["model_store"],
+            "processes": [r.to_json() for r in started],
+        }
+
+    def _write_secret_file(self, name: str, value: str) -> Path:
+        self.secrets.mkdir(parents=True, exist_ok=True)
+        self.secrets.chmod(0o700)
+        path = self.secrets / name
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+        return path
+
+    def _write_partial(self, ports: dict[str, int], started: list[ProcRecord]) -> None:
+        # Recorded as soon as each process starts, so `fgov stack down` can stop a start-up that
+        # was itself killed half-way.
+        self._write_json(self.dir / "stack.partial.json",
+                         {"ports": ports, "processes": [r.to_json() for r in started]})
+
+    # --- helpers for tests and the demo -----------------------------------------------------------
+    def airflow_password(self, user: str) -> str:
+        state = self.load()
+        if state is None:
+            raise StackError("the stack is not up: run `fgov stack up`")
+        return json.loads(Path(state["airflow"]["passwords_file"]).read_text())[user]
+
+    def token(self, user: str) -> str:
+        state = self.load()
+        assert state is not None
+        resp = requests.post(f"{state['airflow']['url']}/auth/token",
+                             json={"username": user, "password": self.airflow_password(user)}, timeout=30)
+        if resp.status_code not in (200, 201):
+            raise StackError(f"login as {user} failed: HTTP {resp.status_code} {resp.text[:200]}")
+        return resp.json()["access_token"]
+
+
+def _fernet_key() -> str:
+    from cryptography.fernet import Fernet
+
+    return Fernet.generate_key().decode()
+
+
+def _ensure_signing_key(path: Path) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if not path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()

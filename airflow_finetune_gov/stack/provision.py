@@ -1,0 +1,97 @@
+"""Roles, databases and demo data on the stack's PostgreSQL (idempotent).
+
+Least privilege by construction:
+- ``airflow`` owns only Airflow's metadata database;
+- ``fgov_owner`` owns the governance and dataset databases; nobody else can change their schema;
+- ``fgov_lineage`` (what tasks use) may INSERT and SELECT lineage rows, never UPDATE or DELETE;
+- ``fgov_vault`` (what OpenBao uses) may create roles and grant membership in the dataset reader
+  group roles, and terminate sessions; it reads no data itself;
+- ``fgov_monitor`` has no privileges: pg_roles and pg_stat_activity suffice to prove a revocation;
+- per dataset, a NOLOGIN group role with SELECT on that one table; CONNECT on the dataset database
+  only. PUBLIC loses CONNECT on every database, so a leased role can reach nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import psycopg
+from psycopg import sql
+
+from airflow_finetune_gov.datasets.demo import DATASETS
+from airflow_finetune_gov.lineage.store import create_schema
+from airflow_finetune_gov.policy.engine import Policy
+
+LOGIN_ROLES = ("airflow", "fgov_owner", "fgov_lineage", "fgov_vault", "fgov_monitor")
+GOVERNANCE_DB = "fgov_governance"
+DATASETS_DB = "fgov_datasets"
+
+
+def group_role(dataset: str) -> str:
+    if not re.fullmatch(r"[a-z0-9_]+", dataset):
+        raise ValueError(f"dataset name {dataset!r} must be lower-case letters, digits, underscores")
+    return f"fgov_read_{dataset}"
+
+
+def url(user: str, password: str, host: str, port: int, db: str, driver: str = "postgresql+psycopg") -> str:
+    from urllib.parse import quote
+
+    return f"{driver}://{quote(user)}:{quote(password, safe='')}@{host}:{port}/{db}"
+
+
+def _conninfo(user: str, password: str, host: str, port: int, db: str) -> dict:
+    return {"user": user, "password": password, "host": host, "port": port, "dbname": db}
+
+
+def provision(host: str, port: int, superuser_password: str, passwords: Mapping[str, str], policy: Policy) -> None:
+    with psycopg.connect(**_conninfo("postgres", superuser_password, host, port, "postgres"),
+                         autocommit=True) as conn:
+        for role in LOGIN_ROLES:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL("{} ROLE {} WITH LOGIN PASSWORD {}").format(
+                sql.SQL(verb), sql.Identifier(role), sql.Literal(passwords[role])))
+        conn.execute("ALTER ROLE fgov_vault WITH CREATEROLE")
+        conn.execute("GRANT pg_signal_backend TO fgov_vault")
+        for db, owner in (("airflow", "airflow"), (GOVERNANCE_DB, "fgov_owner"), (DATASETS_DB, "fgov_owner")):
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(owner)))
+            conn.execute(sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(sql.Identifier(db)))
+        conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
+        conn.execute("GRANT CONNECT ON DATABASE postgres TO fgov_vault, fgov_monitor")
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO fgov_lineage").format(sql.Identifier(GOVERNANCE_DB)))
+        for name in policy.datasets:
+            grp = group_role(name)
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (grp,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(grp)))
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(DATASETS_DB), sql.Identifier(grp)))
+            conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(grp)))
+
+    owner_pw = passwords["fgov_owner"]
+    with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, DATASETS_DB), autocommit=True) as conn:
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.execute("CREATE SCHEMA IF NOT EXISTS datasets")
+        conn.execute("REVOKE ALL ON SCHEMA datasets FROM PUBLIC")
+        for name, entry in policy.datasets.items():
+            schema, table = entry.table.split(".")
+            ident = sql.Identifier(schema, table)
+            if schema != "datasets":
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id serial PRIMARY KEY, prompt text NOT NULL, response text NOT NULL)"
+            ).format(ident))
+            rows = DATASETS.get(name, [])
+            count = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            if rows and count is not None and count[0] == 0:
+                with conn.cursor() as cur:
+                    cur.executemany(sql.SQL("INSERT INTO {} (prompt, response) VALUES (%s, %s)").format(ident), rows)
+            grp = sql.Identifier(group_role(name))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), grp))
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, grp))
+
+    with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), autocommit=True) as conn:
+        conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        conn.execute("GRANT USAGE ON SCHEMA public TO fgov_lineage")
+    create_schema(url("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), writer_role="fgov_lineage")

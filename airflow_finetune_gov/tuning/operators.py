@@ -1,0 +1,108 @@
+"""GovernedFineTuneOperator: tune only with the run's leased credentials, and record what was done."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+from psycopg import sql
+
+from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.credentials import broker
+from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.tuning.backends import DEMO_MODEL, ensure_demo_base, get_backend, rows_sha256
+
+
+def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]:
+    host, _, port = settings.get("datasets_host").partition(":")
+    schema, name = table.split(".")
+    with psycopg.connect(host=host, port=int(port or 5432), dbname=settings.get("datasets_database"),
+                         user=creds.username, password=creds.password, connect_timeout=10) as conn:
+        cur = conn.execute(sql.SQL("SELECT prompt, response FROM {} ORDER BY id").format(
+            sql.Identifier(schema, name)))
+        return [(str(p), str(r)) for p, r in cur.fetchall()]
+
+
+class GovernedFineTuneOperator(BaseOperator):
+    """Fine-tune a model on the run's approved dataset, reading it only with the leased credentials.
+
+    Refuses to start without a live lease recorded for this run. Records the dataset's content hash
+    (of exactly the rows trained on), row count, base and output model versions and hashes,
+    hyperparameters, backend and duration. ``on_kill`` revokes the run's leases.
+    """
+
+    template_fields = ("hyperparameters",)
+    ui_color = "#f3e8fd"
+
+    def __init__(self, *, lease_task_id: str = "acquire_lease", base_model: str = DEMO_MODEL,
+                 backend: str = "responder", hyperparameters: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lease_task_id = lease_task_id
+        self.base_model = base_model
+        self.backend = backend
+        self.hyperparameters = hyperparameters or {"epochs": 3, "learning_rate": 0.2}
+        self._context: Any = None
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        self._context = context
+        issued = common.run_events(context, "lease.issued")
+        revoked = {e.payload_dict()["lease_id"] for e in common.run_events(context, "lease.revoked")}
+        live = [e.payload_dict() for e in issued if e.payload_dict()["lease_id"] not in revoked]
+        if not live:
+            raise AirflowFailException("no live credential lease is recorded for this run: tuning needs the "
+                                       f"lease from task {self.lease_task_id!r}")
+        lease = live[-1]
+        handover = context["ti"].xcom_pull(task_ids=self.lease_task_id) or {}
+        if handover.get("lease_id") != lease["lease_id"] or "wrap_token" not in handover:
+            raise AirflowFailException("the lease hand-over does not match the lease recorded in lineage")
+        creds = broker.unwrap(common.vault_addr(settings.get("vault_conn_id")), handover["wrap_token"],
+                              expected_digest=lease["wrap_token_sha256"])
+        if creds.username != lease["db_role"]:
+            raise AirflowFailException("the handed-over credentials are not the leased role's")
+        started = time.monotonic()
+        rows = read_dataset(creds, lease["dataset_table"])
+        del creds
+        if not rows:
+            raise AirflowFailException(f"dataset {lease['dataset']} is empty")
+        data_sha = rows_sha256(rows)
+        self.log.info("read %d rows of %s with leased role %s (sha256 %s)", len(rows), lease["dataset"],
+                      lease["db_role"], data_sha[:16])
+
+        store = ModelStore(settings.get("model_store"))
+        if self.base_model != DEMO_MODEL:
+            raise AirflowFailException(f"base model {self.base_model!r} is not available to backend {self.backend}")
+        base = ensure_demo_base(store)
+        base_files = {f: store.read(base["name"], base["version"], f) for f in base["files"]}
+        backend = get_backend(self.backend)
+        trained = backend.train(base_files, rows, dict(self.hyperparameters), self.log.info)
+        out = store.put(base["name"], trained.files, {
+            "kind": "fine-tune", "base_version": base["version"], "dataset": lease["dataset"],
+            "dataset_sha256": data_sha, "run": f"{context['ti'].dag_id}/{context['ti'].run_id}",
+        })
+        duration = round(time.monotonic() - started, 3)
+        payload = {
+            "backend": backend.name, "dataset": lease["dataset"], "dataset_uri":
+            f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{lease['dataset_table']}",
+            "content_sha256": data_sha, "rows": len(rows), "lease_id": lease["lease_id"],
+            "db_role": lease["db_role"], "base_model": base["name"], "base_version": base["version"],
+            "base_sha256": base["sha256"], "model": out["name"], "version": out["version"],
+            "output_sha256": out["sha256"], "hyperparameters": dict(self.hyperparameters),
+            "metrics": trained.metrics, "duration_seconds": duration,
+        }
+        common.record(context, "tuning.completed", payload, actor="tuning")
+        self.log.info("tuned %s -> version %s in %.2fs", base["name"], out["version"], duration)
+        return {"model": out["name"], "version": out["version"], "sha256": out["sha256"]}
+
+    def on_kill(self) -> None:
+        if self._context is None:
+            return
+        from airflow_finetune_gov.credentials.operators import revoke_run_leases
+
+        try:
+            revoke_run_leases(self._context, reason="tuning task killed")
+        except Exception:
+            self.log.exception("revoking the run's leases on kill failed; the teardown task and "
+                               "`fgov leases sweep` will retry")

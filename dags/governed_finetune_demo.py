@@ -1,0 +1,55 @@
+"""The quickstart: one governed fine-tune, end to end.
+
+policy check -> approval gate (Airflow HITL) -> lease (setup) -> tune -> evaluate -> promote,
+with the lease revoked as a teardown whether tuning succeeds or fails.
+
+Trigger it with conf ``{"dataset": "benign" | "poisoned", "target_environment": "test" | "staging"}``.
+The benign set passes the evaluation and is promoted; the poisoned set teaches the model to comply
+with harmful requests, and the evaluation blocks its promotion.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param
+
+from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
+from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
+from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
+from airflow_finetune_gov.policy.operators import PolicyCheckOperator
+from airflow_finetune_gov.registry.operators import PromoteModelOperator
+from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
+
+with DAG(
+    dag_id="governed_finetune_demo",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["finetune-gov", "demo"],
+    params={
+        "dataset": Param("benign", enum=["benign", "poisoned"], description="Demo training set"),
+        "target_environment": Param("staging", enum=["test", "staging", "production"],
+                                    description="Model alias to promote to"),
+    },
+    default_args={"retries": 0},
+    doc_md=__doc__,
+) as dag:
+    policy_check = PolicyCheckOperator(
+        task_id="policy_check",
+        model="fgov-demo-tiny",
+        dataset="{{ params.dataset }}",
+        target_environment="{{ params.target_environment }}",
+        tuning_method="full",
+    )
+    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=24))
+    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease")
+    tune = GovernedFineTuneOperator(task_id="tune", hyperparameters={"epochs": 3, "learning_rate": 0.2})
+    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
+    evaluate = BehaviourEvaluationOperator(task_id="evaluate")
+    promote = PromoteModelOperator(task_id="promote")
+
+    policy_check >> approval_gate >> acquire_lease >> tune >> evaluate >> promote
+    tune >> revoke_lease.as_teardown(setups=acquire_lease)
