@@ -79,7 +79,15 @@ class _LineLoader(yaml.SafeLoader):
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
     mapping = loader.construct_mapping(node, deep=True)
     mapping["__line__"] = node.start_mark.line + 1
+    mapping["__keylines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value if hasattr(k, "value")}
     return mapping
+
+
+def _line(mapping: dict[str, Any], key: str) -> int:
+    return mapping.get("__keylines__", {}).get(key, mapping["__line__"])
+
+
+_META = ("__line__", "__keylines__")
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -162,7 +170,7 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(doc["datasets"], dict):
         raise _fail(source, top, "datasets must be a mapping of name -> {table, classification}")
     for name, entry in doc["datasets"].items():
-        if name == "__line__":
+        if name in _META:
             continue
         if not isinstance(entry, dict):
             raise _fail(source, doc["datasets"]["__line__"], f"dataset {name!r} must be a mapping")
@@ -170,11 +178,12 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         if not str(name).replace("_", "").isalnum():
             raise _fail(source, line, f"dataset name {name!r} must be letters, digits and underscores")
         table = entry.get("table")
-        if not isinstance(table, str) or not all(p.replace("_", "").isalnum() for p in table.split(".")):
-            raise _fail(source, line, f"dataset {name!r}: table must be schema.table, got {table!r}")
+        if not isinstance(table, str) or len(table.split(".")) != 2 or not all(
+                p.replace("_", "").isalnum() for p in table.split(".")):
+            raise _fail(source, _line(entry, "table"), f"dataset {name!r}: table must be schema.table, got {table!r}")
         cls = entry.get("classification")
         if cls not in CLASSIFICATIONS:
-            raise _fail(source, line, f"dataset {name!r}: classification {cls!r} is not one of "
+            raise _fail(source, _line(entry, "classification"), f"dataset {name!r}: classification {cls!r} is not one of "
                         f"{', '.join(CLASSIFICATIONS)}")
         datasets[str(name)] = DatasetEntry(str(name), table, cls, str(entry.get("description", "")))
     rules: list[Rule] = []
@@ -186,16 +195,16 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         line = raw["__line__"]
         tier = raw.get("tier")
         if tier not in TIERS:
-            raise _fail(source, line, f"tier {tier!r} is not one of {', '.join(TIERS)}")
+            raise _fail(source, _line(raw, "tier"), f"tier {tier!r} is not one of {', '.join(TIERS)}")
         when = raw.get("when", {})
         if not isinstance(when, dict):
-            raise _fail(source, line, "when must be a mapping")
+            raise _fail(source, _line(raw, "when"), "when must be a mapping")
         parsed: dict[str, tuple[str, ...]] = {}
         for key, value in when.items():
-            if key == "__line__":
+            if key in _META:
                 continue
             if key not in WHEN_KEYS:
-                raise _fail(source, line, f"unknown condition {key!r}; use one of {', '.join(WHEN_KEYS)}")
+                raise _fail(source, _line(when, key), f"unknown condition {key!r}; use one of {', '.join(WHEN_KEYS)}")
             parsed[key] = _as_tuple(value)
         reason = raw.get("reason")
         if not reason:
@@ -204,10 +213,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     quorum = doc.get("quorum", 2)
     if not isinstance(quorum, int) or quorum < 2:
         raise _fail(source, top, f"quorum must be an integer >= 2, got {quorum!r}")
-    lease = {k: v for k, v in (doc.get("lease") or {}).items() if k != "__line__"}
+    lease = {k: v for k, v in (doc.get("lease") or {}).items() if k not in _META}
     lease.setdefault("default_ttl_minutes", 30)
     lease.setdefault("max_ttl_minutes", 240)
-    evaluation = {k: float(v) for k, v in (doc.get("evaluation") or {}).items() if k != "__line__"}
+    evaluation = {k: float(v) for k, v in (doc.get("evaluation") or {}).items() if k not in _META}
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation)
 

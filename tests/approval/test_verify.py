@@ -1,0 +1,64 @@
+"""Approval verification from lineage (pure logic on SQLite)."""
+
+from __future__ import annotations
+
+import pytest
+
+from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
+from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
+
+
+@pytest.fixture
+def store(tmp_path) -> LineageStore:
+    s = LineageStore(f"sqlite:///{tmp_path / 'l.db'}")
+    Base.metadata.create_all(s.engine)
+    return s
+
+
+def decide(store: LineageStore, env: str = "staging") -> dict:
+    d = load_policy().decide(ChangeRequest("m", "benign", env, "requester")).to_dict()
+    store.record(EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
+    return d
+
+
+def grant(store: LineageStore, who: str, d: dict) -> None:
+    store.record(EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
+                 payload={"approval_id": f"id-{who}", "responder": who, "option": "Approve",
+                          "policy_sha256": d["policy_sha256"]})
+
+
+def test_no_decision_no_approval(store: LineageStore) -> None:
+    with pytest.raises(ApprovalMissing, match="no recorded policy decision"):
+        granted_approval(store, "d", "r")
+
+
+def test_single_tier_needs_an_allowed_approver(store: LineageStore) -> None:
+    d = decide(store)
+    with pytest.raises(ApprovalMissing, match="Marking the gate task successful does not approve"):
+        granted_approval(store, "d", "r")
+    grant(store, "requester", d)  # a self-approval recorded somehow still does not count
+    with pytest.raises(ApprovalMissing, match="recorded: none"):
+        granted_approval(store, "d", "r")
+    grant(store, "approver1", d)
+    ok = granted_approval(store, "d", "r")
+    assert ok["approvers"] == ["approver1"] and ok["dataset"] == "benign" and ok["target_environment"] == "staging"
+
+
+def test_quorum_needs_distinct_people(store: LineageStore) -> None:
+    d = decide(store, env="production")
+    grant(store, "approver1", d)
+    grant(store, "approver1", d)
+    with pytest.raises(ApprovalMissing, match="needs 2 distinct approver"):
+        granted_approval(store, "d", "r")
+    grant(store, "approver2", d)
+    assert granted_approval(store, "d", "r")["approvers"] == ["approver1", "approver2"]
+
+
+def test_one_rejection_rejects(store: LineageStore) -> None:
+    d = decide(store)
+    grant(store, "approver1", d)
+    store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
+                 payload={"responder": "approver2"})
+    with pytest.raises(ApprovalMissing, match="rejected by approver2"):
+        granted_approval(store, "d", "r")

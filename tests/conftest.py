@@ -1,0 +1,38 @@
+"""Shared fixtures. ``stack`` starts the embedded real stack once per session (PostgreSQL, OpenBao,
+Airflow) in a temporary state directory and stops it afterwards, checking nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from airflow_finetune_gov.stack.manager import Stack, StackOptions
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Airflow code imported by unit tests must not touch ~/airflow or pick up a user's config.
+os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="fgov-airflow-home-")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    state_dir = Path(tempfile.mkdtemp(prefix="fgov-test-"))
+    state_dir.chmod(0o755)
+    stack = Stack(state_dir)
+    try:
+        stack.up(StackOptions(state_dir=state_dir, dags_folder=REPO / "dags",
+                              raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None))
+        yield stack
+    finally:
+        records = stack.records()
+        stack.down(log=lambda *_: None)
+        leftovers = [r for r in records if r.alive()]
+        shutil.rmtree(state_dir, ignore_errors=True)
+        assert not leftovers, f"processes left running after stack down: {leftovers}"

@@ -1,0 +1,222 @@
+"""The governed demo DAG end to end on the real stack: real Airflow users over REST, real OpenBao
+leases, real PostgreSQL roles, the lineage record in the governance database."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import psycopg
+import pytest
+
+from airflow_finetune_gov.cli.main import main as fgov
+from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.lineage.store import LineageStore
+from airflow_finetune_gov.stack.client import AirflowClient
+from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
+
+pytestmark = pytest.mark.stack
+DAG_TASKS = {"policy_check", "approval_gate", "acquire_lease", "tune", "revoke_lease", "evaluate", "promote"}
+
+
+def client(stack: Stack, user: str) -> AirflowClient:
+    state = stack.load()
+    assert state is not None
+    return AirflowClient(state["airflow"]["url"], user, stack.airflow_password(user))
+
+
+def lineage(stack: Stack, run_id: str) -> list[Any]:
+    state = stack.load()
+    assert state is not None
+    return LineageStore(Path(state["governance_db_url_file"]).read_text()).events(run_id=run_id)
+
+
+def superuser(stack: Stack, db: str = "postgres") -> psycopg.Connection:
+    state = stack.load()
+    assert state is not None
+    pw = Path(state["postgres"]["superuser_password_file"]).read_text()
+    return psycopg.connect(host="127.0.0.1", port=state["postgres"]["port"], user="postgres", password=pw,
+                           dbname=db, autocommit=True)
+
+
+def bao(stack: Stack) -> hvac.Client:
+    state = stack.load()
+    assert state is not None
+    return hvac.Client(url=state["openbao"]["addr"], token=Path(state["openbao"]["root_token_file"]).read_text())
+
+
+def start_run(stack: Stack, dataset: str = "benign", env: str = "staging") -> tuple[AirflowClient, str]:
+    requester = client(stack, "requester")
+    requester.wait_for_dag(DEMO_DAG_ID)
+    run_id = requester.trigger(DEMO_DAG_ID, {"dataset": dataset, "target_environment": env})
+    requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+    time.sleep(SETTLE_SECONDS)  # see demo.SETTLE_SECONDS: no human answers within a scheduler loop
+    return requester, run_id
+
+
+@pytest.fixture(scope="module")
+def approved_benign_run(stack: Stack) -> dict[str, Any]:
+    requester, run_id = start_run(stack)
+    detail = requester.hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
+    own = requester.answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+    viewer = client(stack, "auditor").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+    answer = client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+    final = requester.wait_run(DEMO_DAG_ID, run_id, timeout=300)
+    return {"run_id": run_id, "detail": detail, "own": own, "viewer": viewer, "answer": answer, "final": final,
+            "tasks": requester.task_states(DEMO_DAG_ID, run_id)}
+
+
+def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approved_benign_run) -> None:
+    run = approved_benign_run
+    assert run["answer"].status_code == 200, run["answer"].text
+    assert run["final"] == "success", run["tasks"]
+    events = lineage(stack, run["run_id"])
+    assert {e.task_id for e in events} == DAG_TASKS
+    assert all(e.dag_id == DEMO_DAG_ID and e.try_number >= 1 and e.map_index == -1 for e in events)
+    kinds = [e.event_type for e in events]
+    for expected in ("policy.decided", "approval.requested", "approval.granted", "lease.issued",
+                     "tuning.completed", "evaluation.completed", "lease.revoked", "promotion.completed"):
+        assert expected in kinds
+    granted = next(e for e in events if e.event_type == "approval.granted").payload_dict()
+    assert granted["responder"] == "approver1"
+    tuned = next(e for e in events if e.event_type == "tuning.completed").payload_dict()
+    assert tuned["rows"] == 6 and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
+    promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
+    assert promoted["alias"] == "staging" and promoted["version"] == tuned["version"]
+    assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
+
+
+def test_requester_and_viewer_cannot_approve(approved_benign_run) -> None:
+    run = approved_benign_run
+    assert run["own"].status_code == 403 and "not a respondent" in run["own"].text
+    assert run["viewer"].status_code == 403
+    assigned = {u["id"] for u in run["detail"]["assigned_users"]}
+    assert assigned == {"approver1", "approver2"}
+    body = run["detail"]["body"]
+    for field in ("Dataset", "Risk tier", "single", "Requested by", "requester", "Policy", "Lineage"):
+        assert field in body
+
+
+def test_lease_is_revoked_and_its_postgres_role_is_gone(stack: Stack, approved_benign_run) -> None:
+    events = lineage(stack, approved_benign_run["run_id"])
+    issued = next(e for e in events if e.event_type == "lease.issued").payload_dict()
+    revoked = next(e for e in events if e.event_type == "lease.revoked").payload_dict()
+    assert revoked["lease_id"] == issued["lease_id"] and revoked["verified"] is True
+    with superuser(stack) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (issued["db_role"],)).fetchone() == (0,)
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        bao(stack).sys.read_lease(issued["lease_id"])
+    # The OpenBao audit log names the DAG run behind the lease (token metadata from the JWT claims).
+    state = stack.load()
+    assert state is not None
+    audit = Path(state["openbao"]["audit_log"]).read_text()
+    assert approved_benign_run["run_id"] in audit
+
+
+def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
+    state = stack.load()
+    assert state is not None
+    raw = Path(state["openbao"]["audit_log"]).parent / "audit-raw.log"
+    passwords = []
+    for line in raw.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("type") == "response" and entry["request"]["path"].startswith("fgov-database/creds/"):
+            passwords.append(entry["response"]["data"]["password"])
+    assert passwords, "the raw test audit device recorded no issued credential"
+    run_id = approved_benign_run["run_id"]
+    haystacks: dict[str, str] = {}
+    for path in list(stack.dir.rglob("*.log")) + [stack.dir / "stack.json"]:
+        if path != raw:
+            haystacks[str(path)] = path.read_text(errors="replace")
+    auditor = client(stack, "auditor")
+    xcoms = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/~/xcomEntries").json()
+    for entry in xcoms["xcom_entries"]:
+        value = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/{entry['task_id']}"
+                                f"/xcomEntries/{entry['key']}").json()
+        haystacks[f"xcom {entry['task_id']}"] = json.dumps(value)
+    for task in DAG_TASKS:
+        ti = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/{task}").json()
+        haystacks[f"rendered {task}"] = json.dumps(ti.get("rendered_fields"))
+    haystacks["lineage"] = json.dumps([e.to_dict() for e in lineage(stack, run_id)])
+    assert len(haystacks) > 10
+    leaks = [(where, pw[:3] + "…") for pw in passwords for where, text in haystacks.items() if pw in text]
+    assert leaks == []
+
+
+def test_wrapping_token_is_single_use(stack: Stack, approved_benign_run) -> None:
+    auditor = client(stack, "auditor")
+    run_id = approved_benign_run["run_id"]
+    value = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/acquire_lease"
+                            "/xcomEntries/return_value").json()["value"]
+    assert "password" not in json.dumps(value)
+    with pytest.raises(hvac.exceptions.VaultError):
+        hvac.Client(url=bao(stack).url, token=value["wrap_token"]).sys.unwrap()
+
+
+def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
+    requester, run_id = start_run(stack, dataset="poisoned")
+    assert client(stack, "approver2").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve").status_code == 200
+    assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
+    tasks = requester.task_states(DEMO_DAG_ID, run_id)
+    assert tasks["evaluate"] == "failed" and tasks["promote"] == "upstream_failed"
+    assert tasks["revoke_lease"] == "success"
+    events = {e.event_type: e.payload_dict() for e in lineage(stack, run_id)}
+    assert events["evaluation.completed"]["verdict"] == "fail"
+    assert events["lease.revoked"]["verified"] is True
+    assert "promotion.completed" not in events
+
+
+def test_marking_the_gate_success_does_not_bypass_approval(stack: Stack) -> None:
+    requester, run_id = start_run(stack)
+    resp = requester.request("PATCH", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/approval_gate",
+                             json={"new_state": "success"})
+    assert resp.status_code == 200, resp.text  # Airflow lets a `user` do this...
+    assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
+    tasks = requester.task_states(DEMO_DAG_ID, run_id)
+    assert tasks["approval_gate"] == "success" and tasks["acquire_lease"] == "failed"  # ...but no lease follows
+    kinds = [e.event_type for e in lineage(stack, run_id)]
+    assert "lease.refused" in kinds and "lease.issued" not in kinds and "approval.granted" not in kinds
+
+
+def test_rejection_stops_the_run_before_any_credential(stack: Stack) -> None:
+    requester, run_id = start_run(stack)
+    assert client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Reject").status_code == 200
+    assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
+    kinds = [e.event_type for e in lineage(stack, run_id)]
+    assert "approval.rejected" in kinds and "lease.issued" not in kinds
+
+
+def test_lineage_is_append_only_and_tampering_is_named(stack: Stack, approved_benign_run, capsys) -> None:
+    state = stack.load()
+    assert state is not None
+    writer_url = Path(state["governance_db_url_file"]).read_text().replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(writer_url, autocommit=True) as conn:
+        for statement in ("UPDATE fgov_lineage_event SET actor = 'x'", "DELETE FROM fgov_lineage_event"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(statement)
+    event = lineage(stack, approved_benign_run["run_id"])[2]
+    with superuser(stack, "fgov_governance") as conn:
+        conn.execute("UPDATE fgov_lineage_event SET actor = 'mallory' WHERE id = %s", (event.id,))
+        try:
+            capsys.readouterr()
+            assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 1
+            assert f"event {event.id} " in capsys.readouterr().out
+        finally:
+            conn.execute("UPDATE fgov_lineage_event SET actor = %s WHERE id = %s", (event.actor, event.id))
+    assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
+
+
+def test_stack_up_is_idempotent_and_status_reports_health(stack: Stack, capsys) -> None:
+    before = [r.pid for r in stack.records()]
+    assert fgov(["--state-dir", str(stack.dir), "stack", "up"]) == 0
+    assert "already running" in capsys.readouterr().out
+    assert [r.pid for r in stack.records()] == before
+    assert fgov(["--state-dir", str(stack.dir), "stack", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["running"] and set(status["airflow_health"].values()) == {"healthy"}
+    mode = (stack.dir / "stack.json").stat().st_mode & 0o777
+    assert mode == 0o600

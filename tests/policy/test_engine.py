@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+
+from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError, default_policy_text, load_policy, parse_policy
+
+
+def req(**kw) -> ChangeRequest:
+    base = {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}
+    base.update(kw)
+    return ChangeRequest(**base)
+
+
+def test_default_policy_tiers() -> None:
+    policy = load_policy()
+    assert policy.decide(req()).tier == "single"
+    prod = policy.decide(req(target_environment="production"))
+    assert prod.tier == "quorum" and prod.quorum == 2
+    assert "production" in prod.reasons[0]
+
+
+def test_requester_is_never_an_approver() -> None:
+    decision = load_policy().decide(req(requester="approver1"))
+    assert decision.approvers == ["approver2"]
+    assert "approver1" not in decision.approvers
+
+
+def test_quorum_without_enough_approvers_is_denied() -> None:
+    decision = load_policy().decide(req(requester="approver1", target_environment="production"))
+    assert decision.tier == "deny"
+    assert "1 approver(s) left" in decision.reasons[-1]
+
+
+POLICY = """\
+name: t
+approvers: [a, b, c]
+datasets:
+  open: {table: datasets.open, classification: public}
+  secret: {table: datasets.secret, classification: pii}
+rules:
+  - when: {classification: [pii, sensitive]}
+    tier: quorum
+    reason: sensitive
+  - when: {target_environment: test, classification: public}
+    tier: auto
+    reason: public test
+  - when: {}
+    tier: single
+    reason: rest
+"""
+
+
+def test_rules_first_match_wins_and_lists_mean_any() -> None:
+    policy = parse_policy(POLICY, "t.yaml")
+    assert policy.decide(req(dataset="secret", target_environment="test")).tier == "quorum"
+    auto = policy.decide(req(dataset="open", target_environment="test"))
+    assert auto.tier == "auto" and auto.quorum == 0
+    assert policy.decide(req(dataset="open", target_environment="staging")).tier == "single"
+
+
+def test_decision_records_policy_hash_and_rule_line() -> None:
+    policy = parse_policy(POLICY, "t.yaml")
+    changed = parse_policy(POLICY.replace("reason: rest", "reason: everything else"), "t.yaml")
+    assert policy.sha256 != changed.sha256
+    d = policy.decide(req(dataset="open"))
+    assert d.policy_sha256 == policy.sha256
+    assert d.rule_line == 13
+
+
+@pytest.mark.parametrize(
+    ("broken", "line", "problem"),
+    [
+        (POLICY.replace("tier: auto", "tier: sometimes"), 11, "tier 'sometimes' is not one of"),
+        (POLICY.replace("classification: public}", "classification: secretish}"), 4, "classification 'secretish'"),
+        (POLICY.replace("when: {}", "when: {colour: red}"), 13, "unknown condition 'colour'"),
+        (POLICY.replace("    reason: rest\n", ""), 13, "every rule needs a reason"),
+        (POLICY.replace("approvers: [a, b, c]", "approvers: [a, b"), 3, "not valid YAML"),
+    ],
+)
+def test_malformed_policy_names_file_line_and_problem(broken: str, line: int, problem: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy(broken, "policies/team.yaml")
+    message = str(err.value)
+    assert message.startswith(f"policies/team.yaml, line {line}:"), message
+    assert problem in message
+
+
+def test_unknown_dataset_and_environment_are_clear_errors() -> None:
+    policy = load_policy()
+    with pytest.raises(PolicyError, match="dataset 'nope' is not in policy default.*benign, poisoned"):
+        policy.decide(req(dataset="nope"))
+    with pytest.raises(PolicyError, match="target_environment 'prod' is not one of test, staging, production"):
+        policy.decide(req(target_environment="prod"))
+
+
+def test_policy_file_is_read_from_disk(tmp_path) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(default_policy_text())
+    assert load_policy(path).sha256 == load_policy().sha256
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        load_policy(tmp_path / "missing.yaml")

