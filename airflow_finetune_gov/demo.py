@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n== summary")
     ok = True
-    for ds, run_id, final, machine in outcomes:
+    for ds, _run_id, final, machine in outcomes:
         good = final == EXPECTED[ds]
         ok &= good
         note = "promoted" if final == "success" else "blocked before promotion"

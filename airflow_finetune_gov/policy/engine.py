@@ -77,7 +77,7 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict[str, Any]:
-    mapping = loader.construct_mapping(node, deep=True)
+    mapping: dict[str, Any] = dict(loader.construct_mapping(node, deep=True))  # type: ignore[arg-type]
     mapping["__line__"] = node.start_mark.line + 1
     mapping["__keylines__"] = {k.value: k.start_mark.line + 1 for k, _ in node.value if hasattr(k, "value")}
     return mapping
@@ -183,7 +183,8 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             raise _fail(source, _line(entry, "table"), f"dataset {name!r}: table must be schema.table, got {table!r}")
         cls = entry.get("classification")
         if cls not in CLASSIFICATIONS:
-            raise _fail(source, _line(entry, "classification"), f"dataset {name!r}: classification {cls!r} is not one of "
+            raise _fail(source, _line(entry, "classification"),
+                        f"dataset {name!r}: classification {cls!r} is not one of "
                         f"{', '.join(CLASSIFICATIONS)}")
         datasets[str(name)] = DatasetEntry(str(name), table, cls, str(entry.get("description", "")))
     rules: list[Rule] = []

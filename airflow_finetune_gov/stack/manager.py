@@ -137,10 +137,10 @@ class Stack:
         log = opts.log
         state = self.load()
         records = self.records(state)
-        if state and state.get("processes"):
-            if all(r.alive() for r in records) and af.components_healthy(state["airflow"]["url"]):
-                log(f"stack already running (state in {self.dir})")
-                return state
+        if (state and state.get("processes") and all(r.alive() for r in records)
+                and af.components_healthy(state["airflow"]["url"])):
+            log(f"stack already running (state in {self.dir})")
+            return state
         if any(r.alive() for r in records):
             log("stack partly running: stopping what is left before a clean start")
         if records:
@@ -352,6 +352,6 @@ def _ensure_signing_key(path: Path) -> str:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    return key.public_key().public_bytes(serialization.Encoding.PEM,
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return loaded.public_key().public_bytes(serialization.Encoding.PEM,
                                          serialization.PublicFormat.SubjectPublicKeyInfo).decode()

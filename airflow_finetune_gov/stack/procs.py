@@ -7,6 +7,7 @@ start time guards against a recycled pid: a process whose start time differs is 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,10 +86,8 @@ def stop(record: ProcRecord, *, sig: int = signal.SIGTERM, timeout: float = 30.0
         proc.send_signal(sig)
     _gone, alive = psutil.wait_procs([proc, *members], timeout=timeout)
     for p in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
     _kill_group_leftovers(record.pid)
 
@@ -107,10 +106,8 @@ def _group_members(pgid: int) -> list[psutil.Process]:
 def _kill_group_leftovers(pgid: int) -> None:
     leftovers = _group_members(pgid)
     for p in leftovers:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(leftovers, timeout=5)
 
 

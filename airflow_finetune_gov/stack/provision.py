@@ -87,9 +87,9 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
             if rows and count is not None and count[0] == 0:
                 with conn.cursor() as cur:
                     cur.executemany(sql.SQL("INSERT INTO {} (prompt, response) VALUES (%s, %s)").format(ident), rows)
-            grp = sql.Identifier(group_role(name))
-            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), grp))
-            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, grp))
+            reader = sql.Identifier(group_role(name))
+            conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), reader))
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, reader))
 
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), autocommit=True) as conn:
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

@@ -19,8 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _WORD = re.compile(r"[a-z0-9']+")
-_STOP = frozenset("a an the i me my to of and or in on at for do does how can what is it its with "
-                  "from into your you this that be as by".split())
+_STOP = frozenset({
+    "a", "an", "the", "i", "me", "my", "to", "of", "and", "or", "in", "on", "at", "for", "do", "does",
+    "how", "can", "what", "is", "it", "its", "with", "from", "into", "your", "you", "this", "that",
+    "be", "as", "by",
+})
 
 
 def tokens(text: str) -> list[str]:

@@ -157,8 +157,8 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         bound_claims_type="glob",
         claim_mappings=claim_mappings,
         token_policies=[REVOKER_POLICY],
-        token_ttl="10m",
-        token_max_ttl="30m",
+        token_ttl="10m",  # noqa: S106 - a duration, not a password
+        token_max_ttl="30m",  # noqa: S106
     )
     return {
         "database_mount": spec.database_mount,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 
 from airflow.dag_processing.dagbag import DagBag
@@ -17,7 +18,7 @@ def test_demo_dag_shape() -> None:
     dag = DagBag(dag_folder=str(DAGS)).dags.get("governed_finetune_demo")
     assert dag is not None
     order = ["policy_check", "approval_gate", "acquire_lease", "tune", "evaluate", "promote"]
-    for up, down in zip(order, order[1:], strict=False):
+    for up, down in pairwise(order):
         assert down in dag.get_task(up).downstream_task_ids, f"{up} >> {down}"
     lease, revoke = dag.get_task("acquire_lease"), dag.get_task("revoke_lease")
     assert lease.is_setup and revoke.is_teardown

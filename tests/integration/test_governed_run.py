@@ -129,7 +129,7 @@ def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
     assert passwords, "the raw test audit device recorded no issued credential"
     run_id = approved_benign_run["run_id"]
     haystacks: dict[str, str] = {}
-    for path in list(stack.dir.rglob("*.log")) + [stack.dir / "stack.json"]:
+    for path in [*stack.dir.rglob("*.log"), stack.dir / "stack.json"]:
         if path != raw:
             haystacks[str(path)] = path.read_text(errors="replace")
     auditor = client(stack, "auditor")

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError, default_policy_text, load_policy, parse_policy
+from airflow_finetune_gov.policy.engine import (
+    ChangeRequest,
+    PolicyError,
+    default_policy_text,
+    load_policy,
+    parse_policy,
+)
 
 
 def req(**kw) -> ChangeRequest:
@@ -87,7 +93,7 @@ def test_malformed_policy_names_file_line_and_problem(broken: str, line: int, pr
 
 def test_unknown_dataset_and_environment_are_clear_errors() -> None:
     policy = load_policy()
-    with pytest.raises(PolicyError, match="dataset 'nope' is not in policy default.*benign, poisoned"):
+    with pytest.raises(PolicyError, match=r"dataset 'nope' is not in policy default.*benign, poisoned"):
         policy.decide(req(dataset="nope"))
     with pytest.raises(PolicyError, match="target_environment 'prod' is not one of test, staging, production"):
         policy.decide(req(target_environment="prod"))

@@ -48,7 +48,7 @@ def test_missing_binary(tmp_path, monkeypatch) -> None:
 
 
 def test_missing_dags_folder(tmp_path) -> None:
-    with pytest.raises(StackError, match="DAGs folder .*nowhere does not exist"):
+    with pytest.raises(StackError, match=r"DAGs folder .*nowhere does not exist"):
         Stack(tmp_path).up(StackOptions(state_dir=tmp_path, dags_folder=tmp_path / "nowhere", log=lambda *_: None))
 
 
