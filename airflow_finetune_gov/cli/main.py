@@ -42,11 +42,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
         state = stack.up(StackOptions(
             state_dir=stack.dir, dags_folder=Path(args.dags_folder), postgres_port=args.postgres_port,
             openbao_port=args.openbao_port, airflow_port=args.airflow_port, policy_file=args.policy_file,
+            postgres_url=args.postgres_url or os.environ.get("FGOV_POSTGRES_URL"),
         ))
         print(f"Airflow UI:  {state['airflow']['url']}  (users: {', '.join(state['airflow']['users'])}; "
               f"passwords in {state['airflow']['passwords_file']})")
         print(f"OpenBao:     {state['openbao']['addr']}")
-        print(f"PostgreSQL:  127.0.0.1:{state['postgres']['port']}")
+        print(f"PostgreSQL:  {state['postgres']['host']}:{state['postgres']['port']}")
         print(f"State:       {stack.state_file}")
         return 0
     if args.action == "down":
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("action", choices=["up", "down", "status"])
     stack.add_argument("--dags-folder", default="dags")
     stack.add_argument("--postgres-port", type=int)
+    stack.add_argument("--postgres-url", help="use this existing server (a superuser URL) instead of the embedded one")
     stack.add_argument("--openbao-port", type=int)
     stack.add_argument("--airflow-port", type=int)
     stack.add_argument("--policy-file")

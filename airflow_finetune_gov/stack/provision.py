@@ -44,8 +44,9 @@ def _conninfo(user: str, password: str, host: str, port: int, db: str) -> dict:
     return {"user": user, "password": password, "host": host, "port": port, "dbname": db}
 
 
-def provision(host: str, port: int, superuser_password: str, passwords: Mapping[str, str], policy: Policy) -> None:
-    with psycopg.connect(**_conninfo("postgres", superuser_password, host, port, "postgres"),
+def provision(host: str, port: int, superuser_password: str, passwords: Mapping[str, str], policy: Policy,
+              superuser: str = "postgres") -> None:
+    with psycopg.connect(**_conninfo(superuser, superuser_password, host, port, "postgres"),
                          autocommit=True) as conn:
         for role in LOGIN_ROLES:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
