@@ -9,6 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from airflow_finetune_gov.stack.manager import Stack, StackOptions
@@ -32,7 +33,16 @@ def stack() -> Iterator[Stack]:
         yield stack
     finally:
         records = stack.records()
+        tree = [p for r in records if (p := r.process()) is not None]
+        tree += [c for p in list(tree) for c in _children(p)]
         stack.down(log=lambda *_: None)
-        leftovers = [r for r in records if r.alive()]
+        leftovers = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         shutil.rmtree(state_dir, ignore_errors=True)
-        assert not leftovers, f"processes left running after stack down: {leftovers}"
+        assert records and not leftovers, f"processes left running after stack down: {leftovers}"
+
+
+def _children(proc: psutil.Process) -> list[psutil.Process]:
+    try:
+        return proc.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
