@@ -19,10 +19,12 @@ from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack, StackOptions
 from airflow_finetune_gov.stack.procs import StackError
 
-# Airflow 3.3 can fail a HITL task answered within a scheduler loop of it pausing (the executor's
-# late "success" for the pausing process races the resumed try, as in apache/airflow#66374). People
-# never answer that fast; scripts wait this long after the request appears.
-SETTLE_SECONDS = 3.0
+# Airflow 3.3 can fail a HITL task answered before the scheduler has processed the exit of the
+# process that paused it: the executor's late "success" for that process meets the resumed try in
+# state queued and the scheduler marks the gate failed (apache/airflow#66374). On a cold worker that
+# process took 5.2 s to exit (its supervisor polls at a 5 s heartbeat), so 3 s was not enough. People
+# never answer that fast; scripts wait this long after the request appears. It fails closed.
+SETTLE_SECONDS = 8.0
 
 EXPECTED = {"benign": "success", "poisoned": "failed"}
 
