@@ -54,6 +54,14 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": "/etc/airflow/fgov-workload-identity.pem",
         "default": None,
     },
+    "workload_identity_key_secret": {
+        "description": "Instead of a key file: the name of an Airflow Variable holding the PEM signing "
+        "key, resolved through the configured secrets backends (e.g. Vault KV, AWS Secrets Manager).",
+        "version_added": "0.2.0",
+        "type": "string",
+        "example": "fgov_workload_identity_key",
+        "default": "",
+    },
     "workload_identity_issuer": {
         "description": "The ``iss`` claim of workload-identity JWTs; must match the JWT auth config.",
         "version_added": "0.1.0",
@@ -81,6 +89,22 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "type": "string",
         "example": None,
         "default": "fgov-database",
+    },
+    "handover_mount": {
+        "description": "Mount path of the KV v2 engine where the lease task parks the response-wrapped "
+        "credentials for the same run's tuning task (templated policies bind each path to one run).",
+        "version_added": "0.2.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-handover",
+    },
+    "vault_timeout_seconds": {
+        "description": "Per-request timeout for Vault/OpenBao calls; revocation retries with backoff "
+        "on top of it.",
+        "version_added": "0.2.0",
+        "type": "integer",
+        "example": None,
+        "default": "10",
     },
     "policy_file": {
         "description": "YAML policy file (risk tiers, approvers, datasets). Empty: the packaged default.",

@@ -27,8 +27,13 @@ def stack() -> Iterator[Stack]:
     state_dir = Path(tempfile.mkdtemp(prefix="fgov-test-"))
     state_dir.chmod(0o755)
     stack = Stack(state_dir)
+    # The project's DAGs plus the fault-injection DAG the reliability tests drive.
+    dags = state_dir / "dags"
+    dags.mkdir()
+    for source in [*(REPO / "dags").glob("*.py"), *(REPO / "tests" / "integration" / "dags").glob("*.py")]:
+        shutil.copy(source, dags / source.name)
     try:
-        stack.up(StackOptions(state_dir=state_dir, dags_folder=REPO / "dags",
+        stack.up(StackOptions(state_dir=state_dir, dags_folder=dags,
                               raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None))
         yield stack
     finally:

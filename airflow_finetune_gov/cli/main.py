@@ -1,4 +1,4 @@
-"""``fgov``: the operator's command line (stack, vault bootstrap, lineage, runs, audit)."""
+"""``fgov``: the operator's command line (stack, vault bootstrap, lineage, runs, leases, audit)."""
 
 from __future__ import annotations
 
@@ -148,6 +148,67 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _use_stack_airflow(args: argparse.Namespace) -> None:
+    """Point Airflow's config at the embedded stack's, unless the environment already chose one."""
+    if os.environ.get("AIRFLOW_HOME"):
+        return
+    from airflow_finetune_gov.stack.manager import Stack
+
+    state = Stack(_state_dir(args)).load()
+    if state:
+        os.environ["AIRFLOW_HOME"] = state["airflow"]["home"]
+
+
+def _orm_run_state(dag_id: str, run_id: str) -> str | None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        state = session.scalar(select(DagRun.state).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id))
+    return None if state is None else str(getattr(state, "value", state))
+
+
+def cmd_leases(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        from datetime import UTC, datetime
+
+        from airflow_finetune_gov.credentials.lifecycle import lease_states
+        from airflow_finetune_gov.lineage.store import LineageStore
+
+        store = LineageStore(_governance_url(args))
+        now = datetime.now(UTC)
+        rows = [s.to_dict() | {"expired": s.expired(now)}
+                for s in lease_states(store.events(event_prefix="lease.")).values() if args.all or not s.settled]
+        if args.json:
+            _print(rows, True)
+            return 0
+        if not rows:
+            print("no unsettled leases" if not args.all else "no leases recorded")
+            return 0
+        for r in rows:
+            print(f"{r['status']:<14} {r['dataset']:<10} {r['db_role']:<40} expires {r['expires_at']}"
+                  f"{' (expired)' if r['expired'] else ''}  {r['dag_id']}/{r['run_id']}"
+                  + (f"  last error: {r['last_error']}" if r["last_error"] else ""))
+        return 0
+    _use_stack_airflow(args)
+    from airflow_finetune_gov.credentials.operators import run_sweep
+
+    results = run_sweep(_orm_run_state, dry_run=args.dry_run)
+    if args.json:
+        _print(results, True)
+    else:
+        for r in results:
+            state = r["run_state"] or "not found"
+            print(f"{r['action']:<13} {r['lease_id']}  run {r['dag_id']}/{r['run_id']} ({state})"
+                  + (f"  {r['detail']}" if r["detail"] else ""))
+        done = sum(r["action"] == "revoked" for r in results)
+        failed = sum(r["action"] == "failed" for r in results)
+        print(f"sweep: {done} revoked and verified, {failed} failed, "
+              f"{sum(r['action'] == 'skipped' for r in results)} left to running jobs")
+    return 1 if any(r["action"] == "failed" for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fgov", description="airflow-finetune-gov operations")
     parser.add_argument("--state-dir", help="stack state directory (default ./.fgov or $FGOV_STATE_DIR)")
@@ -191,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
     rl.add_argument("--json", action="store_true")
     rl.add_argument("--db-url")
     rl.set_defaults(func=cmd_runs)
+
+    leases = sub.add_parser("leases", help="credential leases recorded in lineage")
+    leases_sub = leases.add_subparsers(dest="action", required=True)
+    ll = leases_sub.add_parser("list", help="leases not yet verified revoked (--all: every lease)")
+    ll.add_argument("--all", action="store_true")
+    ll.add_argument("--json", action="store_true")
+    ll.add_argument("--db-url")
+    ll.set_defaults(func=cmd_leases)
+    ls = leases_sub.add_parser("sweep", help="revoke and verify leases of finished runs and expired leases")
+    ls.add_argument("--dry-run", action="store_true")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_leases)
 
     audit = sub.add_parser("audit", help="verify the lineage hash chain")
     audit_sub = audit.add_subparsers(dest="action", required=True)

@@ -1,14 +1,17 @@
 """The lease broker: dataset-scoped dynamic database credentials over hvac (no Airflow import).
 
-Issue, hand over, revoke, and prove the revocation. The secret itself never leaves this module
-except to the tuning process: ``issue`` response-wraps ``{username, password}`` so that only a
-single-use wrapping token travels between tasks, and ``unwrap`` checks that token's accessor
-against the one recorded at issue time (a substituted or already-used token is refused).
+Issue, hand over, renew, revoke, and prove the revocation. The secret itself never leaves this
+module except to the tuning process: ``issue`` response-wraps ``{username, password}`` and
+``hand_over`` stores only that single-use wrapping token in a KV path that OpenBao's templated
+policies open to this run's tuning identity alone, so nothing secret travels through XCom.
+``unwrap`` checks the token against the digest recorded at issue time and the wrap's
+``creation_path`` (a substituted or already-used token is refused).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -17,6 +20,8 @@ from typing import Any
 import hvac
 import hvac.exceptions
 from sqlalchemy import create_engine, text
+
+WRAP_CREATION_PATH = "sys/wrapping/wrap"
 
 
 class LeaseError(RuntimeError):
@@ -28,6 +33,7 @@ class IssuedLease:
     lease_id: str
     db_role: str
     lease_duration: int
+    requested_ttl: int
     renewable: bool
     token_accessor: str
     wrap_token: str
@@ -35,7 +41,7 @@ class IssuedLease:
     wrap_token_sha256: str
 
     def public(self) -> dict[str, Any]:
-        """Everything but the wrapping token: what lineage and logs may hold."""
+        """Everything but the wrapping token: what lineage, XCom and logs may hold."""
         data = asdict(self)
         data.pop("wrap_token")
         return data
@@ -50,31 +56,149 @@ class Credentials:
         return f"Credentials(username={self.username!r}, password=***)"
 
 
+def derive_ttl(expected_seconds: float | None, *, default_seconds: int, min_seconds: int, max_seconds: int,
+               margin: float = 1.5) -> int:
+    """The lease TTL for a job expected to take ``expected_seconds``: with a margin, within policy bounds.
+
+    Renewal covers jobs that run longer than expected, up to ``max_seconds`` (the policy's cap and
+    the lifetime of the token that owns the lease).
+    """
+    if expected_seconds is None:
+        wanted = default_seconds
+    elif expected_seconds <= 0:
+        raise LeaseError(f"expected duration must be positive, got {expected_seconds}s")
+    else:
+        wanted = int(expected_seconds * margin + 0.999)
+    return max(min_seconds, min(wanted, max_seconds))
+
+
+def _lease_suffix(lease_id: str) -> str:
+    return hashlib.sha256(lease_id.encode()).hexdigest()[:24]
+
+
+def handover_path(dataset: str, run_key: str, lease_id: str) -> str:
+    return f"{dataset}/{run_key}/{_lease_suffix(lease_id)}"
+
+
 class LeaseBroker:
-    def __init__(self, client: hvac.Client, database_mount: str) -> None:
+    def __init__(self, client: hvac.Client, database_mount: str, handover_mount: str = "fgov-handover") -> None:
         self.client = client
         self.mount = database_mount
+        self.handover_mount = handover_mount
 
-    def issue(self, db_role_name: str, *, wrap_ttl_seconds: int) -> IssuedLease:
+    def issue(self, db_role_name: str, *, ttl_seconds: int, wrap_ttl_seconds: int) -> IssuedLease:
         try:
             resp = self.client.secrets.database.generate_credentials(db_role_name, mount_point=self.mount)
         except hvac.exceptions.Forbidden as exc:
             raise LeaseError(f"OpenBao refused credentials for {self.mount}/creds/{db_role_name}: this "
                              "identity's policy does not cover that dataset") from exc
-        data = resp["data"]
-        lookup = self.client.auth.token.lookup_self()["data"]
+        except hvac.exceptions.InvalidRequest as exc:
+            raise LeaseError(f"OpenBao has no database role {self.mount}/creds/{db_role_name}: add the dataset "
+                             f"to the policy file and run `fgov vault bootstrap` ({exc})") from exc
+        lease_id = resp["lease_id"]
         try:
+            data = resp["data"]
+            duration = renew(self.client, lease_id, ttl_seconds)
+            lookup = self.client.auth.token.lookup_self()["data"]
             wrapped = self.client.sys.wrap(payload={"username": data["username"], "password": data["password"]},
                                            ttl=f"{wrap_ttl_seconds}s")
-        except Exception:
+            info = wrapped["wrap_info"]
+        except BaseException:
             # Never leave a credential nobody can hand over: revoke it before failing.
-            self.client.sys.revoke_lease(resp["lease_id"])
+            revoke(self.client, lease_id, attempts=3, base_delay=0.2)
             raise
-        info = wrapped["wrap_info"]
-        return IssuedLease(lease_id=resp["lease_id"], db_role=data["username"],
-                           lease_duration=int(resp["lease_duration"]), renewable=bool(resp["renewable"]),
+        return IssuedLease(lease_id=lease_id, db_role=data["username"], lease_duration=duration,
+                           requested_ttl=ttl_seconds, renewable=bool(resp["renewable"]),
                            token_accessor=lookup["accessor"], wrap_token=info["token"],
                            wrap_accessor=info["accessor"], wrap_token_sha256=token_digest(info["token"]))
+
+    def hand_over(self, dataset: str, run_key: str, issued: IssuedLease) -> str:
+        """Park the wrapping token where only this run's tuning identity can take it (once)."""
+        path = handover_path(dataset, run_key, issued.lease_id)
+        self.client.secrets.kv.v2.create_or_update_secret(
+            path=path, secret={"wrap_token": issued.wrap_token, "lease_id": issued.lease_id},
+            mount_point=self.handover_mount)
+        return path
+
+
+def take_handover(client: hvac.Client, handover_mount: str, dataset: str, run_key: str, lease_id: str) -> str:
+    """Read the wrapping token parked for this run's lease and destroy it (every version) in one go."""
+    path = handover_path(dataset, run_key, lease_id)
+    try:
+        resp = client.secrets.kv.v2.read_secret_version(path=path, mount_point=handover_mount,
+                                                        raise_on_deleted_version=True)
+    except hvac.exceptions.InvalidPath as exc:
+        raise LeaseError(f"no credential hand-over is parked for lease {lease_id}: it was already taken "
+                         "(a retried tuning task needs a new lease) or never written") from exc
+    except hvac.exceptions.Forbidden as exc:
+        raise LeaseError("OpenBao refused the credential hand-over to this identity: only the same run's "
+                         "tuning task may take it") from exc
+    client.secrets.kv.v2.delete_metadata_and_all_versions(path=path, mount_point=handover_mount)
+    data = resp["data"]["data"]
+    if data.get("lease_id") != lease_id:
+        raise LeaseError("the parked hand-over names another lease")
+    return str(data["wrap_token"])
+
+
+def renew(client: hvac.Client, lease_id: str, increment_seconds: int) -> int:
+    """Set the lease's remaining TTL to ``increment_seconds`` (capped by the role's max TTL and by the
+    lifetime of the token that owns the lease); returns the TTL the server granted."""
+    try:
+        resp = client.adapter.put(f"/v1/sys/leases/renew/{lease_id}", json={"increment": int(increment_seconds)})
+    except hvac.exceptions.Forbidden as exc:
+        raise LeaseError(f"OpenBao refused to renew lease {lease_id} for this identity") from exc
+    except hvac.exceptions.InvalidRequest as exc:
+        raise LeaseError(f"lease {lease_id} cannot be renewed: {exc}") from exc
+    body = resp if isinstance(resp, dict) else resp.json()
+    return int(body["lease_duration"])
+
+
+class LeaseKeeper:
+    """Renew a lease at half its TTL while a long job runs (a background thread, stopped with ``stop``).
+
+    ``renew_once`` returns the TTL granted; ``on_renewed(ttl)`` and ``on_error(exc)`` report (e.g.
+    to lineage). A grant shorter than asked means the lease has reached its cap: the keeper keeps
+    renewing until the lease runs out, and the job sees the failure when its credentials expire.
+    """
+
+    def __init__(self, renew_once: Callable[[], int], ttl_seconds: int, *,
+                 on_renewed: Callable[[int], None] = lambda ttl: None,
+                 on_error: Callable[[BaseException], None] = lambda exc: None,
+                 min_interval: float = 1.0) -> None:
+        self._renew_once = renew_once
+        self._interval = max(min_interval, ttl_seconds / 2)
+        self._min = min_interval
+        self._on_renewed = on_renewed
+        self._on_error = on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fgov-lease-keeper", daemon=True)
+        self.renewals = 0
+
+    def start(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> LeaseKeeper:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                ttl = self._renew_once()
+            except BaseException as exc:  # reported, and retried at the next tick
+                self._on_error(exc)
+                self._interval = max(self._min, self._interval / 2)
+                continue
+            self.renewals += 1
+            self._on_renewed(ttl)
+            self._interval = max(self._min, ttl / 2)
 
 
 def token_digest(token: str) -> str:
@@ -93,7 +217,7 @@ def unwrap(addr: str, wrap_token: str, *, expected_digest: str, verify: bool | s
         raise LeaseError("the credential wrapping token is invalid, expired or already used: somebody else "
                          "may have unwrapped it; revoke the lease") from exc
     props = lookup["data"] if isinstance(lookup, dict) else lookup.json()["data"]
-    if props.get("creation_path") != "sys/wrapping/wrap":
+    if props.get("creation_path") != WRAP_CREATION_PATH:
         raise LeaseError(f"unexpected wrapping creation path {props.get('creation_path')!r}")
     client.token = wrap_token
     try:

@@ -7,6 +7,7 @@ so the audit log names the DAG run behind every request. No static Vault token e
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,9 +30,23 @@ class TaskIdentity:
     def subject(self) -> str:
         return f"{self.dag_id}/{self.run_id}/{self.task_id}/{self.try_number}"
 
+    @property
+    def run_key(self) -> str:
+        return run_key(self.dag_id, self.run_id)
+
+
+def run_key(dag_id: str, run_id: str) -> str:
+    """A path-safe name for one DAG run: templated OpenBao policies bind hand-over paths to it."""
+    return hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:32]
+
 
 def mint(identity: TaskIdentity, *, key_pem: bytes, issuer: str, audience: str, purpose: str,
          extra: dict[str, str] | None = None, ttl_seconds: int = DEFAULT_TTL_SECONDS) -> str:
+    reserved = {"iss", "aud", "sub", "iat", "nbf", "exp", "jti", "purpose", "dag_id", "run_id", "task_id",
+                "try_number", "run_key"}
+    clash = reserved & set(extra or {})
+    if clash:
+        raise ValueError(f"extra claims may not override {sorted(clash)}")
     now = int(time.time())
     claims = {
         "iss": issuer,
@@ -45,6 +60,7 @@ def mint(identity: TaskIdentity, *, key_pem: bytes, issuer: str, audience: str, 
         "dag_id": identity.dag_id,
         "run_id": identity.run_id,
         "task_id": identity.task_id,
+        "run_key": identity.run_key,
         # claim_mappings copy claims into token metadata, which must be strings
         "try_number": str(identity.try_number),
         **(extra or {}),

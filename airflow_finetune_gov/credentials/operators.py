@@ -1,47 +1,47 @@
-"""AcquireLeaseOperator (setup) and RevokeLeaseOperator (teardown)."""
+"""AcquireLeaseOperator (setup), RevokeLeaseOperator (teardown) and LeaseSweepOperator (the net)."""
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
-from airflow_finetune_gov.credentials import broker
-from airflow_finetune_gov.credentials.identity import load_key, mint
+from airflow_finetune_gov.credentials import broker, lifecycle
+from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+from airflow_finetune_gov.credentials.identity import TaskIdentity
 from airflow_finetune_gov.vault.bootstrap import REVOKER_ROLE, db_role_name, lease_role_name
 
 
-def vault_client(context: Any, *, role: str, purpose: str, extra: dict[str, str] | None = None):
-    """Log in to Vault/OpenBao with this task try's own workload-identity JWT (no static token)."""
-    from airflow.providers.hashicorp.hooks.vault import VaultHook
-
-    token = mint(
-        common.identity(context),
-        key_pem=load_key(settings.get("workload_identity_key_path")),
-        issuer=settings.get("workload_identity_issuer"),
-        audience=settings.get("workload_identity_audience"),
-        purpose=purpose,
-        extra=extra,
-    )
-    hook = VaultHook(vault_conn_id=settings.get("vault_conn_id"), auth_type="jwt", jwt_role=role,
-                     jwt_token=token, auth_mount_point=settings.get("jwt_auth_mount"))
-    return hook.get_conn()
+def _seconds(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    return float(value)
 
 
 class AcquireLeaseOperator(BaseOperator):
-    """Issue dataset-scoped dynamic database credentials for an approved run.
+    """Issue dataset-scoped dynamic database credentials for an approved run (use as a setup task).
 
-    Checks the approval in lineage first (never the gate task's state), then logs in with a JWT whose
-    ``dataset`` claim only the approved dataset's role accepts. Returns (XCom) the lease id, the
-    role name and a single-use wrapping token - never the password.
+    Checks the approval in lineage first (never the gate task's state or XCom), then logs in with a
+    JWT naming this task try, the approved dataset and the approval id. The lease TTL is derived from
+    ``expected_duration`` (seconds or a timedelta; templated) with a margin, within the policy's
+    bounds. The credentials are response-wrapped and parked for this run's tuning task; XCom and
+    lineage get only the lease id, role name, token accessor, TTL and timestamps.
     """
 
+    template_fields = ("expected_duration",)
     ui_color = "#e6f4ea"
+
+    def __init__(self, *, expected_duration: timedelta | float | str | None = None,
+                 vault_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.expected_duration = expected_duration
+        self.vault_conn_id = vault_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
@@ -52,57 +52,89 @@ class AcquireLeaseOperator(BaseOperator):
             common.record(context, "lease.refused", {"reason": str(exc)}, actor="lease-broker")
             raise AirflowFailException(f"no lease without a recorded approval: {exc}") from exc
         dataset = approval["dataset"]
-        self.log.info("approval %s verified (tier %s, approvers %s); leasing dataset %s",
-                      approval["approval_id"], approval["tier"], approval["approvers"] or ["policy"], dataset)
-        client = vault_client(context, role=lease_role_name(dataset), purpose="lease",
-                              extra={"dataset": dataset, "approval_id": approval["approval_id"]})
-        lease_policy = common.policy().lease
-        wrap_ttl = int(lease_policy["default_ttl_minutes"]) * 60
-        issued = broker.LeaseBroker(client, settings.get("database_mount")).issue(
-            db_role_name(dataset), wrap_ttl_seconds=wrap_ttl)
+        bounds = common.policy().lease
+        try:
+            ttl = broker.derive_ttl(_seconds(self.expected_duration),
+                                    default_seconds=int(bounds["default_ttl_minutes"]) * 60,
+                                    min_seconds=int(bounds["min_ttl_minutes"]) * 60,
+                                    max_seconds=int(bounds["max_ttl_minutes"]) * 60)
+        except (broker.LeaseError, ValueError) as exc:
+            common.record(context, "lease.refused", {"reason": f"bad expected_duration: {exc}"}, actor="lease-broker")
+            raise AirflowFailException(f"expected_duration {self.expected_duration!r} is not usable: {exc}") from exc
+        common.record(context, "lease.requested", {
+            "dataset": dataset, "approval_id": approval["approval_id"], "ttl_seconds": ttl,
+            "expected_duration_seconds": _seconds(self.expected_duration), "vault_role": lease_role_name(dataset),
+        }, actor="lease-broker")
+        self.log.info("approval %s verified (tier %s, approvers %s); leasing dataset %s for %ss",
+                      approval["approval_id"], approval["tier"], approval["approvers"] or ["policy"], dataset, ttl)
+        ident = common.identity(context)
+        lease_broker: broker.LeaseBroker | None = None
+        try:
+            client = GovernedLeaseHook(self.vault_conn_id).client(
+                ident, role=lease_role_name(dataset), purpose="lease",
+                extra={"dataset": dataset, "approval_id": approval["approval_id"]})
+            lease_broker = broker.LeaseBroker(client, settings.get("database_mount"), settings.get("handover_mount"))
+            issued = lease_broker.issue(db_role_name(dataset), ttl_seconds=ttl, wrap_ttl_seconds=ttl)
+        except broker.LeaseError as exc:
+            common.record(context, "lease.refused", {"reason": str(exc)[:500], "dataset": dataset},
+                          actor="lease-broker")
+            raise AirflowFailException(str(exc)) from None
         expires_at = datetime.now(UTC) + timedelta(seconds=issued.lease_duration)
         try:
+            handover = lease_broker.hand_over(dataset, ident.run_key, issued)
             common.record(context, "lease.issued", {
                 **issued.public(), "dataset": dataset, "dataset_table": approval["dataset_table"],
                 "approval_id": approval["approval_id"], "expires_at": expires_at.isoformat(),
+                "handover": f"{settings.get('handover_mount')}/{handover}",
             }, actor="lease-broker")
-        except Exception:
-            # An unrecorded credential must not exist: revoke it before failing.
-            broker.revoke(client, issued.lease_id)
+        except BaseException:
+            # An unrecorded or undeliverable credential must not exist: revoke it before failing.
+            broker.revoke(client, issued.lease_id, attempts=3, base_delay=0.2)
+            broker.revoke_token_accessor(client, issued.token_accessor)
             raise
+        if issued.lease_duration < ttl:
+            self.log.warning("lease %s granted %ss, less than the %ss asked: the role's or token's maximum "
+                             "caps it", issued.lease_id, issued.lease_duration, ttl)
         self.log.info("lease %s issued: role %s, %ss", issued.lease_id, issued.db_role, issued.lease_duration)
         return {"lease_id": issued.lease_id, "db_role": issued.db_role, "dataset": dataset,
-                "expires_at": expires_at.isoformat(), "wrap_token": issued.wrap_token}
+                "ttl_seconds": issued.lease_duration, "expires_at": expires_at.isoformat(),
+                "token_accessor": issued.token_accessor}
 
 
-def revoke_run_leases(context: Any, *, reason: str) -> list[dict[str, Any]]:
-    """Revoke every lease this run was issued and has not yet revoked, then prove each is gone."""
-    issued = [e.payload_dict() for e in common.run_events(context, "lease.issued")]
-    done = {e.payload_dict()["lease_id"] for e in common.run_events(context, "lease.revoked")}
-    pending = [p for p in issued if p["lease_id"] not in done]
+def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None) -> list[dict[str, Any]]:
+    """Revoke every lease of this run not yet verified gone; prove each on PostgreSQL; record all of it.
+
+    Raises if any lease could not be revoked and verified (the sweep finishes it later).
+    """
+    ti = context["ti"]
+    states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
+                                                                   event_prefix="lease."))
+    pending = [s for s in states.values() if not s.settled]
     if not pending:
         return []
-    client = vault_client(context, role=REVOKER_ROLE, purpose="revoke")
-    monitor = settings.get("datasets_monitor_url")
+
+    def record(event_type: str, payload: dict[str, Any]) -> Any:
+        return common.record(context, event_type, payload, actor="lease-broker")
+
+    try:
+        client = GovernedLeaseHook(vault_conn_id).client(common.identity(context), role=REVOKER_ROLE,
+                                                         purpose="revoke")
+    except Exception as exc:  # OpenBao unreachable or refusing: record, fail, leave it to the sweep
+        for lease in pending:
+            record("lease.revoke_failed", {"lease_id": lease.lease_id, "db_role": lease.db_role,
+                                           "reason": reason, "error": f"login: {exc}"[:500]})
+        raise AirflowException(f"could not log in to revoke {len(pending)} lease(s): {exc}; they stay "
+                               "recorded as unrevoked and `fgov leases sweep` will finish them") from None
     results = []
     for lease in pending:
-        attempts = broker.revoke(client, lease["lease_id"])
-        token_revoked = broker.revoke_token_accessor(client, lease["token_accessor"])
-        proof = broker.verify_role_gone(monitor, lease["db_role"])
-        for _ in range(20):  # pg_terminate_backend signals; the backend exits a moment later
-            if proof["roles"] == 0 and proof["sessions"] == 0:
-                break
-            time.sleep(0.25)
-            proof = broker.verify_role_gone(monitor, lease["db_role"])
-        verified = proof["roles"] == 0 and proof["sessions"] == 0
-        payload = {"lease_id": lease["lease_id"], "db_role": lease["db_role"], "attempts": attempts,
-                   "token_revoked": token_revoked, "verified": verified, "remaining": proof, "reason": reason}
-        common.record(context, "lease.revoked" if verified else "lease.revoke_unverified", payload,
-                      actor="lease-broker")
-        results.append(payload)
-        if not verified:
-            raise AirflowFailException(f"lease {lease['lease_id']} revoked but role {lease['db_role']} still "
-                                       f"exists or has sessions: {proof}")
+        ok = lifecycle.revoke_and_verify(client, lease, monitor_url=settings.get("datasets_monitor_url"),
+                                         handover_mount=settings.get("handover_mount"), record=record,
+                                         reason=reason)
+        results.append({"lease_id": lease.lease_id, "db_role": lease.db_role, "verified": ok})
+    failed = [r for r in results if not r["verified"]]
+    if failed:
+        raise AirflowException(f"{len(failed)} lease(s) not revoked and verified: "
+                               f"{[r['lease_id'] for r in failed]}; see lineage, `fgov leases sweep` retries")
     return results
 
 
@@ -114,12 +146,59 @@ class RevokeLeaseOperator(BaseOperator):
 
     ui_color = "#fce8e6"
 
+    def __init__(self, *, vault_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vault_conn_id = vault_conn_id
+
     def execute(self, context: Any) -> dict[str, Any]:
-        results = revoke_run_leases(context, reason="teardown")
+        results = revoke_run_leases(context, reason="teardown", vault_conn_id=self.vault_conn_id)
         if not results:
             common.record(context, "lease.none", {"reason": "no unrevoked lease recorded for this run"},
                           actor="lease-broker")
         for r in results:
-            self.log.info("lease %s revoked in %s attempt(s); role %s gone: %s", r["lease_id"], r["attempts"],
-                          r["db_role"], r["verified"])
+            self.log.info("lease %s revoked; role %s and its sessions gone: %s", r["lease_id"], r["db_role"],
+                          r["verified"])
         return {"revoked": [r["lease_id"] for r in results]}
+
+
+class LeaseSweepOperator(BaseOperator):
+    """Revoke and verify leases whose runs have finished or whose TTL has passed (crashed workers,
+    failed teardowns, OpenBao outages). Schedule it periodically; see ``dags/fgov_lease_sweep.py``."""
+
+    ui_color = "#fce8e6"
+
+    def __init__(self, *, vault_conn_id: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.vault_conn_id = vault_conn_id
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+        def run_state(dag_id: str, run_id: str) -> str | None:
+            try:
+                state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+                return str(getattr(state, "value", state))
+            except Exception:
+                return None
+
+        results = run_sweep(run_state, vault_conn_id=self.vault_conn_id)
+        for r in results:
+            self.log.info("lease %s of %s/%s (run %s): %s %s", r["lease_id"], r["dag_id"], r["run_id"],
+                          r["run_state"], r["action"], r["detail"])
+        if any(r["action"] == "failed" for r in results):
+            raise AirflowException("some leases could not be revoked and verified; see lineage")
+        return results
+
+
+def run_sweep(run_state: Any, *, vault_conn_id: str | None = None, dry_run: bool = False) -> list[dict[str, Any]]:
+    hook = GovernedLeaseHook(vault_conn_id)
+
+    def client_for(lease: lifecycle.LeaseState) -> Any:
+        ident = TaskIdentity(dag_id=lease.dag_id, run_id=lease.run_id, task_id=lifecycle.SWEEP_TASK_ID,
+                             try_number=0)
+        return hook.client(ident, role=REVOKER_ROLE, purpose="revoke")
+
+    results = lifecycle.sweep(common.lineage_store(), run_state=run_state, client_for=client_for,
+                              monitor_url=settings.get("datasets_monitor_url"),
+                              handover_mount=settings.get("handover_mount"), dry_run=dry_run)
+    return [r.__dict__ for r in results]

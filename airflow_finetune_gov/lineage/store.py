@@ -141,8 +141,10 @@ class LineageStore:
                                f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
 
     def events(self, *, dag_id: str | None = None, run_id: str | None = None,
-               event_type: str | None = None) -> list[LineageEvent]:
+               event_type: str | None = None, event_prefix: str | None = None) -> list[LineageEvent]:
         stmt = select(LineageEvent).order_by(LineageEvent.id)
+        if event_prefix is not None:
+            stmt = stmt.where(LineageEvent.event_type.startswith(event_prefix, autoescape=True))
         if dag_id is not None:
             stmt = stmt.where(LineageEvent.dag_id == dag_id)
         if run_id is not None:

@@ -214,9 +214,22 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     quorum = doc.get("quorum", 2)
     if not isinstance(quorum, int) or quorum < 2:
         raise _fail(source, top, f"quorum must be an integer >= 2, got {quorum!r}")
-    lease = {k: v for k, v in (doc.get("lease") or {}).items() if k not in _META}
+    raw_lease = doc.get("lease") or {}
+    if not isinstance(raw_lease, dict):
+        raise _fail(source, top, "lease must be a mapping of min_ttl_minutes/default_ttl_minutes/max_ttl_minutes")
+    lease = {k: v for k, v in raw_lease.items() if k not in _META}
+    lease.setdefault("min_ttl_minutes", 5)
     lease.setdefault("default_ttl_minutes", 30)
     lease.setdefault("max_ttl_minutes", 240)
+    for key, value in lease.items():
+        if key not in ("min_ttl_minutes", "default_ttl_minutes", "max_ttl_minutes"):
+            raise _fail(source, _line(raw_lease, key), f"unknown lease setting {key!r}; use min_ttl_minutes, "
+                        "default_ttl_minutes, max_ttl_minutes")
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise _fail(source, _line(raw_lease, key), f"lease {key} must be a positive integer, got {value!r}")
+    if not lease["min_ttl_minutes"] <= lease["default_ttl_minutes"] <= lease["max_ttl_minutes"]:
+        raise _fail(source, raw_lease.get("__line__", top) if isinstance(raw_lease, dict) else top,
+                    "lease TTLs must satisfy min_ttl_minutes <= default_ttl_minutes <= max_ttl_minutes")
     evaluation = {k: float(v) for k, v in (doc.get("evaluation") or {}).items() if k not in _META}
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation)

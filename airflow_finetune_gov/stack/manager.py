@@ -265,6 +265,7 @@ class Stack:
             "workload_identity_audience": CONFIG_OPTIONS["workload_identity_audience"]["default"],
             "jwt_auth_mount": "fgov-jwt",
             "database_mount": "fgov-database",
+            "handover_mount": summary["handover_mount"],
             "policy_file": opts.policy_file or "",
             "model_store": str(self.dir / "models"),
             "lineage_url_template": airflow_url + "/dags/{dag_id}/runs/{run_id}",

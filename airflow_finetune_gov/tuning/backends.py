@@ -52,7 +52,12 @@ class ResponderBackend:
                             metrics={"examples": len(tuned.examples), "epochs": epochs, "rows": len(rows)})
 
 
-BACKENDS: dict[str, type] = {"responder": ResponderBackend}
+BACKENDS: dict[str, Callable[[], TuningBackend]] = {"responder": ResponderBackend}
+
+
+def register_backend(name: str, factory: Callable[[], TuningBackend]) -> None:
+    """Make a backend available by name to ``GovernedFineTuneOperator(backend=name)``."""
+    BACKENDS[name] = factory
 
 
 def get_backend(name: str) -> TuningBackend:

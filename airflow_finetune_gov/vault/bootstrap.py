@@ -4,10 +4,18 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
 - the database secrets engine, with one role per dataset whose credentials can SELECT that
   dataset's table and nothing else (membership in a NOLOGIN group role; the leased role owns nothing);
   revocation terminates the role's sessions before dropping it (revoking does not end sessions);
-- the JWT auth method, trusting the workload-identity public key, with one role per dataset
-  (bound to a ``dataset`` claim) and a revoker role; run identifiers from the claims become token
-  metadata, so the audit log names the DAG run behind every request;
+- a KV v2 mount for the credential hand-over: the lease task writes the response-wrapped
+  credentials there and only the same run's tuning task can read them (templated policies bind the
+  path to the ``run_key`` claim), so the wrapping token never travels through XCom;
+- the JWT auth method, trusting the workload-identity public key, with per-dataset roles for leasing
+  (``lease-<ds>``) and for the tuning process (``tune-<ds>``: take the hand-over, renew the lease),
+  an inference-only role for evaluation, and a revoker role; run identifiers from the claims become
+  token metadata, so the audit log names the DAG run behind every request;
 - the policies those roles carry.
+
+A lease cannot outlive the token that created it, so the ``lease-<ds>`` tokens live for the policy's
+maximum lease TTL; the lease itself is issued for the TTL derived from the job's expected duration
+and renewed by the tuning task while it runs. The revoker revokes that token with the lease.
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ class BootstrapSpec:
     audience: str = "openbao"
     database_mount: str = "fgov-database"
     jwt_mount: str = "fgov-jwt"
+    handover_mount: str = "fgov-handover"
+    inference_group_role: str | None = None  # NOLOGIN role with read access for evaluation only
     default_ttl: str = "1h"
     max_ttl: str = "24h"
     dag_id_glob: str = "*"
@@ -66,16 +76,49 @@ def db_role_name(dataset: str) -> str:
     return f"ds-{dataset}"
 
 
+def tune_role_name(dataset: str) -> str:
+    return f"tune-{dataset}"
+
+
+def tune_policy_name(dataset: str) -> str:
+    return f"fgov-tune-{dataset}"
+
+
 REVOKER_ROLE = "revoker"
 REVOKER_POLICY = "fgov-revoker"
+INFERENCE_ROLE = "inference"
+INFERENCE_POLICY = "fgov-inference"
+INFERENCE_DB_ROLE = "inference"
 
 
-def _lease_policy(spec: BootstrapSpec, dataset: str) -> str:
+def _run_key_template(jwt_accessor: str) -> str:
+    return f"{{{{identity.entity.aliases.{jwt_accessor}.metadata.run_key}}}}"
+
+
+def _lease_policy(spec: BootstrapSpec, dataset: str, jwt_accessor: str) -> str:
+    run = _run_key_template(jwt_accessor)
     return (
         f'path "{spec.database_mount}/creds/{db_role_name(dataset)}" {{ capabilities = ["read"] }}\n'
-        'path "sys/leases/renew" { capabilities = ["update"] }\n'
-        'path "sys/leases/lookup" { capabilities = ["update"] }\n'
+        # set the lease's TTL right after issue (renew with an increment)
+        f'path "sys/leases/renew/{spec.database_mount}/creds/{db_role_name(dataset)}/*" '
+        '{ capabilities = ["update"] }\n'
+        # hand the wrapped credentials over to this run's tuning task, and to nobody else
+        f'path "{spec.handover_mount}/data/{dataset}/{run}/*" {{ capabilities = ["create", "update"] }}\n'
     )
+
+
+def _tune_policy(spec: BootstrapSpec, dataset: str, jwt_accessor: str) -> str:
+    run = _run_key_template(jwt_accessor)
+    return (
+        f'path "{spec.handover_mount}/data/{dataset}/{run}/*" {{ capabilities = ["read"] }}\n'
+        f'path "{spec.handover_mount}/metadata/{dataset}/{run}/*" {{ capabilities = ["delete"] }}\n'
+        f'path "sys/leases/renew/{spec.database_mount}/creds/{db_role_name(dataset)}/*" '
+        '{ capabilities = ["update"] }\n'
+    )
+
+
+def _inference_policy(spec: BootstrapSpec) -> str:
+    return f'path "{spec.database_mount}/creds/{INFERENCE_DB_ROLE}" {{ capabilities = ["read"] }}\n'
 
 
 def _revoker_policy(spec: BootstrapSpec) -> str:
@@ -84,6 +127,8 @@ def _revoker_policy(spec: BootstrapSpec) -> str:
         'path "sys/leases/lookup" { capabilities = ["update"] }\n'
         f'path "sys/leases/lookup/{spec.database_mount}/creds/*" {{ capabilities = ["list", "sudo"] }}\n'
         'path "auth/token/revoke-accessor" { capabilities = ["update"] }\n'
+        # clear a hand-over nobody took (tuning never started)
+        f'path "{spec.handover_mount}/metadata/*" {{ capabilities = ["delete"] }}\n'
     )
 
 
@@ -97,72 +142,100 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
     mounts = mounts.get("data", mounts)
     if f"{spec.database_mount}/" not in mounts:
         client.sys.enable_secrets_engine("database", path=spec.database_mount)
+    if f"{spec.handover_mount}/" not in mounts:
+        client.sys.enable_secrets_engine("kv", path=spec.handover_mount, options={"version": "2"})
 
+    db_roles = [db_role_name(d.name) for d in spec.datasets]
+    if spec.inference_group_role:
+        db_roles.append(INFERENCE_DB_ROLE)
     client.secrets.database.configure(
         name="fgov-datasets",
         plugin_name="postgresql-database-plugin",
         connection_url=spec.db_connection_url,
         username=spec.db_username,
         password=spec.db_password,
-        allowed_roles=[db_role_name(d.name) for d in spec.datasets],
+        allowed_roles=db_roles,
         verify_connection=True,
         mount_point=spec.database_mount,
     )
-    for ds in spec.datasets:
+    groups = {db_role_name(d.name): d.group_role for d in spec.datasets}
+    if spec.inference_group_role:
+        groups[INFERENCE_DB_ROLE] = spec.inference_group_role
+    for db_role, group in groups.items():
         client.secrets.database.create_role(
-            name=db_role_name(ds.name),
+            name=db_role,
             db_name="fgov-datasets",
-            creation_statements=[s.format(group=ds.group_role) for s in CREATION_SQL],
+            creation_statements=[s.format(group=group) for s in CREATION_SQL],
             revocation_statements=list(REVOCATION_SQL),
             default_ttl=spec.default_ttl,
             max_ttl=spec.max_ttl,
             mount_point=spec.database_mount,
         )
-        client.sys.create_or_update_policy(name=lease_policy_name(ds.name), policy=_lease_policy(spec, ds.name))
-    client.sys.create_or_update_policy(name=REVOKER_POLICY, policy=_revoker_policy(spec))
 
     auths = client.sys.list_auth_methods()
     auths = auths.get("data", auths)
     if f"{spec.jwt_mount}/" not in auths:
         client.sys.enable_auth_method("jwt", path=spec.jwt_mount)
+        auths = client.sys.list_auth_methods()
+        auths = auths.get("data", auths)
+    jwt_accessor = auths[f"{spec.jwt_mount}/"]["accessor"]
     client.auth.jwt.configure(
         jwt_validation_pubkeys=[spec.jwt_public_key_pem],
         bound_issuer=spec.issuer,
         path=spec.jwt_mount,
     )
+
+    for ds in spec.datasets:
+        client.sys.create_or_update_policy(name=lease_policy_name(ds.name),
+                                           policy=_lease_policy(spec, ds.name, jwt_accessor))
+        client.sys.create_or_update_policy(name=tune_policy_name(ds.name),
+                                           policy=_tune_policy(spec, ds.name, jwt_accessor))
+    client.sys.create_or_update_policy(name=REVOKER_POLICY, policy=_revoker_policy(spec))
+    if spec.inference_group_role:
+        client.sys.create_or_update_policy(name=INFERENCE_POLICY, policy=_inference_policy(spec))
+
     claim_mappings = {
         "dag_id": "dag_id", "run_id": "run_id", "task_id": "task_id", "try_number": "try_number",
-        "dataset": "dataset", "approval_id": "approval_id",
+        "run_key": "run_key", "dataset": "dataset", "approval_id": "approval_id",
     }
-    for ds in spec.datasets:
+
+    def role(name: str, bound: dict[str, str], policies: list[str], ttl: str, max_ttl: str) -> None:
         _write_jwt_role(
-            client, spec.jwt_mount, lease_role_name(ds.name),
+            client, spec.jwt_mount, name,
             role_type="jwt",
             user_claim="sub",
             bound_audiences=[spec.audience],
-            bound_claims={"dataset": ds.name, "purpose": "lease", "dag_id": spec.dag_id_glob},
+            bound_claims={**bound, "dag_id": spec.dag_id_glob},
             bound_claims_type="glob",
             claim_mappings=claim_mappings,
-            token_policies=[lease_policy_name(ds.name)],
-            token_ttl=spec.default_ttl,
-            token_max_ttl=spec.max_ttl,
+            token_policies=policies,
+            token_ttl=ttl,
+            token_max_ttl=max_ttl,
             token_no_default_policy=False,
+            # tighter than the defaults (60/150/150 s): a workload token is minted for immediate use
+            clock_skew_leeway=30,
+            expiration_leeway=30,
+            not_before_leeway=30,
         )
-    _write_jwt_role(
-        client, spec.jwt_mount, REVOKER_ROLE,
-        role_type="jwt",
-        user_claim="sub",
-        bound_audiences=[spec.audience],
-        bound_claims={"purpose": "revoke", "dag_id": spec.dag_id_glob},
-        bound_claims_type="glob",
-        claim_mappings=claim_mappings,
-        token_policies=[REVOKER_POLICY],
-        token_ttl="10m",  # noqa: S106 - a duration, not a password
-        token_max_ttl="30m",  # noqa: S106
-    )
+
+    for ds in spec.datasets:
+        # The lease's token lives as long as the longest lease the policy allows: a lease cannot
+        # outlive its token, and a shorter token would silently cut a long job's credentials.
+        role(lease_role_name(ds.name), {"dataset": ds.name, "purpose": "lease"},
+             [lease_policy_name(ds.name)], spec.max_ttl, spec.max_ttl)
+        role(tune_role_name(ds.name), {"dataset": ds.name, "purpose": "tune"},
+             [tune_policy_name(ds.name)], "10m", "30m")
+    role(REVOKER_ROLE, {"purpose": "revoke"}, [REVOKER_POLICY], "10m", "30m")
+    if spec.inference_group_role:
+        role(INFERENCE_ROLE, {"purpose": "inference"}, [INFERENCE_POLICY], spec.default_ttl, spec.max_ttl)
+    jwt_roles = [lease_role_name(d.name) for d in spec.datasets] + [tune_role_name(d.name) for d in spec.datasets]
+    jwt_roles.append(REVOKER_ROLE)
+    if spec.inference_group_role:
+        jwt_roles.append(INFERENCE_ROLE)
     return {
         "database_mount": spec.database_mount,
+        "handover_mount": spec.handover_mount,
         "jwt_mount": spec.jwt_mount,
-        "database_roles": [db_role_name(d.name) for d in spec.datasets],
-        "jwt_roles": [lease_role_name(d.name) for d in spec.datasets] + [REVOKER_ROLE],
+        "database_roles": db_roles,
+        "jwt_roles": jwt_roles,
     }
