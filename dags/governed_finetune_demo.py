@@ -52,4 +52,4 @@ with DAG(
     promote = PromoteModelOperator(task_id="promote")
 
     policy_check >> approval_gate >> acquire_lease >> tune >> evaluate >> promote
-    tune >> revoke_lease.as_teardown(setups=acquire_lease)
+    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)

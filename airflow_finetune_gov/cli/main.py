@@ -159,6 +159,18 @@ def _use_stack_airflow(args: argparse.Namespace) -> None:
         os.environ["AIRFLOW_HOME"] = state["airflow"]["home"]
 
 
+def _export_connection(conn_id: str) -> None:
+    """Outside a task, the Task SDK resolves connections from env and secrets backends but not from the
+    metadata database: look the connection up the way the ``airflow`` CLI does and hand it to this
+    process (only) as ``AIRFLOW_CONN_<ID>``."""
+    env_key = f"AIRFLOW_CONN_{conn_id.upper()}"
+    if env_key in os.environ:
+        return
+    from airflow.models.connection import Connection
+
+    os.environ[env_key] = Connection.get_connection_from_secrets(conn_id).as_json()
+
+
 def _orm_run_state(dag_id: str, run_id: str) -> str | None:
     from airflow.models.dagrun import DagRun
     from airflow.utils.session import create_session
@@ -192,8 +204,10 @@ def cmd_leases(args: argparse.Namespace) -> int:
                   + (f"  last error: {r['last_error']}" if r["last_error"] else ""))
         return 0
     _use_stack_airflow(args)
+    from airflow_finetune_gov import settings
     from airflow_finetune_gov.credentials.operators import run_sweep
 
+    _export_connection(settings.get("vault_conn_id"))
     results = run_sweep(_orm_run_state, dry_run=args.dry_run)
     if args.json:
         _print(results, True)

@@ -78,8 +78,9 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert {e.task_id for e in events} == DAG_TASKS
     assert all(e.dag_id == DEMO_DAG_ID and e.try_number >= 1 and e.map_index == -1 for e in events)
     kinds = [e.event_type for e in events]
-    for expected in ("policy.decided", "approval.requested", "approval.granted", "lease.issued",
-                     "tuning.completed", "evaluation.completed", "lease.revoked", "promotion.completed"):
+    for expected in ("policy.decided", "approval.requested", "approval.granted", "lease.requested", "lease.issued",
+                     "tuning.completed", "evaluation.completed", "lease.revoked", "lease.verified",
+                     "promotion.completed"):
         assert expected in kinds
     granted = next(e for e in events if e.event_type == "approval.granted").payload_dict()
     assert granted["responder"] == "approver1"
@@ -105,7 +106,10 @@ def test_lease_is_revoked_and_its_postgres_role_is_gone(stack: Stack, approved_b
     events = lineage(stack, approved_benign_run["run_id"])
     issued = next(e for e in events if e.event_type == "lease.issued").payload_dict()
     revoked = next(e for e in events if e.event_type == "lease.revoked").payload_dict()
-    assert revoked["lease_id"] == issued["lease_id"] and revoked["verified"] is True
+    verified = next(e for e in events if e.event_type == "lease.verified").payload_dict()
+    assert revoked["lease_id"] == verified["lease_id"] == issued["lease_id"] and revoked["token_revoked"]
+    assert verified["remaining"] == {"roles": 0, "sessions": 0}
+    assert issued["requested_ttl"] == 30 * 60  # no expected_duration: the policy default
     with superuser(stack) as conn:
         assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (issued["db_role"],)).fetchone() == (0,)
     with pytest.raises(hvac.exceptions.InvalidRequest):
@@ -121,12 +125,8 @@ def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
     state = stack.load()
     assert state is not None
     raw = Path(state["openbao"]["audit_log"]).parent / "audit-raw.log"
-    passwords = []
-    for line in raw.read_text().splitlines():
-        entry = json.loads(line)
-        if entry.get("type") == "response" and entry["request"]["path"].startswith("fgov-database/creds/"):
-            passwords.append(entry["response"]["data"]["password"])
-    assert passwords, "the raw test audit device recorded no issued credential"
+    secrets = issued_secrets(raw)
+    assert secrets["password"] and secrets["wrap token"], "the raw test audit device recorded no secret"
     run_id = approved_benign_run["run_id"]
     haystacks: dict[str, str] = {}
     for path in [*stack.dir.rglob("*.log"), stack.dir / "stack.json"]:
@@ -143,18 +143,42 @@ def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
         haystacks[f"rendered {task}"] = json.dumps(ti.get("rendered_fields"))
     haystacks["lineage"] = json.dumps([e.to_dict() for e in lineage(stack, run_id)])
     assert len(haystacks) > 10
-    leaks = [(where, pw[:3] + "…") for pw in passwords for where, text in haystacks.items() if pw in text]
+    leaks = [(kind, where, value[:3] + "…") for kind, values in secrets.items() for value in values
+             for where, text in haystacks.items() if value in text]
     assert leaks == []
 
 
-def test_wrapping_token_is_single_use(stack: Stack, approved_benign_run) -> None:
+def issued_secrets(raw_audit_log: Path) -> dict[str, list[str]]:
+    """Every password and wrapping token OpenBao issued, from the test-only raw audit device."""
+    found: dict[str, list[str]] = {"password": [], "wrap token": []}
+    for line in raw_audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("type") != "response":
+            continue
+        response = entry.get("response") or {}
+        if entry["request"]["path"].startswith("fgov-database/creds/") and "data" in response:
+            found["password"].append(response["data"]["password"])
+        if entry["request"]["path"] == "sys/wrapping/wrap" and response.get("wrap_info"):
+            found["wrap token"].append(response["wrap_info"]["token"])
+    return found
+
+
+def test_wrapping_token_is_single_use_and_not_in_xcom(stack: Stack, approved_benign_run) -> None:
     auditor = client(stack, "auditor")
     run_id = approved_benign_run["run_id"]
     value = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/acquire_lease"
                             "/xcomEntries/return_value").json()["value"]
-    assert "password" not in json.dumps(value)
-    with pytest.raises(hvac.exceptions.VaultError):
-        hvac.Client(url=bao(stack).url, token=value["wrap_token"]).sys.unwrap()
+    assert set(value) == {"lease_id", "db_role", "dataset", "ttl_seconds", "expires_at", "token_accessor"}
+    state = stack.load()
+    assert state is not None
+    issued = next(e for e in lineage(stack, run_id) if e.event_type == "lease.issued").payload_dict()
+    tokens = issued_secrets(Path(state["openbao"]["audit_log"]).parent / "audit-raw.log")["wrap token"]
+    from airflow_finetune_gov.credentials.broker import token_digest
+
+    ours = [t for t in tokens if token_digest(t) == issued["wrap_token_sha256"]]
+    assert len(ours) == 1
+    with pytest.raises(hvac.exceptions.VaultError):  # the tuning task already unwrapped it
+        hvac.Client(url=bao(stack).url, token=ours[0]).sys.unwrap()
 
 
 def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
@@ -166,7 +190,7 @@ def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
     assert tasks["revoke_lease"] == "success"
     events = {e.event_type: e.payload_dict() for e in lineage(stack, run_id)}
     assert events["evaluation.completed"]["verdict"] == "fail"
-    assert events["lease.revoked"]["verified"] is True
+    assert events["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
     assert "promotion.completed" not in events
 
 

@@ -63,4 +63,4 @@ with DAG(
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
 
     policy_check >> approval_gate >> acquire_lease >> tune
-    tune >> revoke_lease.as_teardown(setups=acquire_lease)
+    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)

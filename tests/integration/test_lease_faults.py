@@ -1,0 +1,139 @@
+"""A live lease under faults, on the real stack: the tuning task fails, its process is SIGKILLed,
+OpenBao stops answering during revocation. After each, the leased role is gone and none of its
+sessions remain - within the teardown, or one `fgov leases sweep` once OpenBao is back."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.lineage.store import LineageStore
+from airflow_finetune_gov.stack.client import AirflowClient
+from airflow_finetune_gov.stack.manager import Stack
+
+pytestmark = pytest.mark.stack
+DAG_ID = "governed_finetune_faults"
+
+
+class Gov:
+    def __init__(self, stack: Stack) -> None:
+        state = stack.load()
+        assert state is not None
+        self.stack, self.state = stack, state
+
+    def client(self, user: str) -> AirflowClient:
+        return AirflowClient(self.state["airflow"]["url"], user, self.stack.airflow_password(user))
+
+    def events(self, run_id: str) -> list[Any]:
+        return LineageStore(Path(self.state["governance_db_url_file"]).read_text()).events(run_id=run_id)
+
+    def role_and_sessions(self, role: str) -> tuple[int, int]:
+        pw = Path(self.state["postgres"]["superuser_password_file"]).read_text()
+        with psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres", password=pw,
+                             dbname="postgres", autocommit=True) as conn:
+            roles = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+        assert roles is not None and sessions is not None
+        return int(roles[0]), int(sessions[0])
+
+    def approved_run(self, mode: str, marker: Path) -> str:
+        requester = self.client("requester")
+        requester.wait_for_dag(DAG_ID)
+        run_id = requester.trigger(DAG_ID, {"mode": mode, "marker": str(marker)})
+        requester.wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        time.sleep(SETTLE_SECONDS)
+        resp = self.client("approver1").answer(DAG_ID, run_id, "approval_gate", "Approve")
+        assert resp.status_code == 200, resp.text
+        return run_id
+
+    def lease_of(self, run_id: str) -> dict[str, Any]:
+        return next(e.payload_dict() for e in self.events(run_id) if e.event_type == "lease.issued")
+
+    def openbao_pid(self) -> int:
+        return next(r.pid for r in self.stack.records() if r.name == "openbao")
+
+
+@pytest.fixture(scope="module")
+def gov(stack: Stack) -> Gov:
+    return Gov(stack)
+
+
+def wait_for_pid(marker: Path, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker.exists() and marker.read_text().strip():
+            return int(marker.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"the tuning task never started (no {marker})")
+
+
+def test_failed_tuning_task_still_ends_with_the_role_gone(gov: Gov, tmp_path: Path) -> None:
+    run_id = gov.approved_run("fail", tmp_path / "tune.pid")
+    assert gov.client("requester").wait_run(DAG_ID, run_id, timeout=300) == "failed"
+    tasks = gov.client("requester").task_states(DAG_ID, run_id)
+    assert tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
+    lease = gov.lease_of(run_id)
+    kinds = [e.event_type for e in gov.events(run_id)]
+    assert kinds.index("lease.verified") > kinds.index("lease.revoked") > kinds.index("lease.issued")
+    assert "tuning.completed" not in kinds
+    assert gov.role_and_sessions(lease["db_role"]) == (0, 0)
+
+
+def test_sigkill_of_the_tuning_process_still_ends_with_the_role_gone(gov: Gov, tmp_path: Path) -> None:
+    marker = tmp_path / "tune.pid"
+    run_id = gov.approved_run("hold", marker)
+    pid = wait_for_pid(marker)
+    lease = gov.lease_of(run_id)
+    assert gov.role_and_sessions(lease["db_role"])[0] == 1  # live while the job runs
+    os.kill(pid, signal.SIGKILL)  # no on_kill, no finally: only the teardown can clean up
+    assert gov.client("requester").wait_run(DAG_ID, run_id, timeout=300) == "failed"
+    tasks = gov.client("requester").task_states(DAG_ID, run_id)
+    assert tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
+    assert "lease.verified" in [e.event_type for e in gov.events(run_id)]
+    assert gov.role_and_sessions(lease["db_role"]) == (0, 0)
+
+
+def test_openbao_unreachable_during_revocation_then_the_sweep_finishes(gov: Gov, tmp_path: Path) -> None:
+    marker = tmp_path / "tune.pid"
+    run_id = gov.approved_run("hold", marker)
+    wait_for_pid(marker)
+    lease = gov.lease_of(run_id)
+    bao = gov.openbao_pid()
+    os.kill(bao, signal.SIGSTOP)  # OpenBao hangs: connections open, nothing answers
+    try:
+        marker.with_suffix(".release").write_text("go")
+        assert gov.client("requester").wait_run(DAG_ID, run_id, timeout=300) == "failed"
+        tasks = gov.client("requester").task_states(DAG_ID, run_id)
+        assert tasks["tune"] == "success" and tasks["revoke_lease"] == "failed", tasks
+        kinds = [e.event_type for e in gov.events(run_id)]
+        assert "lease.revoke_failed" in kinds
+        # nothing is reported revoked that is not: no revoked/verified event, and the role is still there
+        assert "lease.revoked" not in kinds and "lease.verified" not in kinds
+        assert gov.role_and_sessions(lease["db_role"])[0] == 1
+    finally:
+        os.kill(bao, signal.SIGCONT)
+    fgov = [sys.executable, "-m", "airflow_finetune_gov.cli.main", "--state-dir", str(gov.stack.dir)]
+    env = {k: v for k, v in os.environ.items() if k != "AIRFLOW_HOME" and not k.startswith("AIRFLOW__")}
+    listed = subprocess.run([*fgov, "leases", "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    mine = [row for row in json.loads(listed.stdout) if row["lease_id"] == lease["lease_id"]]
+    assert mine and mine[0]["status"] == "revoke_failed"
+    swept = subprocess.run([*fgov, "leases", "sweep"], env=env, capture_output=True, text=True, timeout=300)
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert f"revoked       {lease['lease_id']}" in swept.stdout
+    events = [e for e in gov.events(run_id) if e.event_type in ("lease.revoked", "lease.verified")]
+    assert [e.event_type for e in events] == ["lease.revoked", "lease.verified"]
+    assert {e.actor for e in events} == {"lease-sweep"} and {e.task_id for e in events} == {"lease_sweep"}
+    assert gov.role_and_sessions(lease["db_role"]) == (0, 0)
+    again = subprocess.run([*fgov, "leases", "list", "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert lease["lease_id"] not in again.stdout
