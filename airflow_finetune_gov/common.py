@@ -48,6 +48,15 @@ def run_events(context: Any, event_type: str | None = None) -> list[LineageEvent
     return lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type)
 
 
+def datasets_connection(username: str, password: str) -> Any:
+    """A psycopg connection to the datasets database as a leased role."""
+    import psycopg
+
+    host, _, port = settings.get("datasets_host").partition(":")
+    return psycopg.connect(host=host, port=int(port or 5432), dbname=settings.get("datasets_database"),
+                           user=username, password=password, connect_timeout=10)
+
+
 def vault_addr(conn_id: str) -> str:
     from airflow.sdk import BaseHook
 

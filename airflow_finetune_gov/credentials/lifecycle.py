@@ -36,6 +36,7 @@ class LeaseState:
     token_accessor: str
     issued_at: str
     expires_at: str | None
+    purpose: str = "training"  # training (the run's dataset) | inference (evaluation suites)
     status: str = "live"  # live | revoked (unverified) | revoke_failed | verified
     last_error: str | None = None
     renewals: int = 0
@@ -49,8 +50,8 @@ class LeaseState:
         return bool(self.expires_at) and datetime.fromisoformat(str(self.expires_at)) <= now
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("lease_id", "dag_id", "run_id", "dataset", "db_role", "issued_at",
-                                              "expires_at", "status", "last_error", "renewals")}
+        return {k: getattr(self, k) for k in ("lease_id", "dag_id", "run_id", "purpose", "dataset", "db_role",
+                                              "issued_at", "expires_at", "status", "last_error", "renewals")}
 
 
 def lease_states(events: Iterable[LineageEvent]) -> dict[str, LeaseState]:
@@ -65,7 +66,7 @@ def lease_states(events: Iterable[LineageEvent]) -> dict[str, LeaseState]:
             states[lease_id] = LeaseState(lease_id=lease_id, dag_id=e.dag_id, run_id=e.run_id,
                                           dataset=p.get("dataset", ""), db_role=p["db_role"],
                                           token_accessor=p["token_accessor"], issued_at=e.created_at,
-                                          expires_at=p.get("expires_at"))
+                                          expires_at=p.get("expires_at"), purpose=p.get("purpose", "training"))
             continue
         st = states.get(lease_id)
         if st is None:

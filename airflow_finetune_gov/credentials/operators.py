@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from airflow.sdk.log import mask_secret
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.credentials.identity import TaskIdentity
-from airflow_finetune_gov.vault.bootstrap import REVOKER_ROLE, db_role_name, lease_role_name
+from airflow_finetune_gov.vault.bootstrap import (
+    INFERENCE_DB_ROLE,
+    INFERENCE_ROLE,
+    REVOKER_ROLE,
+    db_role_name,
+    lease_role_name,
+)
 
 
 def _seconds(value: Any) -> float | None:
@@ -83,7 +92,8 @@ class AcquireLeaseOperator(BaseOperator):
         try:
             handover = lease_broker.hand_over(dataset, ident.run_key, issued)
             common.record(context, "lease.issued", {
-                **issued.public(), "dataset": dataset, "dataset_table": approval["dataset_table"],
+                **issued.public(), "purpose": "training", "dataset": dataset,
+                "dataset_table": approval["dataset_table"],
                 "approval_id": approval["approval_id"], "expires_at": expires_at.isoformat(),
                 "handover": f"{settings.get('handover_mount')}/{handover}",
             }, actor="lease-broker")
@@ -101,15 +111,56 @@ class AcquireLeaseOperator(BaseOperator):
                 "token_accessor": issued.token_accessor}
 
 
-def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None) -> list[dict[str, Any]]:
+@contextmanager
+def inference_credentials(context: Any, *, vault_conn_id: str | None = None) -> Iterator[broker.Credentials]:
+    """A short inference-only lease for the evaluation task: it can read the evaluation suites and no
+    training data, and it never shares a lease (or a token) with training. Revoked and verified when
+    the block ends, whatever happens inside it."""
+    ttl = int(common.policy().lease["min_ttl_minutes"]) * 60
+    common.record(context, "lease.requested", {"purpose": "inference", "vault_role": INFERENCE_ROLE,
+                                               "ttl_seconds": ttl}, actor="lease-broker")
+    hook = GovernedLeaseHook(vault_conn_id)
+    try:
+        client = hook.client(common.identity(context), role=INFERENCE_ROLE, purpose="inference")
+        issued = broker.LeaseBroker(client, settings.get("database_mount"), settings.get("handover_mount")).issue(
+            INFERENCE_DB_ROLE, ttl_seconds=ttl, wrap_ttl_seconds=60)
+    except broker.LeaseError as exc:
+        common.record(context, "lease.refused", {"purpose": "inference", "reason": str(exc)[:500]},
+                      actor="lease-broker")
+        raise AirflowFailException(str(exc)) from None
+    try:
+        common.record(context, "lease.issued", {
+            **issued.public(), "purpose": "inference", "dataset": "evaluation-suites",
+            "expires_at": (datetime.now(UTC) + timedelta(seconds=issued.lease_duration)).isoformat(),
+        }, actor="lease-broker")
+    except BaseException:
+        broker.revoke(client, issued.lease_id, attempts=3, base_delay=0.2)
+        broker.revoke_token_accessor(client, issued.token_accessor)
+        raise
+    try:
+        creds = broker.unwrap(common.vault_addr(hook.vault_conn_id), issued.wrap_token,
+                              expected_digest=issued.wrap_token_sha256)
+        mask_secret(creds.password)
+        yield creds
+    finally:
+        revoke_run_leases(context, reason="evaluation finished", vault_conn_id=vault_conn_id,
+                          purposes=("inference",), lease_ids={issued.lease_id})
+
+
+def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None,
+                      purposes: tuple[str, ...] = ("training",),
+                      lease_ids: set[str] | None = None) -> list[dict[str, Any]]:
     """Revoke every lease of this run not yet verified gone; prove each on PostgreSQL; record all of it.
 
-    Raises if any lease could not be revoked and verified (the sweep finishes it later).
+    ``purposes`` limits it to training leases by default: an evaluation task revokes its own
+    inference lease, and the sweep catches any it could not. Raises if any lease could not be
+    revoked and verified (the sweep finishes it later).
     """
     ti = context["ti"]
     states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
                                                                    event_prefix="lease."))
-    pending = [s for s in states.values() if not s.settled]
+    pending = [s for s in states.values() if not s.settled and s.purpose in purposes
+               and (lease_ids is None or s.lease_id in lease_ids)]
     if not pending:
         return []
 

@@ -46,13 +46,19 @@ class Suite:
     items: list[SuiteItem]
 
 
+def packaged_suites() -> dict[str, str]:
+    """The suites shipped with the package: name -> JSONL text."""
+    folder = resources.files("airflow_finetune_gov.evaluation").joinpath("suites")
+    return {f.name.removesuffix(".jsonl"): f.read_text() for f in folder.iterdir() if f.name.endswith(".jsonl")}
+
+
 def load_suite(path: str | Path | None = None) -> Suite:
     if path is None:
-        text = resources.files("airflow_finetune_gov.evaluation").joinpath("suites/demo_safety.jsonl").read_text()
-        name = "demo_safety"
-    else:
-        text = Path(path).read_text()
-        name = Path(path).stem
+        return parse_suite(packaged_suites()["demo_safety"], "demo_safety")
+    return parse_suite(Path(path).read_text(), Path(path).stem)
+
+
+def parse_suite(text: str, name: str) -> Suite:
     items = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():

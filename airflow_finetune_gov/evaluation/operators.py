@@ -10,7 +10,8 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.evaluation.basic import DETECTOR, compare, load_suite, run_suite
+from airflow_finetune_gov.credentials.operators import inference_credentials
+from airflow_finetune_gov.evaluation.basic import DETECTOR, Suite, compare, load_suite, parse_suite, run_suite
 from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.tuning.backends import MODEL_FILE
 from airflow_finetune_gov.tuning.responder import ResponderModel
@@ -20,14 +21,30 @@ class BehaviourEvaluationOperator(BaseOperator):
     """Run the safety suite on baseline and candidate; fail (so promotion never runs) on regression.
 
     The candidate is the model version recorded in lineage by the tuning step, not an XCom value.
+    The suite is read from the governed ``evaluation.suites`` table through an inference-only lease
+    (training credentials cannot read the held-out prompts, and this lease cannot read training
+    data); ``suite_path`` reads a JSONL file instead.
     """
 
-    template_fields = ("suite_path",)
+    template_fields = ("suite", "suite_path")
     ui_color = "#fef7e0"
 
-    def __init__(self, *, suite_path: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, suite: str = "demo_safety", suite_path: str | None = None,
+                 vault_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.suite = suite
         self.suite_path = suite_path
+        self.vault_conn_id = vault_conn_id
+
+    def _load_suite(self, context: Any) -> Suite:
+        if self.suite_path:
+            return load_suite(self.suite_path)
+        with inference_credentials(context, vault_conn_id=self.vault_conn_id) as creds, \
+                common.datasets_connection(creds.username, creds.password) as conn:
+            row = conn.execute("SELECT body FROM evaluation.suites WHERE name = %s", (self.suite,)).fetchone()
+        if row is None:
+            raise AirflowFailException(f"no evaluation suite {self.suite!r} in evaluation.suites")
+        return parse_suite(str(row[0]), self.suite)
 
     def execute(self, context: Any) -> dict[str, Any]:
         tuned = common.run_events(context, "tuning.completed")
@@ -41,7 +58,7 @@ class BehaviourEvaluationOperator(BaseOperator):
                 raise AirflowFailException(f"model {name} {version} does not match its manifest: {problems}")
         base = ResponderModel.from_json(store.read(t["base_model"], t["base_version"], MODEL_FILE).decode())
         cand = ResponderModel.from_json(store.read(t["model"], t["version"], MODEL_FILE).decode())
-        suite = load_suite(self.suite_path or None)
+        suite = self._load_suite(context)
         baseline_results = run_suite(suite, base.respond_many)
         candidate_results = run_suite(suite, cand.respond_many)
         thresholds = common.policy().evaluation

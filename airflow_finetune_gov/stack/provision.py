@@ -8,11 +8,15 @@ Least privilege by construction:
   group roles, and terminate sessions; it reads no data itself;
 - ``fgov_monitor`` has no privileges: pg_roles and pg_stat_activity suffice to prove a revocation;
 - per dataset, a NOLOGIN group role with SELECT on that one table; CONNECT on the dataset database
-  only. PUBLIC loses CONNECT on every database, so a leased role can reach nothing else.
+  only. PUBLIC loses CONNECT on every database, so a leased role can reach nothing else;
+- ``fgov_inference``, the evaluation's NOLOGIN group: SELECT on ``evaluation.suites`` (the held-out
+  prompt suites) and nothing else; no training role can read those suites, and this role cannot
+  read training data.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping
 
@@ -20,12 +24,14 @@ import psycopg
 from psycopg import sql
 
 from airflow_finetune_gov.datasets.demo import DATASETS
+from airflow_finetune_gov.evaluation.basic import packaged_suites
 from airflow_finetune_gov.lineage.store import create_schema
 from airflow_finetune_gov.policy.engine import Policy
 
 LOGIN_ROLES = ("airflow", "fgov_owner", "fgov_lineage", "fgov_vault", "fgov_monitor")
 GOVERNANCE_DB = "fgov_governance"
 DATASETS_DB = "fgov_datasets"
+INFERENCE_GROUP = "fgov_inference"
 
 
 def group_role(dataset: str) -> str:
@@ -69,6 +75,12 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
                 sql.Identifier(DATASETS_DB), sql.Identifier(grp)))
             conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(grp)))
+        # Evaluation reads its held-out suites with an inference-only role; no training role can.
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (INFERENCE_GROUP,)).fetchone():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(INFERENCE_GROUP)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+            sql.Identifier(DATASETS_DB), sql.Identifier(INFERENCE_GROUP)))
+        conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(INFERENCE_GROUP)))
 
     owner_pw = passwords["fgov_owner"]
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, DATASETS_DB), autocommit=True) as conn:
@@ -91,6 +103,18 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
             reader = sql.Identifier(group_role(name))
             conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), reader))
             conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(ident, reader))
+
+        conn.execute("CREATE SCHEMA IF NOT EXISTS evaluation")
+        conn.execute("REVOKE ALL ON SCHEMA evaluation FROM PUBLIC")
+        conn.execute("CREATE TABLE IF NOT EXISTS evaluation.suites (name text PRIMARY KEY, body text NOT NULL, "
+                     "sha256 text NOT NULL)")
+        for name, body in packaged_suites().items():
+            conn.execute("INSERT INTO evaluation.suites (name, body, sha256) VALUES (%s, %s, %s) "
+                         "ON CONFLICT (name) DO UPDATE SET body = EXCLUDED.body, sha256 = EXCLUDED.sha256",
+                         (name, body, hashlib.sha256(body.encode()).hexdigest()))
+        reader = sql.Identifier(INFERENCE_GROUP)
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA evaluation TO {}").format(reader))
+        conn.execute(sql.SQL("GRANT SELECT ON evaluation.suites TO {}").format(reader))
 
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), autocommit=True) as conn:
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

@@ -6,7 +6,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk.log import mask_secret
@@ -21,10 +20,8 @@ from airflow_finetune_gov.vault.bootstrap import tune_role_name
 
 
 def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]:
-    host, _, port = settings.get("datasets_host").partition(":")
     schema, name = table.split(".")
-    with psycopg.connect(host=host, port=int(port or 5432), dbname=settings.get("datasets_database"),
-                         user=creds.username, password=creds.password, connect_timeout=10) as conn:
+    with common.datasets_connection(creds.username, creds.password) as conn:
         cur = conn.execute(sql.SQL("SELECT prompt, response FROM {} ORDER BY id").format(
             sql.Identifier(schema, name)))
         return [(str(p), str(r)) for p, r in cur.fetchall()]
@@ -58,7 +55,7 @@ class GovernedFineTuneOperator(BaseOperator):
         ti = context["ti"]
         states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
                                                                        event_prefix="lease."))
-        live = [s for s in states.values() if s.status == "live"]
+        live = [s for s in states.values() if s.status == "live" and s.purpose == "training"]
         if not live:
             raise AirflowFailException("no live credential lease is recorded for this run: tuning needs the "
                                        f"lease from task {self.lease_task_id!r}")

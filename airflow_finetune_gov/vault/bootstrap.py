@@ -118,7 +118,10 @@ def _tune_policy(spec: BootstrapSpec, dataset: str, jwt_accessor: str) -> str:
 
 
 def _inference_policy(spec: BootstrapSpec) -> str:
-    return f'path "{spec.database_mount}/creds/{INFERENCE_DB_ROLE}" {{ capabilities = ["read"] }}\n'
+    return (
+        f'path "{spec.database_mount}/creds/{INFERENCE_DB_ROLE}" {{ capabilities = ["read"] }}\n'
+        f'path "sys/leases/renew/{spec.database_mount}/creds/{INFERENCE_DB_ROLE}/*" {{ capabilities = ["update"] }}\n'
+    )
 
 
 def _revoker_policy(spec: BootstrapSpec) -> str:

@@ -246,3 +246,29 @@ def test_audit_log_names_the_run_behind_a_credential_request(env: Env, leased: d
     assert requests, "no audit entry for the credential request names the run"
     meta = requests[-1]["auth"]["metadata"]
     assert meta["dag_id"] == who.dag_id and meta["task_id"] == "acquire_lease" and meta["approval_id"] == "42"
+
+
+def test_inference_and_training_leases_never_overlap(env: Env, leased: dict[str, Any]) -> None:
+    who = ident("evaluate")
+    client = env.login("inference", who, "inference")
+    inference = broker.LeaseBroker(client, DB_MOUNT, HANDOVER).issue("inference", ttl_seconds=300,
+                                                                     wrap_ttl_seconds=60)
+    creds = broker.unwrap(env.addr, inference.wrap_token, expected_digest=inference.wrap_token_sha256)
+    try:
+        with env.connect(creds.username, creds.password) as conn:
+            assert conn.execute("SELECT count(*) FROM evaluation.suites").fetchone()[0] >= 1
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM datasets.benign")
+        training = leased["creds"]
+        with env.connect(training.username, training.password) as conn, \
+                pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT * FROM evaluation.suites")  # the held-out prompts stay held out
+        with pytest.raises(broker.LeaseError, match="does not cover"):
+            broker.LeaseBroker(client, DB_MOUNT, HANDOVER).issue("ds-benign", ttl_seconds=60, wrap_ttl_seconds=60)
+        assert inference.token_accessor != leased["lease"].token_accessor
+    finally:
+        state = lifecycle.LeaseState(lease_id=inference.lease_id, dag_id=who.dag_id, run_id=who.run_id,
+                                     dataset="evaluation-suites", db_role=inference.db_role,
+                                     token_accessor=inference.token_accessor, issued_at="", expires_at=None)
+        assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
+                                           handover_mount=HANDOVER, record=lambda *a: None, reason="test")

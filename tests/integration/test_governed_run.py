@@ -88,6 +88,12 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert tuned["rows"] == 6 and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
     promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
     assert promoted["alias"] == "staging" and promoted["version"] == tuned["version"]
+    leases = [e for e in events if e.event_type == "lease.issued"]
+    assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [("acquire_lease", "training"),
+                                                                        ("evaluate", "inference")]
+    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 2  # never one lease or token for both
+    verified = {e.payload_dict()["lease_id"] for e in events if e.event_type == "lease.verified"}
+    assert verified == {e.payload_dict()["lease_id"] for e in leases}
     assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
 
 
@@ -104,9 +110,12 @@ def test_requester_and_viewer_cannot_approve(approved_benign_run) -> None:
 
 def test_lease_is_revoked_and_its_postgres_role_is_gone(stack: Stack, approved_benign_run) -> None:
     events = lineage(stack, approved_benign_run["run_id"])
-    issued = next(e for e in events if e.event_type == "lease.issued").payload_dict()
-    revoked = next(e for e in events if e.event_type == "lease.revoked").payload_dict()
-    verified = next(e for e in events if e.event_type == "lease.verified").payload_dict()
+    def first(kind: str, task: str) -> dict[str, Any]:
+        return next(e for e in events if e.event_type == kind and e.task_id == task).payload_dict()
+
+    issued = first("lease.issued", "acquire_lease")
+    revoked = first("lease.revoked", "revoke_lease")
+    verified = first("lease.verified", "revoke_lease")
     assert revoked["lease_id"] == verified["lease_id"] == issued["lease_id"] and revoked["token_revoked"]
     assert verified["remaining"] == {"roles": 0, "sessions": 0}
     assert issued["requested_ttl"] == 30 * 60  # no expected_duration: the policy default
@@ -156,7 +165,8 @@ def issued_secrets(raw_audit_log: Path) -> dict[str, list[str]]:
         if entry.get("type") != "response":
             continue
         response = entry.get("response") or {}
-        if entry["request"]["path"].startswith("fgov-database/creds/") and "data" in response:
+        if entry["request"]["path"].startswith("fgov-database/creds/") and (response.get("data") or {}).get(
+                "password"):
             found["password"].append(response["data"]["password"])
         if entry["request"]["path"] == "sys/wrapping/wrap" and response.get("wrap_info"):
             found["wrap token"].append(response["wrap_info"]["token"])
@@ -171,7 +181,8 @@ def test_wrapping_token_is_single_use_and_not_in_xcom(stack: Stack, approved_ben
     assert set(value) == {"lease_id", "db_role", "dataset", "ttl_seconds", "expires_at", "token_accessor"}
     state = stack.load()
     assert state is not None
-    issued = next(e for e in lineage(stack, run_id) if e.event_type == "lease.issued").payload_dict()
+    issued = next(e for e in lineage(stack, run_id) if e.event_type == "lease.issued"
+                  and e.task_id == "acquire_lease").payload_dict()
     tokens = issued_secrets(Path(state["openbao"]["audit_log"]).parent / "audit-raw.log")["wrap token"]
     from airflow_finetune_gov.credentials.broker import token_digest
 
@@ -188,7 +199,8 @@ def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
     tasks = requester.task_states(DEMO_DAG_ID, run_id)
     assert tasks["evaluate"] == "failed" and tasks["promote"] == "upstream_failed"
     assert tasks["revoke_lease"] == "success"
-    events = {e.event_type: e.payload_dict() for e in lineage(stack, run_id)}
+    events = {e.event_type: e.payload_dict() for e in lineage(stack, run_id) if e.task_id != "evaluate"
+              or e.event_type == "evaluation.completed"}
     assert events["evaluation.completed"]["verdict"] == "fail"
     assert events["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
     assert "promotion.completed" not in events
