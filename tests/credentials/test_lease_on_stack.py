@@ -272,3 +272,31 @@ def test_inference_and_training_leases_never_overlap(env: Env, leased: dict[str,
                                      token_accessor=inference.token_accessor, issued_at="", expires_at=None)
         assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
                                            handover_mount=HANDOVER, record=lambda *a: None, reason="test")
+
+
+def test_hook_refusals_name_the_problem(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GovernedLeaseHook (over the HashiCorp provider's VaultHook) against the real OpenBao."""
+    from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+
+    port = env.addr.rsplit(":", 1)[1]
+    conn = {"conn_type": "vault", "host": "127.0.0.1", "port": int(port),
+            "extra": {"auth_type": "jwt", "use_tls": False}}
+    monkeypatch.setenv("AIRFLOW_CONN_FGOV_TEST_VAULT", json.dumps(conn))
+    monkeypatch.setenv("AIRFLOW__FINETUNE_GOV__WORKLOAD_IDENTITY_KEY_PATH", str(env.state["workload_identity_key"]))
+    hook = GovernedLeaseHook("fgov_test_vault")
+    who = ident()
+    client = hook.client(who, role="lease-benign", purpose="lease", extra={"dataset": "benign", "approval_id": "7"})
+    assert client.is_authenticated()
+    with pytest.raises(broker.LeaseError, match=r"no JWT role 'lease-secret'.*fgov vault bootstrap"):
+        hook.client(who, role="lease-secret", purpose="lease", extra={"dataset": "secret", "approval_id": "7"})
+    with pytest.raises(broker.LeaseError, match="refused this task's workload identity for role 'lease-poisoned'"):
+        hook.client(who, role="lease-poisoned", purpose="lease", extra={"dataset": "benign", "approval_id": "7"})
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    monkeypatch.setenv("AIRFLOW__FINETUNE_GOV__WORKLOAD_IDENTITY_KEY_PATH", str(stranger))
+    with pytest.raises(broker.LeaseError, match="signed by another key"):
+        hook.client(who, role="lease-benign", purpose="lease", extra={"dataset": "benign", "approval_id": "7"})
+    monkeypatch.setenv("AIRFLOW_CONN_FGOV_TEST_VAULT", json.dumps({**conn, "extra": {"auth_type": "token"}}))
+    with pytest.raises(broker.LeaseError, match="static Vault token"):
+        GovernedLeaseHook("fgov_test_vault").client(who, role="lease-benign", purpose="lease")
