@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,8 @@ from airflow_finetune_gov.vault.bootstrap import (
     db_role_name,
     lease_role_name,
 )
+
+LOGIN_ATTEMPTS = 3
 
 
 def _seconds(value: Any) -> float | None:
@@ -167,15 +170,23 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     def record(event_type: str, payload: dict[str, Any]) -> Any:
         return common.record(context, event_type, payload, actor="lease-broker")
 
-    try:
-        client = GovernedLeaseHook(vault_conn_id).client(common.identity(context), role=REVOKER_ROLE,
-                                                         purpose="revoke")
-    except Exception as exc:  # OpenBao unreachable or refusing: record, fail, leave it to the sweep
+    hook = GovernedLeaseHook(vault_conn_id)
+    client = None
+    for attempt in range(1, LOGIN_ATTEMPTS + 1):
+        try:
+            client = hook.client(common.identity(context), role=REVOKER_ROLE, purpose="revoke")
+            break
+        except Exception as exc:  # OpenBao unreachable or refusing: retry, then record and leave it to the sweep
+            error = f"login: {exc}"[:500]
+            if attempt < LOGIN_ATTEMPTS:
+                time.sleep(2 ** (attempt - 1))
+    if client is None:
         for lease in pending:
             record("lease.revoke_failed", {"lease_id": lease.lease_id, "db_role": lease.db_role,
-                                           "reason": reason, "error": f"login: {exc}"[:500]})
-        raise AirflowException(f"could not log in to revoke {len(pending)} lease(s): {exc}; they stay "
-                               "recorded as unrevoked and `fgov leases sweep` will finish them") from None
+                                           "reason": reason, "attempts": LOGIN_ATTEMPTS, "error": error})
+        raise AirflowException(f"could not log in to revoke {len(pending)} lease(s) after {LOGIN_ATTEMPTS} "
+                               f"attempts ({error}); they stay recorded as unrevoked and `fgov leases sweep` "
+                               "will finish them")
     results = []
     for lease in pending:
         ok = lifecycle.revoke_and_verify(client, lease, monitor_url=settings.get("datasets_monitor_url"),

@@ -224,7 +224,8 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
     for ds in spec.datasets:
         # The lease's token lives as long as the longest lease the policy allows: a lease cannot
         # outlive its token, and a shorter token would silently cut a long job's credentials.
-        role(lease_role_name(ds.name), {"dataset": ds.name, "purpose": "lease"},
+        # approval_id "*": OpenBao itself refuses a lease identity that names no approval
+        role(lease_role_name(ds.name), {"dataset": ds.name, "purpose": "lease", "approval_id": "*"},
              [lease_policy_name(ds.name)], spec.max_ttl, spec.max_ttl)
         role(tune_role_name(ds.name), {"dataset": ds.name, "purpose": "tune"},
              [tune_policy_name(ds.name)], "10m", "30m")

@@ -221,6 +221,7 @@ def test_forged_expired_and_misdirected_identities_get_no_credential(env: Env) -
         "expired": lambda: env.login("lease-benign", who, "lease", ttl=-120, dataset="benign", approval_id="1"),
         "other dataset": lambda: env.login("lease-benign", who, "lease", dataset="poisoned", approval_id="1"),
         "wrong purpose": lambda: env.login("lease-benign", who, "tune", dataset="benign"),
+        "no approval id": lambda: env.login("lease-benign", who, "lease", dataset="benign"),
         "no such dataset": lambda: env.login("lease-secret", who, "lease", dataset="secret", approval_id="1"),
     }
     for name, attempt in attempts.items():
@@ -300,3 +301,42 @@ def test_hook_refusals_name_the_problem(env: Env, tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("AIRFLOW_CONN_FGOV_TEST_VAULT", json.dumps({**conn, "extra": {"auth_type": "token"}}))
     with pytest.raises(broker.LeaseError, match="static Vault token"):
         GovernedLeaseHook("fgov_test_vault").client(who, role="lease-benign", purpose="lease")
+
+
+def test_cli_sweep_revokes_a_lease_whose_run_is_gone(env: Env, stack: Stack) -> None:
+    """A worker died after recording its lease, and its run no longer exists in Airflow."""
+    import os
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from airflow_finetune_gov.lineage.store import EventKey, LineageStore
+
+    # The sweep DAG's own scheduled run at start-up would race the CLI for this lease: let it finish.
+    from airflow_finetune_gov.stack.client import AirflowClient
+
+    auditor = AirflowClient(env.state["airflow"]["url"], "auditor", stack.airflow_password("auditor"))
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        runs = auditor.request("GET", "/dags/fgov_lease_sweep/dagRuns").json().get("dag_runs", [])
+        if runs and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        time.sleep(1)
+    else:
+        pytest.fail("the scheduled lease sweep never ran on the test stack")
+    assert {r["state"] for r in runs} == {"success"}, runs
+    who = ident()
+    _, lease = issue(env, who)
+    store = LineageStore(Path(env.state["governance_db_url_file"]).read_text())
+    store.record(EventKey(who.dag_id, who.run_id, who.task_id, 1), "lease.issued", actor="lease-broker", payload={
+        **lease.public(), "purpose": "training", "dataset": "benign",
+        "expires_at": (datetime.now(UTC) + timedelta(seconds=lease.lease_duration)).isoformat()})
+    env_vars = {k: v for k, v in os.environ.items() if k != "AIRFLOW_HOME" and not k.startswith("AIRFLOW__")}
+    cli = [sys.executable, "-m", "airflow_finetune_gov.cli.main", "--state-dir", str(stack.dir), "leases"]
+    swept = subprocess.run([*cli, "sweep"], env=env_vars, capture_output=True, text=True, timeout=300)
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert f"revoked       {lease.lease_id}  run {who.dag_id}/{who.run_id} (not found)" in swept.stdout
+    kinds = [(e.event_type, e.task_id) for e in store.events(run_id=who.run_id)]
+    assert kinds == [("lease.issued", "acquire_lease"), ("lease.revoked", "lease_sweep"),
+                     ("lease.verified", "lease_sweep")]
+    assert not env.role_exists(lease.db_role)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
+from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param
 
 from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
@@ -61,6 +62,10 @@ with DAG(
     tune = GovernedFineTuneOperator(task_id="tune", backend="fault",
                                     hyperparameters={"mode": "{{ params.mode }}", "marker": "{{ params.marker }}"})
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
+    # With on_failure_fail_dagrun=True the teardown counts as a leaf and its upstream does not: without
+    # a task downstream of tuning (evaluate, in real DAGs), a failed tune behind a successful teardown
+    # would leave the run "success".
+    tuned = EmptyOperator(task_id="tuned")
 
-    policy_check >> approval_gate >> acquire_lease >> tune
+    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
     tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
