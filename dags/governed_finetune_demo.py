@@ -45,7 +45,7 @@ with DAG(
         tuning_method="full",
     )
     approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=24))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease")
+    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=timedelta(minutes=10))
     tune = GovernedFineTuneOperator(task_id="tune", hyperparameters={"epochs": 3, "learning_rate": 0.2})
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
     evaluate = BehaviourEvaluationOperator(task_id="evaluate")

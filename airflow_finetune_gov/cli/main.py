@@ -115,8 +115,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUMMARY_KEYS = ("tier", "option", "responder", "lease_id", "db_role", "dataset", "rows", "content_sha256",
-                 "version", "verdict", "alias", "verified", "reason")
+_SUMMARY_KEYS = ("tier", "option", "responder", "purpose", "lease_id", "db_role", "dataset", "ttl_seconds",
+                 "lease_duration", "rows", "content_sha256", "version", "verdict", "alias", "reason", "error")
 
 
 def _short(value: Any) -> str:

@@ -118,7 +118,7 @@ def test_lease_is_revoked_and_its_postgres_role_is_gone(stack: Stack, approved_b
     verified = first("lease.verified", "revoke_lease")
     assert revoked["lease_id"] == verified["lease_id"] == issued["lease_id"] and revoked["token_revoked"]
     assert verified["remaining"] == {"roles": 0, "sessions": 0}
-    assert issued["requested_ttl"] == 30 * 60  # no expected_duration: the policy default
+    assert issued["requested_ttl"] == issued["lease_duration"] == 15 * 60  # expected 10 min x 1.5
     with superuser(stack) as conn:
         assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (issued["db_role"],)).fetchone() == (0,)
     with pytest.raises(hvac.exceptions.InvalidRequest):
