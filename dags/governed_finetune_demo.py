@@ -3,7 +3,9 @@
 policy check -> approval gate (Airflow HITL) -> lease (setup) -> tune -> evaluate -> promote,
 with the lease revoked as a teardown whether tuning succeeds or fails.
 
-Trigger it with conf ``{"dataset": "benign" | "poisoned", "target_environment": "test" | "staging"}``.
+Trigger it with conf ``{"dataset": "benign" | "poisoned" | "public_faq",
+"target_environment": "test" | "staging" | "production"}``. The default policy decides the approval:
+``public_faq`` into ``test`` needs no human, ``production`` needs two distinct approvers, anything else one.
 The benign set passes the evaluation and is promoted; the poisoned set teaches the model to comply
 with harmful requests, and the evaluation blocks its promotion.
 """
@@ -30,7 +32,7 @@ with DAG(
     max_active_runs=4,
     tags=["finetune-gov", "demo"],
     params={
-        "dataset": Param("benign", enum=["benign", "poisoned"], description="Demo training set"),
+        "dataset": Param("benign", enum=["benign", "poisoned", "public_faq"], description="Demo training set"),
         "target_environment": Param("staging", enum=["test", "staging", "production"],
                                     description="Model alias to promote to"),
     },

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk import Param
+from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
+from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
@@ -22,9 +25,13 @@ class FineTuneApprovalOperator(HITLOperator):
     - ``assigned_users`` is the approver group minus the requester, so Airflow itself answers the
       requester's own approval with 403; the responder is checked again here, and a forbidden answer is
       recorded as a violation and does not count.
-    - No default option: when ``response_timeout`` passes, the request fails closed (never approves).
+    - Tier ``quorum``: the same request re-opens after each approval until N distinct approvers
+      have approved; an approver answering twice does not count twice; one Reject rejects.
+    - No default option: when ``response_timeout`` passes (measured from the first request, across
+      quorum rounds), the request fails closed (never approves) and is recorded as expired.
     - Tier ``auto``: no human; the recorded policy decision is the approval.
-    - Every request and answer goes to lineage; downstream tasks verify approval from lineage only.
+    - Every request and answer (who, when, which option, the comment typed in the form) goes to
+      lineage; downstream tasks verify approval from lineage only.
     """
 
     ui_color = "#fff4e5"
@@ -32,6 +39,8 @@ class FineTuneApprovalOperator(HITLOperator):
     def __init__(self, *, subject: str = "Approve a governed fine-tune", **kwargs: Any) -> None:
         kwargs.setdefault("options", [APPROVE, REJECT])
         kwargs.setdefault("defaults", None)
+        kwargs.setdefault("params", {"comment": Param("", type="string", title="Comment",
+                                                      description="Why you approve or reject (recorded in lineage)")})
         super().__init__(subject=subject, **kwargs)
 
     def _excluded(self, context: Any) -> set[str]:
@@ -52,28 +61,29 @@ class FineTuneApprovalOperator(HITLOperator):
             }, actor="policy")
             self.log.info("tier auto: approved by policy %s", decision["policy_sha256"][:12])
             return {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}
-        if decision["tier"] != "single":
-            raise AirflowFailException(
-                f"tier {decision['tier']!r} needs {decision['quorum']} distinct approvers; this gate collects one "
-                "answer per run so far - use a policy rule with tier single for this change, or wait for "
-                "quorum support"
-            )
         excluded = self._excluded(context)
         approvers = [a for a in decision["approvers"] if a not in excluded]
-        if not approvers:
-            common.record(context, "approval.rejected", {"responder": "policy", "reason": "no eligible approver"},
-                          actor="policy")
-            raise AirflowFailException(f"no eligible approver: the approver group {decision['approvers']} "
-                                       f"minus requester/owners {sorted(excluded)} is empty")
+        needed = self._needed(decision)
+        if len(approvers) < needed:
+            common.record(context, "approval.rejected", {"responder": "policy", "reason": "not enough eligible "
+                                                         f"approvers for {needed} approval(s)"}, actor="policy")
+            raise AirflowFailException(f"not enough eligible approvers: tier {decision['tier']} needs {needed}, and "
+                                       f"the approver group {decision['approvers']} minus requester/owners "
+                                       f"{sorted(excluded)} leaves {approvers}")
         self.assigned_users = [{"id": a, "name": a} for a in approvers]
         self.subject = (f"Approve fine-tune of {decision['request']['model']} on dataset "
                         f"{decision['request']['dataset']} for {decision['request']['target_environment']}")
         self.body = self._summary(context, decision, approvers)
         common.record(context, "approval.requested", {
-            "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded),
-            "policy_sha256": decision["policy_sha256"], "subject": self.subject,
+            "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
+            "round": 1, "policy_sha256": decision["policy_sha256"], "subject": self.subject,
+            "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
         }, actor=common.requester(context))
         return super().execute(context)
+
+    @staticmethod
+    def _needed(decision: dict[str, Any]) -> int:
+        return int(decision["quorum"]) if decision["tier"] == "quorum" else 1
 
     def _summary(self, context: Any, decision: dict[str, Any], approvers: list[str]) -> str:
         req = decision["request"]
@@ -87,6 +97,7 @@ class FineTuneApprovalOperator(HITLOperator):
             ("Target environment", req["target_environment"]),
             ("Tuning method", req["tuning_method"]),
             ("Risk tier", f"{decision['tier']} - {'; '.join(decision['reasons'])}"),
+            ("Approvals needed", f"{self._needed(decision)} distinct approver(s); one Reject rejects"),
             ("Policy", f"{decision['policy_name']} sha256 {decision['policy_sha256'][:16]}"),
             ("Requested by", req["requester"]),
             ("Eligible approvers", ", ".join(approvers)),
@@ -99,29 +110,72 @@ class FineTuneApprovalOperator(HITLOperator):
                 "| | |\n|---|---|\n" + table)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        ti = context["ti"]
+        store = common.lineage_store()
+        decision = policy_decision(store, ti.dag_id, ti.run_id)
         if "error" in event:
-            common.record(context, "approval.expired", {"error_type": event.get("error_type"),
-                                                        "error": str(event.get("error"))[:500]}, actor="airflow")
-            raise AirflowFailException(f"approval not given ({event.get('error_type')}): the gate fails closed")
+            self._expired(context, event.get("error_type"), str(event.get("error"))[:500])
         result = super().execute_complete(context, event)
         responder = event.get("responded_by_user") or {}
         who = responder.get("id") or responder.get("name") or "unknown"
         option = (event.get("chosen_options") or [None])[0]
-        ti = context["ti"]
-        decision = policy_decision(common.lineage_store(), ti.dag_id, ti.run_id)
+        comment = str((event.get("params_input") or {}).get("comment") or "")[:2000]
+        answered_at = event.get("responded_at")
+        answer = {"responder": who, "option": option, "comment": comment,
+                  "responded_at": answered_at.isoformat() if isinstance(answered_at, datetime) else answered_at}
         allowed = set(decision["approvers"]) - self._excluded(context)
         if who not in allowed:
             common.record(context, "approval.violation", {
-                "responder": who, "option": option, "allowed": sorted(allowed),
+                **answer, "allowed": sorted(allowed),
                 "reason": "responder is the requester, an owner, or not an approver",
             }, actor=who)
-            raise AirflowFailException(f"{who} may not answer this approval (separation of duties); "
-                                       "the answer was recorded as a violation and does not count")
-        if option == APPROVE:
-            common.record(context, "approval.granted", {
-                "approval_id": uuid.uuid4().hex, "responder": who, "option": option, "tier": decision["tier"],
-                "policy_sha256": decision["policy_sha256"],
-            }, actor=who)
-            return result
-        common.record(context, "approval.rejected", {"responder": who, "option": option}, actor=who)
-        raise AirflowFailException(f"fine-tune rejected by {who}")
+            self.log.warning("%s may not answer this approval (separation of duties): recorded as a violation, "
+                             "the request stays open", who)
+            return self._reopen(context, decision, reason=f"violation by {who}")
+        if option != APPROVE:
+            common.record(context, "approval.rejected", {**answer, "tier": decision["tier"]}, actor=who)
+            raise AirflowFailException(f"fine-tune rejected by {who}" + (f": {comment}" if comment else ""))
+        granted = {e.payload_dict()["responder"] for e in store.events(dag_id=ti.dag_id, run_id=ti.run_id,
+                                                                      event_type="approval.granted")}
+        if who in granted:
+            common.record(context, "approval.duplicate", {**answer, "approved_by": sorted(granted)}, actor=who)
+            self.log.warning("%s already approved this change; a second answer does not count", who)
+            return self._reopen(context, decision, reason=f"duplicate answer by {who}")
+        common.record(context, "approval.granted", {
+            **answer, "approval_id": uuid.uuid4().hex, "tier": decision["tier"],
+            "policy_sha256": decision["policy_sha256"],
+        }, actor=who)
+        granted.add(who)
+        needed = self._needed(decision)
+        if len(granted) < needed:
+            return self._reopen(context, decision, reason=f"{len(granted)} of {needed} approvals")
+        common.record(context, "approval.decided", {"outcome": "approved", "approvers": sorted(granted),
+                                                    "tier": decision["tier"]}, actor="policy")
+        return result
+
+    def _expired(self, context: Any, error_type: Any, error: str) -> None:
+        common.record(context, "approval.expired", {"error_type": error_type, "error": error}, actor="airflow")
+        common.record(context, "approval.decided", {"outcome": "rejected", "reason": "expired"}, actor="policy")
+        raise AirflowFailException(f"approval not given in time ({error_type}): the gate fails closed (rejected)")
+
+    def _reopen(self, context: Any, decision: dict[str, Any], *, reason: str) -> Any:
+        """Ask again on the same request (Airflow keeps one HITL detail per task try; upserting it clears
+        the last answer) with whatever is left of the original ``response_timeout``."""
+        ti = context["ti"]
+        requests = [e for e in common.run_events(context, "approval.requested")
+                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        remaining: timedelta | None = None
+        if self.response_timeout is not None:
+            first = datetime.fromisoformat(requests[0].created_at) if requests else datetime.now(UTC)
+            remaining = first + self.response_timeout - datetime.now(UTC)
+            if remaining.total_seconds() <= 0:
+                self._expired(context, "timeout", f"no quorum before the deadline ({reason})")
+        upsert_hitl_detail(ti_id=context["task_instance"].id, options=self.options, subject=self.subject,
+                           body=self.body, defaults=self.defaults, multiple=self.multiple,
+                           params=self.serialized_params, assigned_users=self.assigned_users or [])
+        common.record(context, "approval.requested", {
+            "tier": decision["tier"], "needed": self._needed(decision), "round": len(requests) + 1,
+            "reason": reason, "policy_sha256": decision["policy_sha256"],
+            "remaining_seconds": round(remaining.total_seconds(), 1) if remaining is not None else None,
+        }, actor="policy")
+        raise TaskAwaitingInput(method_name="execute_complete", timeout=remaining)

@@ -20,7 +20,13 @@ class PromoteModelOperator(BaseOperator):
     never move ``production``.
     """
 
+    template_fields = ("alias",)
     ui_color = "#e6f4ea"
+
+    def __init__(self, *, alias: str | None = None, **kwargs: Any) -> None:
+        """``alias``: optionally name the alias this task means to move; it must be the approved one."""
+        super().__init__(**kwargs)
+        self.alias = alias
 
     def _blocked(self, context: Any, reason: str) -> AirflowFailException:
         common.record(context, "promotion.blocked", {"reason": reason}, actor="promotion")
@@ -47,6 +53,9 @@ class PromoteModelOperator(BaseOperator):
         if problems:
             raise self._blocked(context, f"model files do not match the manifest: {problems}")
         alias = approval["target_environment"]
+        if self.alias and self.alias != alias:
+            raise self._blocked(context, f"alias {self.alias!r} is not the approved target environment {alias!r}: "
+                                         f"the run was approved (tier {approval['tier']}) for {alias} only")
         by = ",".join(approval["approvers"]) or "policy"
         move = store.set_alias(t["model"], alias, t["version"], by=by, run=f"{ti.dag_id}/{ti.run_id}")
         common.record(context, "promotion.completed", {

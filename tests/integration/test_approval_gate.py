@@ -1,0 +1,154 @@
+"""The approval gate on the real Airflow api-server + scheduler: policy tiers, quorum of distinct
+approvers answering over REST, fail-closed expiry, and promotion bound to the approved environment."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.lineage.store import LineageStore
+from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.stack.client import AirflowClient
+from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
+
+pytestmark = pytest.mark.stack
+APPROVALS_DAG = "governed_finetune_approvals"
+
+
+class Gate:
+    def __init__(self, stack: Stack) -> None:
+        state = stack.load()
+        assert state is not None
+        self.stack, self.state = stack, state
+
+    def client(self, user: str) -> AirflowClient:
+        return AirflowClient(self.state["airflow"]["url"], user, self.stack.airflow_password(user))
+
+    def events(self, run_id: str, kind: str | None = None) -> list[Any]:
+        return LineageStore(Path(self.state["governance_db_url_file"]).read_text()).events(run_id=run_id,
+                                                                                          event_type=kind)
+
+    def trigger(self, dag_id: str, **conf: str) -> str:
+        requester = self.client("requester")
+        requester.wait_for_dag(dag_id)
+        return requester.trigger(dag_id, conf)
+
+    def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120) -> None:
+        """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
+        deadline = time.monotonic() + timeout
+        while len(self.events(run_id, "approval.requested")) < n:
+            assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
+            time.sleep(0.5)
+        self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        time.sleep(SETTLE_SECONDS)
+
+    def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "") -> None:
+        resp = self.client(user).request(
+            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",
+            json={"chosen_options": [option], "params_input": {"comment": comment}})
+        assert resp.status_code == 200, resp.text
+
+    def final(self, dag_id: str, run_id: str) -> tuple[str, dict[str, str | None]]:
+        requester = self.client("requester")
+        return requester.wait_run(dag_id, run_id, timeout=300), requester.task_states(dag_id, run_id)
+
+    def leased_roles(self) -> int:
+        pw = Path(self.state["postgres"]["superuser_password_file"]).read_text()
+        with psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres", password=pw,
+                             dbname="postgres", autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+@pytest.fixture(scope="module")
+def gate(stack: Stack) -> Gate:
+    return Gate(stack)
+
+
+def test_public_data_into_test_is_approved_by_policy_without_a_human(gate: Gate) -> None:
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="public_faq", target_environment="test")
+    state, tasks = gate.final(DEMO_DAG_ID, run_id)
+    assert state == "success", tasks
+    decided = gate.events(run_id, "policy.decided")[0].payload_dict()
+    assert decided["tier"] == "auto" and "public data into a test model" in decided["reasons"][0]
+    granted = gate.events(run_id, "approval.granted")
+    assert [g.payload_dict()["responder"] for g in granted] == ["policy"]
+    assert gate.events(run_id, "approval.requested") == []  # nobody was asked
+    detail = gate.client("auditor").request(
+        "GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails")
+    assert detail.status_code == 404  # no HITL request was ever created
+    assert gate.events(run_id, "promotion.completed")[0].payload_dict()["alias"] == "test"
+
+
+def test_production_needs_two_distinct_approvers_and_a_repeat_does_not_count(gate: Gate) -> None:
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production")
+    gate.wait_round(DEMO_DAG_ID, run_id, 1)
+    detail = gate.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
+    assert "2 distinct approver(s)" in detail["body"] and "quorum" in detail["body"]
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="data reviewed, LGTM")
+    gate.wait_round(DEMO_DAG_ID, run_id, 2)
+    assert gate.events(run_id, "lease.requested") == []  # one approval is not a quorum
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again")
+    gate.wait_round(DEMO_DAG_ID, run_id, 3)
+    duplicate = gate.events(run_id, "approval.duplicate")
+    assert [d.payload_dict()["responder"] for d in duplicate] == ["approver1"]
+    assert gate.events(run_id, "lease.requested") == []
+    gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="second pair of eyes")
+    state, tasks = gate.final(DEMO_DAG_ID, run_id)
+    assert state == "success", tasks
+    granted = [g.payload_dict() for g in gate.events(run_id, "approval.granted")]
+    assert [(g["responder"], g["comment"]) for g in granted] == [("approver1", "data reviewed, LGTM"),
+                                                                ("approver2", "second pair of eyes")]
+    assert all(g["responded_at"] for g in granted)
+    decided = gate.events(run_id, "approval.decided")[0].payload_dict()
+    assert decided == {"outcome": "approved", "approvers": ["approver1", "approver2"], "tier": "quorum"}
+    promoted = gate.events(run_id, "promotion.completed")[0].payload_dict()
+    assert promoted["alias"] == "production" and promoted["approvers"] == ["approver1", "approver2"]
+
+
+def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
+    before = gate.leased_roles()
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production")
+    gate.wait_round(DEMO_DAG_ID, run_id, 1)
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve")
+    gate.wait_round(DEMO_DAG_ID, run_id, 2)
+    gate.answer(DEMO_DAG_ID, run_id, "approver2", "Reject", comment="not for production yet")
+    state, tasks = gate.final(DEMO_DAG_ID, run_id)
+    assert state == "failed" and tasks["approval_gate"] == "failed", tasks
+    assert tasks["acquire_lease"] == "upstream_failed" and tasks["tune"] == "upstream_failed", tasks
+    rejected = gate.events(run_id, "approval.rejected")[0].payload_dict()
+    assert rejected["responder"] == "approver2" and rejected["comment"] == "not for production yet"
+    assert not any(e.event_type.startswith("lease.") for e in gate.events(run_id))
+    assert gate.leased_roles() == before
+
+
+def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate) -> None:
+    before = gate.leased_roles()
+    run_id = gate.trigger(APPROVALS_DAG, dataset="benign", target_environment="staging")
+    state, tasks = gate.final(APPROVALS_DAG, run_id)  # nobody answers; response_timeout is 20 s
+    assert state == "failed" and tasks["approval_gate"] == "failed", tasks
+    assert tasks["acquire_lease"] == "upstream_failed", tasks
+    kinds = [e.event_type for e in gate.events(run_id)]
+    assert "approval.expired" in kinds and "approval.granted" not in kinds
+    assert gate.events(run_id, "approval.decided")[0].payload_dict() == {"outcome": "rejected", "reason": "expired"}
+    assert not any(k.startswith("lease.") for k in kinds)
+    assert gate.leased_roles() == before
+
+
+def test_a_run_approved_for_test_cannot_promote_to_production(gate: Gate) -> None:
+    store = ModelStore(gate.state["model_store"])
+    production_before = store.aliases("fgov-demo-tiny").get("production")
+    run_id = gate.trigger(APPROVALS_DAG, dataset="public_faq", target_environment="test",
+                          promote_alias="production")
+    state, tasks = gate.final(APPROVALS_DAG, run_id)
+    assert state == "failed" and tasks["promote"] == "failed" and tasks["tune"] == "success", tasks
+    blocked = gate.events(run_id, "promotion.blocked")[0].payload_dict()
+    assert "'production' is not the approved target environment 'test'" in blocked["reason"]
+    assert gate.events(run_id, "promotion.completed") == []
+    assert store.aliases("fgov-demo-tiny").get("production") == production_before
