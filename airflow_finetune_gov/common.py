@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_finetune_gov import settings
 from airflow_finetune_gov.credentials.identity import TaskIdentity
-from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
-from airflow_finetune_gov.policy.engine import Policy, load_policy
+
+if TYPE_CHECKING:  # imported lazily: DAG files import the operators, and parse time matters
+    from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
+    from airflow_finetune_gov.policy.engine import Policy
 
 
 def identity(context: Any) -> TaskIdentity:
@@ -18,6 +20,8 @@ def identity(context: Any) -> TaskIdentity:
 
 
 def event_key(context: Any) -> EventKey:
+    from airflow_finetune_gov.lineage.store import EventKey
+
     ident = identity(context)
     return EventKey(ident.dag_id, ident.run_id, ident.task_id, ident.try_number, ident.map_index)
 
@@ -29,10 +33,14 @@ def requester(context: Any) -> str:
 
 @functools.cache
 def lineage_store() -> LineageStore:
+    from airflow_finetune_gov.lineage.store import LineageStore
+
     return LineageStore(settings.get("governance_db_url"))
 
 
 def policy() -> Policy:
+    from airflow_finetune_gov.policy.engine import load_policy
+
     return load_policy(settings.get("policy_file", required=False) or None)
 
 

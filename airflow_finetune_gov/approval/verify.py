@@ -9,9 +9,10 @@ tier's quorum of distinct people and no rejection.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airflow_finetune_gov.lineage.store import LineageStore
+if TYPE_CHECKING:
+    from airflow_finetune_gov.lineage.store import LineageStore
 
 
 class ApprovalMissing(RuntimeError):

@@ -13,8 +13,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import jwt
-
 DEFAULT_TTL_SECONDS = 300
 
 
@@ -65,6 +63,8 @@ def mint(identity: TaskIdentity, *, key_pem: bytes, issuer: str, audience: str, 
         "try_number": str(identity.try_number),
         **(extra or {}),
     }
+    import jwt  # lazily: cryptography costs ~15 ms at import, and DAG files import this module
+
     return jwt.encode(claims, key_pem, algorithm="ES256")
 
 

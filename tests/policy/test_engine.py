@@ -105,3 +105,37 @@ def test_policy_file_is_read_from_disk(tmp_path) -> None:
     assert load_policy(path).sha256 == load_policy().sha256
     with pytest.raises(PolicyError, match="cannot read policy file"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_default_policy_auto_tier_only_for_public_data_into_test() -> None:
+    policy = load_policy()
+    assert policy.decide(req(dataset="public_faq", target_environment="test")).tier == "auto"
+    assert policy.decide(req(dataset="public_faq", target_environment="staging")).tier == "single"
+    assert policy.decide(req(dataset="benign", target_environment="test")).tier == "single"  # internal data
+    assert policy.decide(req(dataset="public_faq", target_environment="production")).tier == "quorum"
+    for method in ("lora", "adapter", "prompt_tuning", "full"):  # adapters are not exempt
+        assert policy.decide(req(tuning_method=method)).tier == "single"
+
+
+def test_sensitive_classification_needs_a_quorum() -> None:
+    text = default_policy_text().replace("classification: internal\n    description: New task",
+                                         "classification: pii\n    description: New task")
+    decision = parse_policy(text, "pii.yaml").decide(req(dataset="benign", target_environment="test"))
+    assert decision.tier == "quorum" and decision.quorum == 2 and "sensitive" in decision.reasons[0]
+
+
+@pytest.mark.parametrize(
+    ("lease", "problem"),
+    [
+        ("lease: {min_ttl_minutes: 60, default_ttl_minutes: 30, max_ttl_minutes: 240}", "must satisfy min_ttl"),
+        ("lease: {default_ttl_minutes: 0}", "default_ttl_minutes must be a positive integer"),
+        ("lease: {max_ttl_minuts: 10}", "unknown lease setting 'max_ttl_minuts'"),
+        ("lease: 30", "lease must be a mapping"),
+    ],
+)
+def test_malformed_lease_bounds_are_named(lease: str, problem: str) -> None:
+    text = default_policy_text()
+    start = text.index("lease:")
+    end = text.index("\n\n", start)
+    with pytest.raises(PolicyError, match=problem):
+        parse_policy(text[:start] + lease + text[end:], "lease.yaml")
