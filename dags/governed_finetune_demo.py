@@ -24,6 +24,9 @@ from airflow_finetune_gov.policy.operators import PolicyCheckOperator
 from airflow_finetune_gov.registry.operators import PromoteModelOperator
 from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
 
+# Approved with the change, and checked again by the tuning step.
+HYPERPARAMETERS = {"epochs": 3, "learning_rate": 0.2}
+
 with DAG(
     dag_id="governed_finetune_demo",
     schedule=None,
@@ -45,10 +48,11 @@ with DAG(
         dataset="{{ params.dataset }}",
         target_environment="{{ params.target_environment }}",
         tuning_method="full",
+        hyperparameters=HYPERPARAMETERS,
     )
     approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=24))
     acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=timedelta(minutes=10))
-    tune = GovernedFineTuneOperator(task_id="tune", hyperparameters={"epochs": 3, "learning_rate": 0.2})
+    tune = GovernedFineTuneOperator(task_id="tune", hyperparameters=HYPERPARAMETERS)
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
     evaluate = BehaviourEvaluationOperator(task_id="evaluate")
     promote = PromoteModelOperator(task_id="promote")

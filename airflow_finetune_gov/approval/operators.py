@@ -82,6 +82,18 @@ class FineTuneApprovalOperator(HITLOperator):
         return super().execute(context)
 
     @staticmethod
+    def _data_rows(decision: dict[str, Any]) -> list[tuple[str, str]]:
+        rows = []
+        digest = decision.get("dataset")
+        if digest:
+            rows += [("Dataset URI", digest["uri"]), ("Rows", str(digest["rows"])),
+                     ("Content sha256", f"{digest['sha256']} (tuning refuses any other content)")]
+        hp = decision.get("hyperparameters")
+        if hp is not None:
+            rows.append(("Hyperparameters", ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) or "(none)"))
+        return rows
+
+    @staticmethod
     def _needed(decision: dict[str, Any]) -> int:
         return int(decision["quorum"]) if decision["tier"] == "quorum" else 1
 
@@ -93,6 +105,7 @@ class FineTuneApprovalOperator(HITLOperator):
         rows = [
             ("Model", f"{req['model']} {req.get('base_version') or ''}".strip()),
             ("Dataset", f"{req['dataset']} (table {decision['dataset_table']})"),
+            *self._data_rows(decision),
             ("Classification", decision["classification"]),
             ("Target environment", req["target_environment"]),
             ("Tuning method", req["tuning_method"]),

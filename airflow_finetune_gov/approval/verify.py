@@ -64,4 +64,6 @@ def granted_approval(store: LineageStore, dag_id: str, run_id: str) -> dict[str,
         "target_environment": decision["request"]["target_environment"],
         "model": decision["request"]["model"],
         "policy_sha256": decision["policy_sha256"],
+        "dataset_digest": decision.get("dataset"),  # {"uri", "rows", "sha256"} as approved, or None
+        "hyperparameters": decision.get("hyperparameters"),
     }

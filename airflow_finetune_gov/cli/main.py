@@ -70,7 +70,7 @@ def cmd_vault(args: argparse.Namespace) -> int:
     import hvac
 
     from airflow_finetune_gov.policy.engine import load_policy
-    from airflow_finetune_gov.stack.provision import INFERENCE_GROUP, group_role
+    from airflow_finetune_gov.stack.provision import SERVICE_GROUPS, group_role
     from airflow_finetune_gov.vault.bootstrap import BootstrapSpec, DatasetGrant, bootstrap
 
     token = os.environ.get("VAULT_TOKEN") or os.environ.get("BAO_TOKEN")
@@ -87,7 +87,7 @@ def cmd_vault(args: argparse.Namespace) -> int:
     summary = bootstrap(hvac.Client(url=args.addr, token=token), BootstrapSpec(
         db_connection_url=args.db_connection_url, db_username=args.db_username, db_password=db_password,
         datasets=[DatasetGrant(n, group_role(n)) for n in policy.datasets],
-        inference_group_role=args.inference_group_role or INFERENCE_GROUP,
+        service_roles=SERVICE_GROUPS,
         jwt_public_key_pem=Path(args.jwt_public_key).read_text(),
         default_ttl=f"{policy.lease['default_ttl_minutes']}m", max_ttl=f"{policy.lease['max_ttl_minutes']}m",
     ))
@@ -250,8 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--db-username", default="fgov_vault")
     boot.add_argument("--jwt-public-key", required=True, help="PEM public key of the workload-identity signer")
     boot.add_argument("--policy-file")
-    boot.add_argument("--inference-group-role", help="NOLOGIN role evaluation reads its suites through "
-                      "(default fgov_inference)")
     boot.set_defaults(func=cmd_vault)
 
     lineage = sub.add_parser("lineage", help="the lineage record of a run")

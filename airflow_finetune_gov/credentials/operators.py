@@ -17,13 +17,7 @@ from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approv
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.credentials.identity import TaskIdentity
-from airflow_finetune_gov.vault.bootstrap import (
-    INFERENCE_DB_ROLE,
-    INFERENCE_ROLE,
-    REVOKER_ROLE,
-    db_role_name,
-    lease_role_name,
-)
+from airflow_finetune_gov.vault.bootstrap import REVOKER_ROLE, db_role_name, lease_role_name
 
 LOGIN_ATTEMPTS = 3
 
@@ -74,7 +68,7 @@ class AcquireLeaseOperator(BaseOperator):
             common.record(context, "lease.refused", {"reason": f"bad expected_duration: {exc}"}, actor="lease-broker")
             raise AirflowFailException(f"expected_duration {self.expected_duration!r} is not usable: {exc}") from exc
         common.record(context, "lease.requested", {
-            "dataset": dataset, "approval_id": approval["approval_id"], "ttl_seconds": ttl,
+            "purpose": "training", "dataset": dataset, "approval_id": approval["approval_id"], "ttl_seconds": ttl,
             "expected_duration_seconds": _seconds(self.expected_duration), "vault_role": lease_role_name(dataset),
         }, actor="lease-broker")
         self.log.info("approval %s verified (tier %s, approvers %s); leasing dataset %s for %ss",
@@ -97,6 +91,7 @@ class AcquireLeaseOperator(BaseOperator):
             common.record(context, "lease.issued", {
                 **issued.public(), "purpose": "training", "dataset": dataset,
                 "dataset_table": approval["dataset_table"],
+                "approved_sha256": (approval.get("dataset_digest") or {}).get("sha256"),
                 "approval_id": approval["approval_id"], "expires_at": expires_at.isoformat(),
                 "handover": f"{settings.get('handover_mount')}/{handover}",
             }, actor="lease-broker")
@@ -114,26 +109,34 @@ class AcquireLeaseOperator(BaseOperator):
                 "token_accessor": issued.token_accessor}
 
 
+SERVICE_SCOPES = {"inference": "evaluation-suites", "catalog": "dataset-digests"}
+
+
 @contextmanager
-def inference_credentials(context: Any, *, vault_conn_id: str | None = None) -> Iterator[broker.Credentials]:
-    """A short inference-only lease for the evaluation task: it can read the evaluation suites and no
-    training data, and it never shares a lease (or a token) with training. Revoked and verified when
-    the block ends, whatever happens inside it."""
+def service_credentials(context: Any, service: str, *,
+                        vault_conn_id: str | None = None) -> Iterator[broker.Credentials]:
+    """A short service lease, revoked and verified when the block ends, whatever happens inside it.
+
+    ``inference``: the evaluation task reads the evaluation suites and no training data.
+    ``catalog``: the policy check reads a dataset's row count and content hash, never its rows.
+    Neither ever shares a lease (or a token) with training.
+    """
+    scope = SERVICE_SCOPES[service]
     ttl = int(common.policy().lease["min_ttl_minutes"]) * 60
-    common.record(context, "lease.requested", {"purpose": "inference", "vault_role": INFERENCE_ROLE,
-                                               "ttl_seconds": ttl}, actor="lease-broker")
+    common.record(context, "lease.requested", {"purpose": service, "vault_role": service, "ttl_seconds": ttl},
+                  actor="lease-broker")
     hook = GovernedLeaseHook(vault_conn_id)
     try:
-        client = hook.client(common.identity(context), role=INFERENCE_ROLE, purpose="inference")
+        client = hook.client(common.identity(context), role=service, purpose=service)
         issued = broker.LeaseBroker(client, settings.get("database_mount"), settings.get("handover_mount")).issue(
-            INFERENCE_DB_ROLE, ttl_seconds=ttl, wrap_ttl_seconds=60)
+            service, ttl_seconds=ttl, wrap_ttl_seconds=60)
     except broker.LeaseError as exc:
-        common.record(context, "lease.refused", {"purpose": "inference", "reason": str(exc)[:500]},
+        common.record(context, "lease.refused", {"purpose": service, "reason": str(exc)[:500]},
                       actor="lease-broker")
         raise AirflowFailException(str(exc)) from None
     try:
         common.record(context, "lease.issued", {
-            **issued.public(), "purpose": "inference", "dataset": "evaluation-suites",
+            **issued.public(), "purpose": service, "dataset": scope,
             "expires_at": (datetime.now(UTC) + timedelta(seconds=issued.lease_duration)).isoformat(),
         }, actor="lease-broker")
     except BaseException:
@@ -146,8 +149,8 @@ def inference_credentials(context: Any, *, vault_conn_id: str | None = None) -> 
         mask_secret(creds.password)
         yield creds
     finally:
-        revoke_run_leases(context, reason="evaluation finished", vault_conn_id=vault_conn_id,
-                          purposes=("inference",), lease_ids={issued.lease_id})
+        revoke_run_leases(context, reason=f"{service} lease done", vault_conn_id=vault_conn_id,
+                          purposes=(service,), lease_ids={issued.lease_id})
 
 
 def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None,

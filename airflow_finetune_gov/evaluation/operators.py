@@ -10,7 +10,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.credentials.operators import inference_credentials
+from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation.basic import DETECTOR, Suite, compare, load_suite, parse_suite, run_suite
 from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.tuning.backends import MODEL_FILE
@@ -39,7 +39,7 @@ class BehaviourEvaluationOperator(BaseOperator):
     def _load_suite(self, context: Any) -> Suite:
         if self.suite_path:
             return load_suite(self.suite_path)
-        with inference_credentials(context, vault_conn_id=self.vault_conn_id) as creds, \
+        with service_credentials(context, "inference", vault_conn_id=self.vault_conn_id) as creds, \
                 common.datasets_connection(creds.username, creds.password) as conn:
             row = conn.execute("SELECT body FROM evaluation.suites WHERE name = %s", (self.suite,)).fetchone()
         if row is None:

@@ -16,14 +16,22 @@ class PolicyCheckOperator(BaseOperator):
 
     The decision (tier, approvers, quorum, dataset table, target environment) binds everything the
     run may do later: the lease and the promotion read it back from lineage, never from run conf.
+    It also records what exactly is being approved: the dataset's row count and content hash (read
+    through a short ``catalog`` lease that can compute digests but not read rows) and the tuning
+    hyperparameters. The tuning step refuses data or hyperparameters that differ from these.
     """
 
-    template_fields = ("model", "dataset", "target_environment", "tuning_method", "base_version")
+    template_fields = ("model", "dataset", "target_environment", "tuning_method", "base_version",
+                       "hyperparameters")
     ui_color = "#e8f0fe"
 
     def __init__(self, *, model: str, dataset: str, target_environment: str, tuning_method: str = "lora",
-                 base_version: str = "", **kwargs: Any) -> None:
+                 base_version: str = "", hyperparameters: dict[str, Any] | None = None,
+                 dataset_digest: bool = True, vault_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.hyperparameters = hyperparameters
+        self.dataset_digest = dataset_digest
+        self.vault_conn_id = vault_conn_id
         self.model = model
         self.dataset = dataset
         self.target_environment = target_environment
@@ -41,9 +49,27 @@ class PolicyCheckOperator(BaseOperator):
         except PolicyError as exc:
             common.record(context, "policy.error", {"error": str(exc)}, actor="policy")
             raise AirflowFailException(f"policy check failed: {exc}") from exc
-        common.record(context, "policy.decided", decision.to_dict(), actor="policy")
+        record = decision.to_dict()
+        record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
+        record["dataset"] = None
+        if decision.tier != "deny" and self.dataset_digest:
+            record["dataset"] = self._digest(context, decision.dataset_table)
+        common.record(context, "policy.decided", record, actor="policy")
         self.log.info("policy %s (sha256 %s): tier %s - %s", decision.policy_name, decision.policy_sha256[:12],
                       decision.tier, "; ".join(decision.reasons))
         if decision.tier == "deny":
             raise AirflowFailException(f"denied by policy: {'; '.join(decision.reasons)}")
         return {"tier": decision.tier, "reasons": decision.reasons, "policy_sha256": decision.policy_sha256}
+
+    def _digest(self, context: Any, table: str) -> dict[str, Any]:
+        from airflow_finetune_gov import settings
+        from airflow_finetune_gov.credentials.operators import service_credentials
+
+        with service_credentials(context, "catalog", vault_conn_id=self.vault_conn_id) as creds, \
+                common.datasets_connection(creds.username, creds.password) as conn:
+            row = conn.execute("SELECT row_count, sha256 FROM catalog.dataset_digest(%s)", (table,)).fetchone()
+        if row is None:
+            raise AirflowFailException(f"no digest for dataset table {table}")
+        uri = f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{table}"
+        self.log.info("dataset %s: %s rows, sha256 %s", uri, row[0], row[1])
+        return {"uri": uri, "rows": int(row[0]), "sha256": str(row[1])}

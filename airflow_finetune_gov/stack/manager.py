@@ -238,7 +238,7 @@ class Stack:
             db_connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@{pg_host}:{ports['postgres']}/postgres",
             db_username="fgov_vault", db_password=role_pw["fgov_vault"],
             datasets=[DatasetGrant(name, provision.group_role(name)) for name in policy.datasets],
-            inference_group_role=provision.INFERENCE_GROUP,
+            service_roles=provision.SERVICE_GROUPS,
             jwt_public_key_pem=pubkey,
             default_ttl=f"{policy.lease['default_ttl_minutes']}m",
             max_ttl=f"{policy.lease['max_ttl_minutes']}m",

@@ -9,6 +9,8 @@ Least privilege by construction:
 - ``fgov_monitor`` has no privileges: pg_roles and pg_stat_activity suffice to prove a revocation;
 - per dataset, a NOLOGIN group role with SELECT on that one table; CONNECT on the dataset database
   only. PUBLIC loses CONNECT on every database, so a leased role can reach nothing else;
+- ``fgov_catalog``: EXECUTE on ``catalog.dataset_digest`` (row count and content hash of a dataset,
+  computed as the owner) and nothing else;
 - ``fgov_inference``, the evaluation's NOLOGIN group: SELECT on ``evaluation.suites`` (the held-out
   prompt suites) and nothing else; no training role can read those suites, and this role cannot
   read training data.
@@ -32,6 +34,29 @@ LOGIN_ROLES = ("airflow", "fgov_owner", "fgov_lineage", "fgov_vault", "fgov_moni
 GOVERNANCE_DB = "fgov_governance"
 DATASETS_DB = "fgov_datasets"
 INFERENCE_GROUP = "fgov_inference"
+CATALOG_GROUP = "fgov_catalog"
+SERVICE_GROUPS = {"inference": INFERENCE_GROUP, "catalog": CATALOG_GROUP}
+
+# Row count and content hash of one dataset table, without handing out its rows: the policy check
+# calls this through a short `catalog` lease, so the approver sees exactly which data will be used,
+# and the tuning step refuses rows that hash differently. The serialisation matches
+# tuning.backends.rows_sha256: for each row in id order, "<len>:<prompt><len>:<response>\n".
+DIGEST_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION catalog.dataset_digest(tbl text)
+RETURNS TABLE (row_count bigint, sha256 text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+  IF tbl !~ '^datasets\.[a-z_][a-z0-9_]*$' OR to_regclass(tbl) IS NULL THEN
+    RAISE EXCEPTION 'not a dataset table: %', tbl;
+  END IF;
+  RETURN QUERY EXECUTE format($q$
+    SELECT count(*),
+           encode(sha256(convert_to(coalesce(string_agg(
+             length(prompt)::text || ':' || prompt || length(response)::text || ':' || response || chr(10),
+             '' ORDER BY id), ''), 'UTF8')), 'hex')
+    FROM %s $q$, tbl::regclass);
+END $fn$;
+"""
 
 
 def group_role(dataset: str) -> str:
@@ -75,12 +100,14 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
             conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
                 sql.Identifier(DATASETS_DB), sql.Identifier(grp)))
             conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(grp)))
-        # Evaluation reads its held-out suites with an inference-only role; no training role can.
-        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (INFERENCE_GROUP,)).fetchone():
-            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(INFERENCE_GROUP)))
-        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
-            sql.Identifier(DATASETS_DB), sql.Identifier(INFERENCE_GROUP)))
-        conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(INFERENCE_GROUP)))
+        # Evaluation reads its held-out suites with an inference-only role (no training role can), and
+        # the policy check reads digests through a catalog role that cannot read rows.
+        for grp in SERVICE_GROUPS.values():
+            if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (grp,)).fetchone():
+                conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(grp)))
+            conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(
+                sql.Identifier(DATASETS_DB), sql.Identifier(grp)))
+            conn.execute(sql.SQL("GRANT {} TO fgov_vault WITH ADMIN OPTION").format(sql.Identifier(grp)))
 
     owner_pw = passwords["fgov_owner"]
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, DATASETS_DB), autocommit=True) as conn:
@@ -115,6 +142,13 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
         reader = sql.Identifier(INFERENCE_GROUP)
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA evaluation TO {}").format(reader))
         conn.execute(sql.SQL("GRANT SELECT ON evaluation.suites TO {}").format(reader))
+        conn.execute("CREATE SCHEMA IF NOT EXISTS catalog")
+        conn.execute("REVOKE ALL ON SCHEMA catalog FROM PUBLIC")
+        conn.execute(DIGEST_FUNCTION)
+        conn.execute("REVOKE ALL ON FUNCTION catalog.dataset_digest(text) FROM PUBLIC")
+        catalog = sql.Identifier(CATALOG_GROUP)
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA catalog TO {}").format(catalog))
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION catalog.dataset_digest(text) TO {}").format(catalog))
 
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), autocommit=True) as conn:
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

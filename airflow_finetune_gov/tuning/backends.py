@@ -8,7 +8,6 @@ does the governance around it: credentials, data hashing, the model store and li
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -77,7 +76,6 @@ def ensure_demo_base(store: ModelStore) -> dict[str, Any]:
 def rows_sha256(rows: list[tuple[str, str]]) -> str:
     """Content hash of exactly the rows trained on, in order."""
     h = hashlib.sha256()
-    for prompt, response in rows:
-        h.update(json.dumps([prompt, response], ensure_ascii=False).encode())
-        h.update(b"\n")
+    for prompt, response in rows:  # same serialisation as catalog.dataset_digest in PostgreSQL
+        h.update(f"{len(prompt)}:{prompt}{len(response)}:{response}\n".encode())
     return h.hexdigest()

@@ -12,6 +12,7 @@ from airflow.sdk.log import mask_secret
 from psycopg import sql
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval.verify import policy_decision
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.registry.store import ModelStore
@@ -53,6 +54,13 @@ class GovernedFineTuneOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         self._context = context
         ti = context["ti"]
+        approved_hp = policy_decision(common.lineage_store(), ti.dag_id, ti.run_id).get("hyperparameters")
+        if approved_hp is not None and approved_hp != dict(self.hyperparameters):
+            common.record(context, "tuning.refused", {"reason": "hyperparameters differ from what was approved",
+                                                      "approved": approved_hp, "asked": dict(self.hyperparameters)},
+                          actor="tuning")
+            raise AirflowFailException(f"hyperparameters {dict(self.hyperparameters)} are not the approved "
+                                       f"{approved_hp}")
         states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
                                                                        event_prefix="lease."))
         live = [s for s in states.values() if s.status == "live" and s.purpose == "training"]
@@ -109,6 +117,14 @@ class GovernedFineTuneOperator(BaseOperator):
         if not rows:
             raise AirflowFailException(f"dataset {lease.dataset} is empty")
         data_sha = rows_sha256(rows)
+        approved = issued.get("approved_sha256")
+        if approved and approved != data_sha:
+            common.record(context, "tuning.refused", {
+                "reason": "dataset content differs from what was approved", "approved_sha256": approved,
+                "content_sha256": data_sha, "rows": len(rows), "dataset": lease.dataset}, actor="tuning")
+            raise AirflowFailException(f"dataset {lease.dataset} changed since approval: it hashes to {data_sha[:16]}, "
+                                       f"the approved content to {approved[:16]}; trigger a new run for a new "
+                                       "approval")
         self.log.info("read %d rows of %s with leased role %s (sha256 %s)", len(rows), lease.dataset,
                       lease.db_role, data_sha[:16])
 

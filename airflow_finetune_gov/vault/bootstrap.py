@@ -9,7 +9,8 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
   path to the ``run_key`` claim), so the wrapping token never travels through XCom;
 - the JWT auth method, trusting the workload-identity public key, with per-dataset roles for leasing
   (``lease-<ds>``) and for the tuning process (``tune-<ds>``: take the hand-over, renew the lease),
-  an inference-only role for evaluation, and a revoker role; run identifiers from the claims become
+  service roles (``inference``: evaluation reads its suites; ``catalog``: the policy check reads a
+  dataset's row count and content hash, never its rows), and a revoker role; run identifiers from the claims become
   token metadata, so the audit log names the DAG run behind every request;
 - the policies those roles carry.
 
@@ -57,7 +58,9 @@ class BootstrapSpec:
     database_mount: str = "fgov-database"
     jwt_mount: str = "fgov-jwt"
     handover_mount: str = "fgov-handover"
-    inference_group_role: str | None = None  # NOLOGIN role with read access for evaluation only
+    # Short-lived service leases, name -> NOLOGIN group role, e.g. {"inference": "fgov_inference",
+    # "catalog": "fgov_catalog"}. Each gets a database role, a policy and a JWT role of that name.
+    service_roles: Mapping[str, str] = field(default_factory=dict)
     default_ttl: str = "1h"
     max_ttl: str = "24h"
     dag_id_glob: str = "*"
@@ -86,9 +89,12 @@ def tune_policy_name(dataset: str) -> str:
 
 REVOKER_ROLE = "revoker"
 REVOKER_POLICY = "fgov-revoker"
-INFERENCE_ROLE = "inference"
-INFERENCE_POLICY = "fgov-inference"
-INFERENCE_DB_ROLE = "inference"
+INFERENCE = "inference"
+CATALOG = "catalog"
+
+
+def service_policy_name(service: str) -> str:
+    return f"fgov-{service}"
 
 
 def _run_key_template(jwt_accessor: str) -> str:
@@ -117,10 +123,10 @@ def _tune_policy(spec: BootstrapSpec, dataset: str, jwt_accessor: str) -> str:
     )
 
 
-def _inference_policy(spec: BootstrapSpec) -> str:
+def _service_policy(spec: BootstrapSpec, service: str) -> str:
     return (
-        f'path "{spec.database_mount}/creds/{INFERENCE_DB_ROLE}" {{ capabilities = ["read"] }}\n'
-        f'path "sys/leases/renew/{spec.database_mount}/creds/{INFERENCE_DB_ROLE}/*" {{ capabilities = ["update"] }}\n'
+        f'path "{spec.database_mount}/creds/{service}" {{ capabilities = ["read"] }}\n'
+        f'path "sys/leases/renew/{spec.database_mount}/creds/{service}/*" {{ capabilities = ["update"] }}\n'
     )
 
 
@@ -148,9 +154,7 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
     if f"{spec.handover_mount}/" not in mounts:
         client.sys.enable_secrets_engine("kv", path=spec.handover_mount, options={"version": "2"})
 
-    db_roles = [db_role_name(d.name) for d in spec.datasets]
-    if spec.inference_group_role:
-        db_roles.append(INFERENCE_DB_ROLE)
+    db_roles = [db_role_name(d.name) for d in spec.datasets] + list(spec.service_roles)
     client.secrets.database.configure(
         name="fgov-datasets",
         plugin_name="postgresql-database-plugin",
@@ -161,9 +165,7 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         verify_connection=True,
         mount_point=spec.database_mount,
     )
-    groups = {db_role_name(d.name): d.group_role for d in spec.datasets}
-    if spec.inference_group_role:
-        groups[INFERENCE_DB_ROLE] = spec.inference_group_role
+    groups = {db_role_name(d.name): d.group_role for d in spec.datasets} | dict(spec.service_roles)
     for db_role, group in groups.items():
         client.secrets.database.create_role(
             name=db_role,
@@ -194,8 +196,8 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         client.sys.create_or_update_policy(name=tune_policy_name(ds.name),
                                            policy=_tune_policy(spec, ds.name, jwt_accessor))
     client.sys.create_or_update_policy(name=REVOKER_POLICY, policy=_revoker_policy(spec))
-    if spec.inference_group_role:
-        client.sys.create_or_update_policy(name=INFERENCE_POLICY, policy=_inference_policy(spec))
+    for service in spec.service_roles:
+        client.sys.create_or_update_policy(name=service_policy_name(service), policy=_service_policy(spec, service))
 
     claim_mappings = {
         "dag_id": "dag_id", "run_id": "run_id", "task_id": "task_id", "try_number": "try_number",
@@ -230,12 +232,10 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         role(tune_role_name(ds.name), {"dataset": ds.name, "purpose": "tune"},
              [tune_policy_name(ds.name)], "10m", "30m")
     role(REVOKER_ROLE, {"purpose": "revoke"}, [REVOKER_POLICY], "10m", "30m")
-    if spec.inference_group_role:
-        role(INFERENCE_ROLE, {"purpose": "inference"}, [INFERENCE_POLICY], spec.default_ttl, spec.max_ttl)
+    for service in spec.service_roles:
+        role(service, {"purpose": service}, [service_policy_name(service)], "10m", "30m")
     jwt_roles = [lease_role_name(d.name) for d in spec.datasets] + [tune_role_name(d.name) for d in spec.datasets]
-    jwt_roles.append(REVOKER_ROLE)
-    if spec.inference_group_role:
-        jwt_roles.append(INFERENCE_ROLE)
+    jwt_roles += [REVOKER_ROLE, *spec.service_roles]
     return {
         "database_mount": spec.database_mount,
         "handover_mount": spec.handover_mount,

@@ -340,3 +340,32 @@ def test_cli_sweep_revokes_a_lease_whose_run_is_gone(env: Env, stack: Stack) -> 
     assert kinds == [("lease.issued", "acquire_lease"), ("lease.revoked", "lease_sweep"),
                      ("lease.verified", "lease_sweep")]
     assert not env.role_exists(lease.db_role)
+
+
+def test_catalog_lease_reads_digests_but_never_rows(env: Env, leased: dict[str, Any]) -> None:
+    from airflow_finetune_gov.tuning.backends import rows_sha256
+
+    who = ident("policy_check")
+    client = env.login("catalog", who, "catalog")
+    lease = broker.LeaseBroker(client, DB_MOUNT, HANDOVER).issue("catalog", ttl_seconds=300, wrap_ttl_seconds=60)
+    creds = broker.unwrap(env.addr, lease.wrap_token, expected_digest=lease.wrap_token_sha256)
+    try:
+        with env.connect(creds.username, creds.password) as conn:
+            count, digest = conn.execute("SELECT * FROM catalog.dataset_digest('datasets.benign')").fetchone()
+            for statement in ("SELECT * FROM datasets.benign", "SELECT * FROM evaluation.suites"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(statement)
+            for bad in ("evaluation.suites", "datasets.benign; DROP TABLE datasets.benign", "pg_authid"):
+                with pytest.raises(psycopg.errors.RaiseException, match="not a dataset table"):
+                    conn.execute("SELECT * FROM catalog.dataset_digest(%s)", (bad,))
+        training = leased["creds"]
+        with env.connect(training.username, training.password) as conn:
+            rows = [(str(p), str(r)) for p, r in conn.execute(
+                "SELECT prompt, response FROM datasets.benign ORDER BY id").fetchall()]
+        assert count == len(rows) and digest == rows_sha256(rows)  # PostgreSQL and Python agree
+    finally:
+        state = lifecycle.LeaseState(lease_id=lease.lease_id, dag_id=who.dag_id, run_id=who.run_id,
+                                     dataset="dataset-digests", db_role=lease.db_role,
+                                     token_accessor=lease.token_accessor, issued_at="", expires_at=None)
+        assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
+                                           handover_mount=HANDOVER, record=lambda *a: None, reason="test")

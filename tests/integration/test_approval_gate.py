@@ -57,6 +57,10 @@ class Gate:
         requester = self.client("requester")
         return requester.wait_run(dag_id, run_id, timeout=300), requester.task_states(dag_id, run_id)
 
+    def training_lease_events(self, run_id: str) -> list[str]:
+        return [e.event_type for e in self.events(run_id) if e.event_type.startswith("lease.")
+                and e.task_id in ("acquire_lease", "tune", "revoke_lease")]
+
     def leased_roles(self) -> int:
         pw = Path(self.state["postgres"]["superuser_password_file"]).read_text()
         with psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres", password=pw,
@@ -93,12 +97,12 @@ def test_production_needs_two_distinct_approvers_and_a_repeat_does_not_count(gat
     assert "2 distinct approver(s)" in detail["body"] and "quorum" in detail["body"]
     gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="data reviewed, LGTM")
     gate.wait_round(DEMO_DAG_ID, run_id, 2)
-    assert gate.events(run_id, "lease.requested") == []  # one approval is not a quorum
+    assert gate.training_lease_events(run_id) == []  # one approval is not a quorum
     gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again")
     gate.wait_round(DEMO_DAG_ID, run_id, 3)
     duplicate = gate.events(run_id, "approval.duplicate")
     assert [d.payload_dict()["responder"] for d in duplicate] == ["approver1"]
-    assert gate.events(run_id, "lease.requested") == []
+    assert gate.training_lease_events(run_id) == []
     gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="second pair of eyes")
     state, tasks = gate.final(DEMO_DAG_ID, run_id)
     assert state == "success", tasks
@@ -124,7 +128,7 @@ def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
     assert tasks["acquire_lease"] == "upstream_failed" and tasks["tune"] == "upstream_failed", tasks
     rejected = gate.events(run_id, "approval.rejected")[0].payload_dict()
     assert rejected["responder"] == "approver2" and rejected["comment"] == "not for production yet"
-    assert not any(e.event_type.startswith("lease.") for e in gate.events(run_id))
+    assert gate.training_lease_events(run_id) == []
     assert gate.leased_roles() == before
 
 
@@ -137,7 +141,7 @@ def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate) -> None:
     kinds = [e.event_type for e in gate.events(run_id)]
     assert "approval.expired" in kinds and "approval.granted" not in kinds
     assert gate.events(run_id, "approval.decided")[0].payload_dict() == {"outcome": "rejected", "reason": "expired"}
-    assert not any(k.startswith("lease.") for k in kinds)
+    assert gate.training_lease_events(run_id) == []
     assert gate.leased_roles() == before
 
 
@@ -152,3 +156,27 @@ def test_a_run_approved_for_test_cannot_promote_to_production(gate: Gate) -> Non
     assert "'production' is not the approved target environment 'test'" in blocked["reason"]
     assert gate.events(run_id, "promotion.completed") == []
     assert store.aliases("fgov-demo-tiny").get("production") == production_before
+
+
+def test_data_changed_after_approval_is_refused_by_the_tuning_step(gate: Gate) -> None:
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
+    gate.wait_round(DEMO_DAG_ID, run_id, 1)
+    approved = gate.events(run_id, "policy.decided")[0].payload_dict()["dataset"]
+    assert approved["rows"] == 6 and len(approved["sha256"]) == 64
+    detail = gate.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
+    for text in (approved["uri"], approved["sha256"], "epochs=3", "learning_rate=0.2"):
+        assert text in detail["body"], f"{text!r} missing from the change summary"
+    pw = Path(gate.state["postgres"]["superuser_password_file"]).read_text()
+    with psycopg.connect(host="127.0.0.1", port=gate.state["postgres"]["port"], user="postgres", password=pw,
+                         dbname="fgov_datasets", autocommit=True) as conn:
+        (row_id,) = conn.execute("INSERT INTO datasets.benign (prompt, response) VALUES "
+                                 "('slipped in', 'after the approval') RETURNING id").fetchone()
+        try:
+            gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve")
+            state, tasks = gate.final(DEMO_DAG_ID, run_id)
+        finally:
+            conn.execute("DELETE FROM datasets.benign WHERE id = %s", (row_id,))
+    assert state == "failed" and tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
+    refused = gate.events(run_id, "tuning.refused")[0].payload_dict()
+    assert refused["approved_sha256"] == approved["sha256"] and refused["rows"] == 7
+    assert gate.events(run_id, "tuning.completed") == [] and gate.events(run_id, "lease.verified")

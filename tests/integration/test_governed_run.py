@@ -89,9 +89,9 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
     assert promoted["alias"] == "staging" and promoted["version"] == tuned["version"]
     leases = [e for e in events if e.event_type == "lease.issued"]
-    assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [("acquire_lease", "training"),
-                                                                        ("evaluate", "inference")]
-    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 2  # never one lease or token for both
+    assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
+        ("policy_check", "catalog"), ("acquire_lease", "training"), ("evaluate", "inference")]
+    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 3  # never one lease or token for two
     verified = {e.payload_dict()["lease_id"] for e in events if e.event_type == "lease.verified"}
     assert verified == {e.payload_dict()["lease_id"] for e in leases}
     assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
@@ -214,16 +214,17 @@ def test_marking_the_gate_success_does_not_bypass_approval(stack: Stack) -> None
     assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
     tasks = requester.task_states(DEMO_DAG_ID, run_id)
     assert tasks["approval_gate"] == "success" and tasks["acquire_lease"] == "failed"  # ...but no lease follows
-    kinds = [e.event_type for e in lineage(stack, run_id)]
-    assert "lease.refused" in kinds and "lease.issued" not in kinds and "approval.granted" not in kinds
+    kinds = [(e.task_id, e.event_type) for e in lineage(stack, run_id)]
+    assert ("acquire_lease", "lease.refused") in kinds and ("acquire_lease", "lease.issued") not in kinds
+    assert not any(kind == "approval.granted" for _, kind in kinds)
 
 
 def test_rejection_stops_the_run_before_any_credential(stack: Stack) -> None:
     requester, run_id = start_run(stack)
     assert client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Reject").status_code == 200
     assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
-    kinds = [e.event_type for e in lineage(stack, run_id)]
-    assert "approval.rejected" in kinds and "lease.issued" not in kinds
+    kinds = [(e.task_id, e.event_type) for e in lineage(stack, run_id)]
+    assert ("approval_gate", "approval.rejected") in kinds and ("acquire_lease", "lease.issued") not in kinds
 
 
 def test_lineage_is_append_only_and_tampering_is_named(stack: Stack, approved_benign_run, capsys) -> None:
