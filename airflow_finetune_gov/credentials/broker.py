@@ -10,6 +10,7 @@ policies open to this run's tuning identity alone, so nothing secret travels thr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any
 
 import hvac
 import hvac.exceptions
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 WRAP_CREATION_PATH = "sys/wrapping/wrap"
 
@@ -81,6 +82,9 @@ def handover_path(dataset: str, run_key: str, lease_id: str) -> str:
 
 
 class LeaseBroker:
+    """Issue one lease per login. Revocation also revokes the token that owned the lease (and with it
+    any other lease that token issued), so log in again for the next lease."""
+
     def __init__(self, client: hvac.Client, database_mount: str, handover_mount: str = "fgov-handover") -> None:
         self.client = client
         self.mount = database_mount
@@ -104,8 +108,9 @@ class LeaseBroker:
                                            ttl=f"{wrap_ttl_seconds}s")
             info = wrapped["wrap_info"]
         except BaseException:
-            # Never leave a credential nobody can hand over: revoke it before failing.
-            revoke(self.client, lease_id, attempts=3, base_delay=0.2)
+            # Never leave a credential nobody can hand over. The lease identity may not revoke leases,
+            # but it may revoke its own token, which takes the lease with it (then re-raise the cause).
+            abandon(self.client)
             raise
         return IssuedLease(lease_id=lease_id, db_role=data["username"], lease_duration=duration,
                            requested_ttl=ttl_seconds, renewable=bool(resp["renewable"]),
@@ -119,6 +124,16 @@ class LeaseBroker:
             path=path, secret={"wrap_token": issued.wrap_token, "lease_id": issued.lease_id},
             mount_point=self.handover_mount)
         return path
+
+
+def abandon(client: hvac.Client) -> bool:
+    """Revoke the calling token (``auth/token/revoke-self``, in every token's default policy), and with
+    it every lease it issued. Best effort, for cleaning up after a failure; never raises."""
+    try:
+        client.auth.token.revoke_self()
+        return True
+    except Exception:
+        return False
 
 
 def take_handover(client: hvac.Client, handover_mount: str, dataset: str, run_key: str, lease_id: str) -> str:
@@ -243,6 +258,8 @@ def revoke(client: hvac.Client, lease_id: str, *, attempts: int = 5, base_delay:
             if "invalid lease" in str(exc).lower() or "not found" in str(exc).lower():
                 return attempt
             last = exc
+        except hvac.exceptions.Forbidden as exc:  # retrying will not change a policy
+            raise LeaseError(f"this identity may not revoke lease {lease_id}: {exc}") from None
         except (hvac.exceptions.VaultError, OSError) as exc:  # includes connection errors
             last = exc
         except Exception as exc:  # requests.ConnectionError while OpenBao restarts
@@ -253,21 +270,23 @@ def revoke(client: hvac.Client, lease_id: str, *, attempts: int = 5, base_delay:
 
 
 def revoke_token_accessor(client: hvac.Client, accessor: str) -> bool:
+    """Revoke the token that owned a lease; False if it is already gone or cannot be revoked (the
+    lease itself is revoked and verified separately, so this never hides a live credential)."""
     try:
         client.auth.token.revoke_accessor(accessor)
         return True
-    except hvac.exceptions.InvalidRequest:
-        return False  # already gone (expired or revoked)
+    except (hvac.exceptions.VaultError, OSError):
+        return False
+
+
+@functools.lru_cache(maxsize=8)
+def _monitor_engine(monitor_url: str) -> Engine:
+    return create_engine(monitor_url, future=True, pool_size=1, max_overflow=1, pool_pre_ping=True)
 
 
 def verify_role_gone(monitor_url: str, db_role: str) -> dict[str, int]:
     """Prove the revocation on the database itself: the role is dropped and none of its sessions remain."""
-    engine = create_engine(monitor_url, future=True)
-    try:
-        with engine.connect() as conn:
-            roles = conn.execute(text("SELECT count(*) FROM pg_roles WHERE rolname = :r"), {"r": db_role}).scalar()
-            sessions = conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE usename = :r"),
-                                    {"r": db_role}).scalar()
-    finally:
-        engine.dispose()
-    return {"roles": int(roles or 0), "sessions": int(sessions or 0)}
+    with _monitor_engine(monitor_url).connect() as conn:
+        row = conn.execute(text("SELECT (SELECT count(*) FROM pg_roles WHERE rolname = :r), "
+                                "(SELECT count(*) FROM pg_stat_activity WHERE usename = :r)"), {"r": db_role}).one()
+    return {"roles": int(row[0] or 0), "sessions": int(row[1] or 0)}

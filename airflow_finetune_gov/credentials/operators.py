@@ -96,9 +96,9 @@ class AcquireLeaseOperator(BaseOperator):
                 "handover": f"{settings.get('handover_mount')}/{handover}",
             }, actor="lease-broker")
         except BaseException:
-            # An unrecorded or undeliverable credential must not exist: revoke it before failing.
-            broker.revoke(client, issued.lease_id, attempts=3, base_delay=0.2)
-            broker.revoke_token_accessor(client, issued.token_accessor)
+            # An unrecorded or undeliverable credential must not exist: revoke its token (and with it the
+            # lease) before failing with the original error.
+            broker.abandon(client)
             raise
         if issued.lease_duration < ttl:
             self.log.warning("lease %s granted %ss, less than the %ss asked: the role's or token's maximum "
@@ -140,8 +140,7 @@ def service_credentials(context: Any, service: str, *,
             "expires_at": (datetime.now(UTC) + timedelta(seconds=issued.lease_duration)).isoformat(),
         }, actor="lease-broker")
     except BaseException:
-        broker.revoke(client, issued.lease_id, attempts=3, base_delay=0.2)
-        broker.revoke_token_accessor(client, issued.token_accessor)
+        broker.abandon(client)
         raise
     try:
         creds = broker.unwrap(common.vault_addr(hook.vault_conn_id), issued.wrap_token,

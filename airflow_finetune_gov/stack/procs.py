@@ -78,13 +78,24 @@ def stop(record: ProcRecord, *, sig: int = signal.SIGTERM, timeout: float = 30.0
         _kill_group_leftovers(record.pid)
         return
     members = _group_members(record.pid)
+    # Descendants that left the process group (Airflow runs each task in its own session) are stopped
+    # too: by the psutil handles taken now, which refuse to signal a recycled pid.
+    try:
+        descendants = proc.children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    in_group = {m.pid for m in members}
+    outside = [d for d in descendants if d.pid not in in_group]
     try:
         os.killpg(record.pid, sig)
     except ProcessLookupError:
         return
     except PermissionError:
         proc.send_signal(sig)
-    _gone, alive = psutil.wait_procs([proc, *members], timeout=timeout)
+    for d in outside:
+        with contextlib.suppress(psutil.Error):
+            d.send_signal(sig)
+    _gone, alive = psutil.wait_procs([proc, *members, *outside], timeout=timeout)
     for p in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()

@@ -369,3 +369,32 @@ def test_catalog_lease_reads_digests_but_never_rows(env: Env, leased: dict[str, 
                                      token_accessor=lease.token_accessor, issued_at="", expires_at=None)
         assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
                                            handover_mount=HANDOVER, record=lambda *a: None, reason="test")
+
+
+def test_a_failure_after_issue_leaves_no_credential_and_keeps_the_cause(env: Env,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    who = ident()
+    client = env.login("lease-benign", who, "lease", dataset="benign", approval_id="9")
+    before = env.leases()
+
+    def benign_roles() -> int:
+        with env.superuser() as conn:
+            row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-fgov-jwt-ds-benig-%'").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    roles_before = benign_roles()
+
+    def broken_wrap(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("wrapping endpoint unavailable")
+
+    monkeypatch.setattr(client.sys, "wrap", broken_wrap)
+    with pytest.raises(RuntimeError, match="wrapping endpoint unavailable"):
+        broker.LeaseBroker(client, DB_MOUNT, HANDOVER).issue("ds-benign", ttl_seconds=300, wrap_ttl_seconds=300)
+    deadline = time.monotonic() + 30  # OpenBao revokes a revoked token's leases in the background
+    while (env.leases() != before or benign_roles() != roles_before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert env.leases() == before, "the credential issued before the failure is still leased"
+    assert benign_roles() == roles_before  # its role is gone from PostgreSQL, not just forgotten by OpenBao
+    with pytest.raises(hvac.exceptions.VaultError):
+        client.auth.token.lookup_self()  # the lease identity's token was revoked with it

@@ -29,7 +29,7 @@ def test_pending_gate_is_on_the_required_actions_page(stack: Stack, tmp_path: Pa
     try:
         requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
         subject = "Approve fine-tune of fgov-demo-tiny on dataset poisoned for staging"
-        shot = Path(state["state_dir"]) / "required-actions.png"
+        shot = tmp_path / "required-actions.png"  # pytest keeps the last three runs' tmp_path
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             try:
