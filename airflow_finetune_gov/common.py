@@ -39,9 +39,23 @@ def lineage_store() -> LineageStore:
 
 
 def policy() -> Policy:
+    """The configured policy (the packaged default when ``policy_file`` is empty), parsed once per
+    version of the file in this process."""
+    import os
+
+    path = settings.get("policy_file", required=False) or ""
+    try:
+        stamp = os.stat(path).st_mtime_ns if path else 0
+    except OSError:
+        stamp = -1  # let load_policy name the missing file
+    return _policy(path, stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _policy(path: str, stamp: int) -> Policy:
     from airflow_finetune_gov.policy.engine import load_policy
 
-    return load_policy(settings.get("policy_file", required=False) or None)
+    return load_policy(path or None)
 
 
 def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str | None = None) -> LineageEvent:

@@ -307,7 +307,7 @@ def report(env: Env, s: Samples, *, iterations: int, warmup: int, where: str) ->
     print("          all under a JWT token whose policies are templated on identity metadata")
     print("  revoke: sync lease revoke, + token revoke by accessor (the lease client's token),")
     print("          + delete of the run's KV hand-over metadata = 3 requests,")
-    print("          + verify on PostgreSQL: a new SQLAlchemy engine and connection as the monitor role,")
+    print("          + verify on PostgreSQL: one query on a pooled connection as the monitor role,")
     print("          counting pg_roles and pg_stat_activity for the leased role (polled until both are 0)")
 
 

@@ -147,6 +147,8 @@ class FineTuneApprovalOperator(HITLOperator):
             return self._reopen(context, decision, reason=f"violation by {who}")
         if option != APPROVE:
             common.record(context, "approval.rejected", {**answer, "tier": decision["tier"]}, actor=who)
+            common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",
+                                                        "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"fine-tune rejected by {who}" + (f": {comment}" if comment else ""))
         granted = {e.payload_dict()["responder"] for e in store.events(dag_id=ti.dag_id, run_id=ti.run_id,
                                                                       event_type="approval.granted")}

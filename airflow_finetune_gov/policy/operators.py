@@ -32,6 +32,9 @@ class PolicyCheckOperator(BaseOperator):
         self.hyperparameters = hyperparameters
         self.dataset_digest = dataset_digest
         self.vault_conn_id = vault_conn_id
+        # A malformed policy file fails here, at DAG parse, naming the file, line and problem (the DAG
+        # shows an import error instead of failing at run time).
+        common.policy()
         self.model = model
         self.dataset = dataset
         self.target_environment = target_environment

@@ -3,6 +3,7 @@ from __future__ import annotations
 from itertools import pairwise
 from pathlib import Path
 
+import pytest
 from airflow.dag_processing.dagbag import DagBag
 
 DAGS = Path(__file__).resolve().parents[2] / "dags"
@@ -24,3 +25,16 @@ def test_demo_dag_shape() -> None:
     assert lease.is_setup and revoke.is_teardown
     assert "tune" in revoke.upstream_task_ids
     assert dag.params["dataset"] == "benign" and dag.params["target_environment"] == "staging"
+
+
+def test_a_malformed_policy_file_fails_the_dag_at_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow_finetune_gov.policy.engine import default_policy_text
+
+    broken = tmp_path / "team-policy.yaml"
+    broken.write_text(default_policy_text().replace("tier: auto", "tier: sometimes"))
+    monkeypatch.setenv("AIRFLOW__FINETUNE_GOV__POLICY_FILE", str(broken))
+    bag = DagBag(dag_folder=str(DAGS / "governed_finetune_demo.py"))
+    assert "governed_finetune_demo" not in bag.dag_ids
+    (error,) = bag.import_errors.values()
+    line = next(n for n, text in enumerate(broken.read_text().splitlines(), 1) if "sometimes" in text)
+    assert f"{broken}, line {line}: tier 'sometimes' is not one of" in error

@@ -128,6 +128,8 @@ def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
     assert tasks["acquire_lease"] == "upstream_failed" and tasks["tune"] == "upstream_failed", tasks
     rejected = gate.events(run_id, "approval.rejected")[0].payload_dict()
     assert rejected["responder"] == "approver2" and rejected["comment"] == "not for production yet"
+    decided = gate.events(run_id, "approval.decided")[0].payload_dict()
+    assert decided["outcome"] == "rejected" and "approver2" in decided["reason"]
     assert gate.training_lease_events(run_id) == []
     assert gate.leased_roles() == before
 
