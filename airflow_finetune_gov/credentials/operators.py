@@ -85,6 +85,10 @@ class AcquireLeaseOperator(BaseOperator):
             common.record(context, "lease.refused", {"reason": str(exc)[:500], "dataset": dataset},
                           actor="lease-broker")
             raise AirflowFailException(str(exc)) from None
+        except Exception as exc:  # OpenBao unreachable, timeouts: recorded, and retryable by Airflow
+            common.record(context, "lease.failed", {"error": f"{type(exc).__name__}: {exc}"[:500],
+                                                    "dataset": dataset}, actor="lease-broker")
+            raise AirflowException(f"no lease issued: {type(exc).__name__}: {exc}") from None
         expires_at = datetime.now(UTC) + timedelta(seconds=issued.lease_duration)
         try:
             handover = lease_broker.hand_over(dataset, ident.run_key, issued)
