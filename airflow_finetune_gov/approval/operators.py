@@ -65,8 +65,10 @@ class FineTuneApprovalOperator(HITLOperator):
         approvers = [a for a in decision["approvers"] if a not in excluded]
         needed = self._needed(decision)
         if len(approvers) < needed:
-            common.record(context, "approval.rejected", {"responder": "policy", "reason": "not enough eligible "
-                                                         f"approvers for {needed} approval(s)"}, actor="policy")
+            reason = f"not enough eligible approvers for {needed} approval(s)"
+            common.record(context, "approval.rejected", {"responder": "policy", "reason": reason}, actor="policy")
+            common.record(context, "approval.decided", {"outcome": "rejected", "reason": reason,
+                                                        "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"not enough eligible approvers: tier {decision['tier']} needs {needed}, and "
                                        f"the approver group {decision['approvers']} minus requester/owners "
                                        f"{sorted(excluded)} leaves {approvers}")
