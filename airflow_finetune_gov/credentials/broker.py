@@ -197,6 +197,10 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(timeout=30)
 
+    def cancel(self) -> None:
+        """Stop renewing without waiting for an in-flight renewal (for ``on_kill``)."""
+        self._stop.set()
+
     def __enter__(self) -> LeaseKeeper:
         return self.start()
 

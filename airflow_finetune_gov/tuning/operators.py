@@ -154,6 +154,8 @@ class GovernedFineTuneOperator(BaseOperator):
         return {"model": out["name"], "version": out["version"], "sha256": out["sha256"]}
 
     def on_kill(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()  # a renewal must not race the revocation below
         if self._context is None:
             return
         from airflow_finetune_gov.credentials.operators import revoke_run_leases
