@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy  # noqa: E402
+from bench.common import pct  # noqa: E402
 
 DECISION_GOAL_MS = 5.0
 PARSE_GOAL_MS = 20.0
@@ -60,11 +61,6 @@ assert not bag.import_errors, bag.import_errors
 assert bag.dags.get("bench_gate") is not None
 print(json.dumps({"ms": elapsed * 1000}))
 """
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 def bench_decisions(n: int) -> dict[str, float]:

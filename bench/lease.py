@@ -44,6 +44,7 @@ from psycopg.conninfo import make_conninfo  # noqa: E402
 from airflow_finetune_gov.credentials import broker, lifecycle  # noqa: E402
 from airflow_finetune_gov.credentials.identity import TaskIdentity, mint  # noqa: E402
 from airflow_finetune_gov.stack.manager import Stack, StackOptions  # noqa: E402
+from bench.common import pct  # noqa: E402
 
 DB_ROLE = "ds-benign"
 DATASET = "benign"
@@ -52,11 +53,6 @@ RATIO_GOAL = 1.5
 P50_GOAL_MS = 60.0
 REVOKER_RELOGIN_SECONDS = 300.0  # the revoker role's tokens live 10 min: log in again well before
 ROLE_PATTERNS = ("v-fgov-jwt-%", "v-root-%")
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
 class Env:

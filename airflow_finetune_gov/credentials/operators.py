@@ -74,7 +74,6 @@ class AcquireLeaseOperator(BaseOperator):
         self.log.info("approval %s verified (tier %s, approvers %s); leasing dataset %s for %ss",
                       approval["approval_id"], approval["tier"], approval["approvers"] or ["policy"], dataset, ttl)
         ident = common.identity(context)
-        lease_broker: broker.LeaseBroker | None = None
         try:
             client = GovernedLeaseHook(self.vault_conn_id).client(
                 ident, role=lease_role_name(dataset), purpose="lease",

@@ -90,10 +90,17 @@ def revoker(env: Env, who: TaskIdentity) -> hvac.Client:
     return env.login("revoker", TaskIdentity(who.dag_id, who.run_id, "revoke_lease", 1), "revoke")
 
 
-def state_of(lease: broker.IssuedLease, who: TaskIdentity) -> lifecycle.LeaseState:
-    return lifecycle.LeaseState(lease_id=lease.lease_id, dag_id=who.dag_id, run_id=who.run_id, dataset="benign",
+def state_of(lease: broker.IssuedLease, who: TaskIdentity, dataset: str = "benign") -> lifecycle.LeaseState:
+    return lifecycle.LeaseState(lease_id=lease.lease_id, dag_id=who.dag_id, run_id=who.run_id, dataset=dataset,
                                 db_role=lease.db_role, token_accessor=lease.token_accessor, issued_at="",
                                 expires_at=None)
+
+
+def settle(env: Env, lease: broker.IssuedLease, who: TaskIdentity, dataset: str = "benign", *,
+           record: lifecycle.Recorder = lambda *a: None, reason: str = "test") -> bool:
+    """Revoke a lease as the revoker of ``who``'s run and prove it gone on PostgreSQL."""
+    return lifecycle.revoke_and_verify(revoker(env, who), state_of(lease, who, dataset), monitor_url=env.monitor_url,
+                                       handover_mount=HANDOVER, record=record, reason=reason)
 
 
 @pytest.fixture
@@ -102,8 +109,7 @@ def leased(env: Env) -> Iterator[dict[str, Any]]:
     client, lease = issue(env, who)
     creds = broker.unwrap(env.addr, lease.wrap_token, expected_digest=lease.wrap_token_sha256)
     yield {"who": who, "client": client, "lease": lease, "creds": creds}
-    lifecycle.revoke_and_verify(revoker(env, who), state_of(lease, who), monitor_url=env.monitor_url,
-                                handover_mount=HANDOVER, record=lambda *a: None, reason="test cleanup")
+    settle(env, lease, who, reason="test cleanup")
 
 
 def test_leased_role_reads_the_approved_table_and_nothing_else(env: Env, leased: dict[str, Any]) -> None:
@@ -133,9 +139,7 @@ def test_revocation_terminates_open_sessions_and_is_verified(env: Env) -> None:
     session = env.connect(creds.username, creds.password)
     assert session.execute("SELECT 1").fetchone() == (1,)
     events: list[tuple[str, dict[str, Any]]] = []
-    ok = lifecycle.revoke_and_verify(revoker(env, who), state_of(lease, who), monitor_url=env.monitor_url,
-                                     handover_mount=HANDOVER, record=lambda k, p: events.append((k, p)),
-                                     reason="test")
+    ok = settle(env, lease, who, record=lambda k, p: events.append((k, p)))
     assert ok and [k for k, _ in events] == ["lease.revoked", "lease.verified"]
     assert events[1][1]["remaining"] == {"roles": 0, "sessions": 0}
     assert events[0][1]["token_revoked"] is True
@@ -170,8 +174,7 @@ def test_handover_is_for_the_same_runs_tuning_task_only_and_only_once(env: Env) 
     with pytest.raises(broker.LeaseError, match=r"already used|invalid"):
         broker.unwrap(env.addr, token, expected_digest=lease.wrap_token_sha256)
     assert creds.username == lease.db_role
-    assert lifecycle.revoke_and_verify(revoker(env, who), state_of(lease, who), monitor_url=env.monitor_url,
-                                       handover_mount=HANDOVER, record=lambda *a: None, reason="test")
+    assert settle(env, lease, who)
 
 
 def test_renewal_extends_the_lease_and_the_roles_valid_until(env: Env, leased: dict[str, Any]) -> None:
@@ -268,11 +271,7 @@ def test_inference_and_training_leases_never_overlap(env: Env, leased: dict[str,
             broker.LeaseBroker(client, DB_MOUNT, HANDOVER).issue("ds-benign", ttl_seconds=60, wrap_ttl_seconds=60)
         assert inference.token_accessor != leased["lease"].token_accessor
     finally:
-        state = lifecycle.LeaseState(lease_id=inference.lease_id, dag_id=who.dag_id, run_id=who.run_id,
-                                     dataset="evaluation-suites", db_role=inference.db_role,
-                                     token_accessor=inference.token_accessor, issued_at="", expires_at=None)
-        assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
-                                           handover_mount=HANDOVER, record=lambda *a: None, reason="test")
+        assert settle(env, inference, who, "evaluation-suites")
 
 
 def test_hook_refusals_name_the_problem(env: Env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,11 +363,7 @@ def test_catalog_lease_reads_digests_but_never_rows(env: Env, leased: dict[str, 
                 "SELECT prompt, response FROM datasets.benign ORDER BY id").fetchall()]
         assert count == len(rows) and digest == rows_sha256(rows)  # PostgreSQL and Python agree
     finally:
-        state = lifecycle.LeaseState(lease_id=lease.lease_id, dag_id=who.dag_id, run_id=who.run_id,
-                                     dataset="dataset-digests", db_role=lease.db_role,
-                                     token_accessor=lease.token_accessor, issued_at="", expires_at=None)
-        assert lifecycle.revoke_and_verify(revoker(env, who), state, monitor_url=env.monitor_url,
-                                           handover_mount=HANDOVER, record=lambda *a: None, reason="test")
+        assert settle(env, lease, who, "dataset-digests")
 
 
 def test_a_failure_after_issue_leaves_no_credential_and_keeps_the_cause(env: Env,

@@ -4,40 +4,19 @@ approvers answering over REST, fail-closed expiry, and promotion bound to the ap
 from __future__ import annotations
 
 import time
-from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
+from support import StackView
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
-from airflow_finetune_gov.lineage.store import LineageStore
 from airflow_finetune_gov.registry.store import ModelStore
-from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
 pytestmark = pytest.mark.stack
 APPROVALS_DAG = "governed_finetune_approvals"
 
 
-class Gate:
-    def __init__(self, stack: Stack) -> None:
-        state = stack.load()
-        assert state is not None
-        self.stack, self.state = stack, state
-
-    def client(self, user: str) -> AirflowClient:
-        return AirflowClient(self.state["airflow"]["url"], user, self.stack.airflow_password(user))
-
-    def events(self, run_id: str, kind: str | None = None) -> list[Any]:
-        return LineageStore(Path(self.state["governance_db_url_file"]).read_text()).events(run_id=run_id,
-                                                                                          event_type=kind)
-
-    def trigger(self, dag_id: str, **conf: str) -> str:
-        requester = self.client("requester")
-        requester.wait_for_dag(dag_id)
-        return requester.trigger(dag_id, conf)
-
+class Gate(StackView):
     def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120) -> None:
         """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
         deadline = time.monotonic() + timeout
@@ -62,9 +41,7 @@ class Gate:
                 and e.task_id in ("acquire_lease", "tune", "revoke_lease")]
 
     def leased_roles(self) -> int:
-        pw = Path(self.state["postgres"]["superuser_password_file"]).read_text()
-        with psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres", password=pw,
-                             dbname="postgres", autocommit=True) as conn:
+        with self.superuser() as conn:
             row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname LIKE 'v-%'").fetchone()
         assert row is not None
         return int(row[0])
@@ -168,9 +145,7 @@ def test_data_changed_after_approval_is_refused_by_the_tuning_step(gate: Gate) -
     detail = gate.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
     for text in (approved["uri"], approved["sha256"], "epochs=3", "learning_rate=0.2"):
         assert text in detail["body"], f"{text!r} missing from the change summary"
-    pw = Path(gate.state["postgres"]["superuser_password_file"]).read_text()
-    with psycopg.connect(host="127.0.0.1", port=gate.state["postgres"]["port"], user="postgres", password=pw,
-                         dbname="fgov_datasets", autocommit=True) as conn:
+    with gate.superuser("fgov_datasets") as conn:
         (row_id,) = conn.execute("INSERT INTO datasets.benign (prompt, response) VALUES "
                                  "('slipped in', 'after the approval') RETURNING id").fetchone()
         try:

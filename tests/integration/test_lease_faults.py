@@ -13,44 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
+from support import StackView
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
-from airflow_finetune_gov.lineage.store import LineageStore
-from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import Stack
 
 pytestmark = pytest.mark.stack
 DAG_ID = "governed_finetune_faults"
 
 
-class Gov:
-    def __init__(self, stack: Stack) -> None:
-        state = stack.load()
-        assert state is not None
-        self.stack, self.state = stack, state
-
-    def client(self, user: str) -> AirflowClient:
-        return AirflowClient(self.state["airflow"]["url"], user, self.stack.airflow_password(user))
-
-    def events(self, run_id: str) -> list[Any]:
-        return LineageStore(Path(self.state["governance_db_url_file"]).read_text()).events(run_id=run_id)
-
+class Gov(StackView):
     def role_and_sessions(self, role: str) -> tuple[int, int]:
-        pw = Path(self.state["postgres"]["superuser_password_file"]).read_text()
-        with psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres", password=pw,
-                             dbname="postgres", autocommit=True) as conn:
+        with self.superuser() as conn:
             roles = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
         assert roles is not None and sessions is not None
         return int(roles[0]), int(sessions[0])
 
     def approved_run(self, mode: str, marker: Path) -> str:
-        requester = self.client("requester")
-        requester.wait_for_dag(DAG_ID)
-        run_id = requester.trigger(DAG_ID, {"mode": mode, "marker": str(marker)})
-        requester.wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        run_id = self.trigger(DAG_ID, mode=mode, marker=str(marker))
+        self.client("requester").wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
         time.sleep(SETTLE_SECONDS)
         resp = self.client("approver1").answer(DAG_ID, run_id, "approval_gate", "Approve")
         assert resp.status_code == 200, resp.text
