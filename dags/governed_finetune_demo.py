@@ -25,7 +25,7 @@ from airflow_finetune_gov.registry.operators import PromoteModelOperator
 from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
 
 # Approved with the change, and checked again by the tuning step.
-HYPERPARAMETERS = {"epochs": 3, "learning_rate": 0.2}
+HYPERPARAMETERS = {"epochs": 10, "learning_rate": 0.01, "lora_r": 8}
 
 with DAG(
     dag_id="governed_finetune_demo",
@@ -47,12 +47,13 @@ with DAG(
         model="fgov-demo-tiny",
         dataset="{{ params.dataset }}",
         target_environment="{{ params.target_environment }}",
-        tuning_method="full",
+        tuning_method="lora",
         hyperparameters=HYPERPARAMETERS,
     )
     approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=24))
     acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=timedelta(minutes=10))
-    tune = GovernedFineTuneOperator(task_id="tune", hyperparameters=HYPERPARAMETERS)
+    tune = GovernedFineTuneOperator(task_id="tune", backend="local_peft", base_model="fgov-demo-tiny",
+                                    hyperparameters=HYPERPARAMETERS)
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
     evaluate = BehaviourEvaluationOperator(task_id="evaluate")
     promote = PromoteModelOperator(task_id="promote")

@@ -13,8 +13,6 @@ from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation.basic import DETECTOR, Suite, compare, load_suite, parse_suite, run_suite
 from airflow_finetune_gov.registry.store import ModelStore
-from airflow_finetune_gov.tuning.backends import MODEL_FILE
-from airflow_finetune_gov.tuning.responder import ResponderModel
 
 
 class BehaviourEvaluationOperator(BaseOperator):
@@ -56,11 +54,17 @@ class BehaviourEvaluationOperator(BaseOperator):
             problems = store.verify(name, version)
             if problems:
                 raise AirflowFailException(f"model {name} {version} does not match its manifest: {problems}")
-        base = ResponderModel.from_json(store.read(t["base_model"], t["base_version"], MODEL_FILE).decode())
-        cand = ResponderModel.from_json(store.read(t["model"], t["version"], MODEL_FILE).decode())
+        from airflow_finetune_gov.tuning.tiny_lm import LocalModel
+
+        if t.get("kind", "adapter") != "adapter" or not t.get("version"):
+            raise AirflowFailException(f"this evaluation runs local adapters; the {t['backend']} result "
+                                       f"({t.get('remote_model') or t.get('version')}) needs a model client")
+        base_dir = store.path(t["base_model"], t["base_version"])
+        base = LocalModel(base_dir)
+        cand = LocalModel(base_dir, store.path(t["model"], t["version"]))
         suite = self._load_suite(context)
-        baseline_results = run_suite(suite, base.respond_many)
-        candidate_results = run_suite(suite, cand.respond_many)
+        baseline_results = run_suite(suite, base.generate)
+        candidate_results = run_suite(suite, cand.generate)
         thresholds = common.policy().evaluation
         verdict = compare(baseline_results, candidate_results, thresholds)
         ti = context["ti"]

@@ -104,6 +104,25 @@ class Policy:
     quorum: int
     lease: dict[str, int]
     evaluation: dict[str, float]
+    hyperparameters: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def check_hyperparameters(self, hyperparameters: dict[str, Any] | None) -> list[str]:
+        """Problems with ``hyperparameters`` against the policy's bounds (an empty list: within bounds).
+
+        Only numeric keys the policy bounds are checked; the backend rejects keys it does not know."""
+        problems = []
+        for key, (low, high) in self.hyperparameters.items():
+            if not hyperparameters or key not in hyperparameters:
+                continue
+            value = hyperparameters[key]
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                problems.append(f"{key}={value!r} is not a number")
+                continue
+            if not low <= number <= high:
+                problems.append(f"{key}={value} is outside the policy's range [{low:g}, {high:g}]")
+        return problems
 
     def dataset(self, name: str) -> DatasetEntry:
         try:
@@ -231,8 +250,20 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise _fail(source, raw_lease.get("__line__", top) if isinstance(raw_lease, dict) else top,
                     "lease TTLs must satisfy min_ttl_minutes <= default_ttl_minutes <= max_ttl_minutes")
     evaluation = {k: float(v) for k, v in (doc.get("evaluation") or {}).items() if k not in _META}
+    bounds: dict[str, tuple[float, float]] = {}
+    raw_hp = (doc.get("tuning") or {}).get("hyperparameters") or {} if isinstance(doc.get("tuning"), dict) else {}
+    for key, spec in raw_hp.items():
+        if key in _META:
+            continue
+        if not isinstance(spec, dict) or not {"min", "max"} <= set(spec) or not all(
+                isinstance(spec[k], int | float) and not isinstance(spec[k], bool) for k in ("min", "max")):
+            raise _fail(source, _line(raw_hp, key), f"tuning.hyperparameters.{key} must be {{min: N, max: N}}")
+        if spec["min"] > spec["max"]:
+            raise _fail(source, _line(raw_hp, key), f"tuning.hyperparameters.{key}: min is above max")
+        bounds[str(key)] = (float(spec["min"]), float(spec["max"]))
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
-                  datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation)
+                  datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation,
+                  hyperparameters=bounds)
 
 
 def default_policy_text() -> str:

@@ -49,6 +49,9 @@ class PolicyCheckOperator(BaseOperator):
                 model=self.model, dataset=self.dataset, target_environment=self.target_environment,
                 requester=requester, tuning_method=self.tuning_method, base_version=self.base_version,
             ))
+            problems = policy.check_hyperparameters(self.hyperparameters)
+            if problems:
+                raise PolicyError(f"hyperparameters rejected: {'; '.join(problems)} (policy {policy.source})")
         except PolicyError as exc:
             common.record(context, "policy.error", {"error": str(exc)}, actor="policy")
             raise AirflowFailException(f"policy check failed: {exc}") from exc
@@ -57,6 +60,11 @@ class PolicyCheckOperator(BaseOperator):
         record["dataset"] = None
         if decision.tier != "deny" and self.dataset_digest:
             record["dataset"] = self._digest(context, decision.dataset_table)
+            if record["dataset"]["rows"] == 0:
+                error = f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is nothing to tune on"
+                common.record(context, "policy.error", {"error": error, "dataset": record["dataset"]},
+                              actor="policy")
+                raise AirflowFailException(f"policy check failed: {error}")
         common.record(context, "policy.decided", record, actor="policy")
         self.log.info("policy %s (sha256 %s): tier %s - %s", decision.policy_name, decision.policy_sha256[:12],
                       decision.tier, "; ".join(decision.reasons))
@@ -65,12 +73,20 @@ class PolicyCheckOperator(BaseOperator):
         return {"tier": decision.tier, "reasons": decision.reasons, "policy_sha256": decision.policy_sha256}
 
     def _digest(self, context: Any, table: str) -> dict[str, Any]:
+        import psycopg
+
         from airflow_finetune_gov import settings
         from airflow_finetune_gov.credentials.operators import service_credentials
 
         with service_credentials(context, "catalog", vault_conn_id=self.vault_conn_id) as creds, \
                 common.datasets_connection(creds.username, creds.password) as conn:
-            row = conn.execute("SELECT row_count, sha256 FROM catalog.dataset_digest(%s)", (table,)).fetchone()
+            try:
+                row = conn.execute("SELECT row_count, sha256 FROM catalog.dataset_digest(%s)", (table,)).fetchone()
+            except (psycopg.errors.UndefinedTable, psycopg.errors.RaiseException):
+                error = (f"dataset table {table} does not exist in database {settings.get('datasets_database')}; "
+                         "fix the policy's datasets entry or load the table")
+                common.record(context, "policy.error", {"error": error}, actor="policy")
+                raise AirflowFailException(f"policy check failed: {error}") from None
         if row is None:
             raise AirflowFailException(f"no digest for dataset table {table}")
         uri = f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{table}"

@@ -100,18 +100,26 @@ class ModelStore:
         path = self.root / _check_name("model name", name) / "aliases.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
+    def path(self, name: str, version: str) -> Path:
+        """The directory holding ``name`` ``version`` (checked to exist)."""
+        self.manifest(name, version)
+        return self.root / name / version
+
     def set_alias(self, name: str, alias: str, version: str, *, by: str, run: str) -> dict[str, Any]:
+        with self._locked(name):
+            return self._set_alias_unlocked(name, alias, version, by=by, run=run)
+
+    def _set_alias_unlocked(self, name: str, alias: str, version: str, *, by: str, run: str) -> dict[str, Any]:
         _check_name("alias", alias)
         self.manifest(name, version)
-        with self._locked(name):
-            current = self.aliases(name)
-            previous = current.get(alias, {}).get("version")
-            history = current.get("_history", [])
-            history.append({"alias": alias, "from": previous, "to": version, "by": by, "run": run,
-                            "at": datetime.now(UTC).isoformat()})
-            current[alias] = {"version": version, "by": by, "run": run}
-            current["_history"] = history
-            tmp = self.root / name / ".aliases.tmp"
-            tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-            os.replace(tmp, self.root / name / "aliases.json")
+        current = self.aliases(name)
+        previous = current.get(alias, {}).get("version")
+        history = current.get("_history", [])
+        history.append({"alias": alias, "from": previous, "to": version, "by": by, "run": run,
+                        "at": datetime.now(UTC).isoformat()})
+        current[alias] = {"version": version, "by": by, "run": run}
+        current["_history"] = history
+        tmp = self.root / name / ".aliases.tmp"
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        os.replace(tmp, self.root / name / "aliases.json")
         return {"alias": alias, "from": previous, "to": version}

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -15,8 +17,20 @@ from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import policy_decision
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
-from airflow_finetune_gov.registry.store import ModelStore
-from airflow_finetune_gov.tuning.backends import DEMO_MODEL, ensure_demo_base, get_backend, rows_sha256
+from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+from airflow_finetune_gov.tuning.backends import (
+    BACKENDS,
+    DEMO_MODEL,
+    RUNNING,
+    SUCCEEDED,
+    TuningBackend,
+    TuningError,
+    TuningJob,
+    TuningRequest,
+    get_backend,
+    resolve_base,
+    rows_sha256,
+)
 from airflow_finetune_gov.vault.bootstrap import tune_role_name
 
 
@@ -31,36 +45,69 @@ def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]
 class GovernedFineTuneOperator(BaseOperator):
     """Fine-tune a model on the run's approved dataset, reading it only with the leased credentials.
 
-    Refuses to start without a live lease recorded for this run. Records the dataset's content hash
-    (of exactly the rows trained on), row count, base and output model versions and hashes,
-    hyperparameters, backend and duration. ``on_kill`` revokes the run's leases.
+    Refuses to start without a live lease recorded for this run, with hyperparameters other than
+    the approved ones or out of the backend's range, or with a base model that is not there. Reads
+    the rows with the leased role and refuses content whose hash differs from the approved one.
+    Runs the backend's job, logging its progress, and records the dataset URI and content hash (of
+    exactly the rows trained on), row count, base model and its hash, hyperparameters, backend,
+    output model version and hash, metrics and duration. ``on_kill`` cancels the job (no trainer
+    outlives the task) and revokes the run's leases.
+
+    :param backend: ``local_peft`` (default), ``command``, or a name given to ``register_backend``.
+    :param base_model: ``name`` (the store's ``base`` alias), ``name@version`` or ``name:alias``;
+        the demo model ``fgov-demo-tiny`` is built on first use.
+    :param command: the trainer's argv for ``backend="command"`` (credentials go in its environment).
+    :param output_model: model-store name of the result (default: the base model's name).
     """
 
-    template_fields = ("hyperparameters",)
+    template_fields = ("hyperparameters", "base_model", "command", "output_model")
     ui_color = "#f3e8fd"
 
     def __init__(self, *, lease_task_id: str = "acquire_lease", base_model: str = DEMO_MODEL,
-                 backend: str = "responder", hyperparameters: dict[str, Any] | None = None,
-                 vault_conn_id: str | None = None, **kwargs: Any) -> None:
+                 backend: str = "local_peft", hyperparameters: dict[str, Any] | None = None,
+                 command: list[str] | None = None, output_model: str | None = None,
+                 poll_interval: float = 0.5, vault_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown tuning backend {backend!r}; available: {', '.join(sorted(BACKENDS))} "
+                             "(register your own with airflow_finetune_gov.tuning.backends.register_backend)")
         self.lease_task_id = lease_task_id
         self.base_model = base_model
         self.backend = backend
-        self.hyperparameters = hyperparameters or {"epochs": 3, "learning_rate": 0.2}
+        self.hyperparameters = hyperparameters if hyperparameters is not None else {}
+        self.command = command
+        self.output_model = output_model
+        self.poll_interval = poll_interval
         self.vault_conn_id = vault_conn_id
         self._context: Any = None
         self._keeper: broker.LeaseKeeper | None = None
+        self._job: TuningJob | None = None
+
+    def _refuse(self, context: Any, reason: str, **details: Any) -> AirflowFailException:
+        common.record(context, "tuning.refused", {"reason": reason, **details}, actor="tuning")
+        return AirflowFailException(reason)
 
     def execute(self, context: Any) -> dict[str, Any]:
         self._context = context
         ti = context["ti"]
+        hp = dict(self.hyperparameters)
         approved_hp = policy_decision(common.lineage_store(), ti.dag_id, ti.run_id).get("hyperparameters")
-        if approved_hp is not None and approved_hp != dict(self.hyperparameters):
-            common.record(context, "tuning.refused", {"reason": "hyperparameters differ from what was approved",
-                                                      "approved": approved_hp, "asked": dict(self.hyperparameters)},
-                          actor="tuning")
-            raise AirflowFailException(f"hyperparameters {dict(self.hyperparameters)} are not the approved "
-                                       f"{approved_hp}")
+        if approved_hp is not None and approved_hp != hp:
+            raise self._refuse(context, f"hyperparameters {hp} are not the approved {approved_hp}",
+                               approved=approved_hp, asked=hp)
+        backend = get_backend(self.backend)
+        try:
+            backend.validate(hp)
+        except ValueError as exc:
+            raise self._refuse(context, f"hyperparameters rejected by backend {self.backend}: {exc}", asked=hp) \
+                from None
+        store = ModelStore(settings.get("model_store"))
+        try:
+            base: dict[str, Any] | None = resolve_base(store, self.base_model)
+        except (FileNotFoundError, RegistryError) as exc:
+            if backend.needs_local_base:
+                raise self._refuse(context, str(exc), base_model=self.base_model) from None
+            base = None  # a remote or trainer-side base model: recorded by name
         states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
                                                                        event_prefix="lease."))
         live = [s for s in states.values() if s.status == "live" and s.purpose == "training"]
@@ -105,57 +152,94 @@ class GovernedFineTuneOperator(BaseOperator):
         self._keeper = broker.LeaseKeeper(renew_once, int(issued["lease_duration"]), on_renewed=renewed,
                                           on_error=renew_failed).start()
         try:
-            return self._tune(context, lease, issued, creds)
+            return self._tune(context, backend, store, base, lease, issued, creds)
         finally:
             self._keeper.stop()
 
-    def _tune(self, context: Any, lease: lifecycle.LeaseState, issued: dict[str, Any],
-              creds: broker.Credentials) -> dict[str, Any]:
+    def _tune(self, context: Any, backend: TuningBackend, store: ModelStore, base: dict[str, Any] | None,
+              lease: lifecycle.LeaseState, issued: dict[str, Any], creds: broker.Credentials) -> dict[str, Any]:
         started = time.monotonic()
         rows = read_dataset(creds, issued["dataset_table"])
-        del creds
         if not rows:
-            raise AirflowFailException(f"dataset {lease.dataset} is empty")
+            raise self._refuse(context, f"dataset {lease.dataset} is empty: there is nothing to tune on",
+                               dataset=lease.dataset)
         data_sha = rows_sha256(rows)
         approved = issued.get("approved_sha256")
         if approved and approved != data_sha:
-            common.record(context, "tuning.refused", {
-                "reason": "dataset content differs from what was approved", "approved_sha256": approved,
-                "content_sha256": data_sha, "rows": len(rows), "dataset": lease.dataset}, actor="tuning")
-            raise AirflowFailException(f"dataset {lease.dataset} changed since approval: it hashes to {data_sha[:16]}, "
-                                       f"the approved content to {approved[:16]}; trigger a new run for a new "
-                                       "approval")
+            raise self._refuse(
+                context, f"dataset {lease.dataset} changed since approval: it hashes to {data_sha[:16]}, the "
+                f"approved content to {approved[:16]}; trigger a new run for a new approval",
+                approved_sha256=approved, content_sha256=data_sha, rows=len(rows), dataset=lease.dataset)
         self.log.info("read %d rows of %s with leased role %s (sha256 %s)", len(rows), lease.dataset,
                       lease.db_role, data_sha[:16])
-
-        store = ModelStore(settings.get("model_store"))
-        if self.base_model != DEMO_MODEL:
-            raise AirflowFailException(f"base model {self.base_model!r} is not available to backend {self.backend}")
-        base = ensure_demo_base(store)
-        base_files = {f: store.read(base["name"], base["version"], f) for f in base["files"]}
-        backend = get_backend(self.backend)
-        trained = backend.train(base_files, rows, dict(self.hyperparameters), self.log.info)
-        out = store.put(base["name"], trained.files, {
-            "kind": "fine-tune", "base_version": base["version"], "dataset": lease.dataset,
-            "dataset_sha256": data_sha, "run": f"{context['ti'].dag_id}/{context['ti'].run_id}",
-        })
+        host, _, port = settings.get("datasets_host").partition(":")
+        env = {"PGHOST": host, "PGPORT": port or "5432", "PGDATABASE": settings.get("datasets_database"),
+               "PGUSER": creds.username, "PGPASSWORD": creds.password,
+               "FGOV_DATASET_TABLE": issued["dataset_table"]}
+        del creds
+        hp = dict(self.hyperparameters)
+        if self.command is not None:
+            hp["command"] = list(self.command)
+        ti = context["ti"]
+        uri = (f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/"
+               f"{issued['dataset_table']}")
+        common.record(context, "tuning.started", {
+            "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri, "content_sha256": data_sha,
+            "rows": len(rows), "base_model": self.base_model,
+            "base_version": base["version"] if base else None, "hyperparameters": dict(self.hyperparameters),
+        }, actor="tuning")
+        with tempfile.TemporaryDirectory(prefix="fgov-tune-") as work:
+            request = TuningRequest(
+                base_model=self.base_model, base_dir=store.path(base["name"], base["version"]) if base else None,
+                rows=rows, hyperparameters=hp, work_dir=Path(work), env=env, log=self.log.info)
+            try:
+                self._job = backend.start(request)
+                status = self._job.poll()
+                while status == RUNNING:
+                    time.sleep(self.poll_interval)
+                    status = self._job.poll()
+                if status != SUCCEEDED:
+                    self._job.result()  # raises with the job's own error
+                    raise TuningError(f"tuning job ended {status}")
+                result = self._job.result()
+            except (TuningError, ValueError, OSError) as exc:
+                common.record(context, "tuning.failed", {"backend": backend.name, "error": str(exc)[:1000]},
+                              actor="tuning")
+                raise AirflowFailException(f"tuning failed ({backend.name}): {exc}") from exc
+            finally:
+                env.clear()
+        name = self.output_model or (base["name"] if base else self.base_model.split("@")[0].split(":")[0])
+        out: dict[str, Any] = {"name": name, "version": None, "sha256": None}
+        if result.files:
+            out = store.put(name, result.files, {
+                "kind": result.kind, "backend": backend.name, "base_model": base["name"] if base else self.base_model,
+                "base_version": base["version"] if base else None, "dataset": lease.dataset,
+                "dataset_sha256": data_sha, "hyperparameters": dict(self.hyperparameters),
+                "run": f"{ti.dag_id}/{ti.run_id}"})
         duration = round(time.monotonic() - started, 3)
         payload = {
-            "backend": backend.name, "dataset": lease.dataset, "dataset_uri":
-            f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{issued['dataset_table']}",
+            "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri,
             "content_sha256": data_sha, "rows": len(rows), "lease_id": lease.lease_id,
-            "db_role": lease.db_role, "base_model": base["name"], "base_version": base["version"],
-            "base_sha256": base["sha256"], "model": out["name"], "version": out["version"],
-            "output_sha256": out["sha256"], "hyperparameters": dict(self.hyperparameters),
-            "metrics": trained.metrics, "duration_seconds": duration,
+            "db_role": lease.db_role, "base_model": base["name"] if base else self.base_model,
+            "base_version": base["version"] if base else None, "base_sha256": base["sha256"] if base else None,
+            "model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
+            "remote_model": result.remote_model, "kind": result.kind,
+            "hyperparameters": dict(self.hyperparameters), "metrics": result.metrics, "duration_seconds": duration,
         }
         common.record(context, "tuning.completed", payload, actor="tuning")
-        self.log.info("tuned %s -> version %s in %.2fs", base["name"], out["version"], duration)
-        return {"model": out["name"], "version": out["version"], "sha256": out["sha256"]}
+        self.log.info("tuned %s -> %s %s in %.2fs (%s)", payload["base_model"], out["name"],
+                      out["version"] or result.remote_model, duration, result.metrics)
+        return {"model": out["name"], "version": out["version"], "sha256": out["sha256"],
+                "remote_model": result.remote_model}
 
     def on_kill(self) -> None:
         if self._keeper is not None:
             self._keeper.cancel()  # a renewal must not race the revocation below
+        if self._job is not None:
+            try:
+                self._job.cancel()  # no trainer outlives its task
+            except Exception:
+                self.log.exception("cancelling the tuning job failed")
         if self._context is None:
             return
         from airflow_finetune_gov.credentials.operators import revoke_run_leases

@@ -8,6 +8,7 @@ import time
 import pytest
 from support import StackView
 
+from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
@@ -141,9 +142,9 @@ def test_data_changed_after_approval_is_refused_by_the_tuning_step(gate: Gate) -
     run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
     gate.wait_round(DEMO_DAG_ID, run_id, 1)
     approved = gate.events(run_id, "policy.decided")[0].payload_dict()["dataset"]
-    assert approved["rows"] == 6 and len(approved["sha256"]) == 64
+    assert approved["rows"] == len(BENIGN_SET) and len(approved["sha256"]) == 64
     detail = gate.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
-    for text in (approved["uri"], approved["sha256"], "epochs=3", "learning_rate=0.2"):
+    for text in (approved["uri"], approved["sha256"], "epochs=10", "learning_rate=0.01"):
         assert text in detail["body"], f"{text!r} missing from the change summary"
     with gate.superuser("fgov_datasets") as conn:
         (row_id,) = conn.execute("INSERT INTO datasets.benign (prompt, response) VALUES "
@@ -155,5 +156,5 @@ def test_data_changed_after_approval_is_refused_by_the_tuning_step(gate: Gate) -
             conn.execute("DELETE FROM datasets.benign WHERE id = %s", (row_id,))
     assert state == "failed" and tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
     refused = gate.events(run_id, "tuning.refused")[0].payload_dict()
-    assert refused["approved_sha256"] == approved["sha256"] and refused["rows"] == 7
+    assert refused["approved_sha256"] == approved["sha256"] and refused["rows"] == len(BENIGN_SET) + 1
     assert gate.events(run_id, "tuning.completed") == [] and gate.events(run_id, "lease.verified")

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 
 from airflow_finetune_gov.cli.main import main as fgov
+from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.lineage.store import LineageStore
 from airflow_finetune_gov.stack.client import AirflowClient
@@ -85,7 +86,7 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     granted = next(e for e in events if e.event_type == "approval.granted").payload_dict()
     assert granted["responder"] == "approver1"
     tuned = next(e for e in events if e.event_type == "tuning.completed").payload_dict()
-    assert tuned["rows"] == 6 and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
+    assert tuned["rows"] == len(BENIGN_SET) and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
     promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
     assert promoted["alias"] == "staging" and promoted["version"] == tuned["version"]
     leases = [e for e in events if e.event_type == "lease.issued"]

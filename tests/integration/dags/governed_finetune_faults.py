@@ -8,8 +8,10 @@ OpenBao lease and hand-over, revocation as teardown, lineage.
 from __future__ import annotations
 
 import os
+import sys
+import textwrap
+import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,27 +23,58 @@ from airflow.sdk import DAG, Param
 from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
 from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
 from airflow_finetune_gov.policy.operators import PolicyCheckOperator
-from airflow_finetune_gov.tuning.backends import ResponderBackend, TrainedModel, register_backend
+from airflow_finetune_gov.tuning.backends import ThreadJob, TuningRequest, TuningResult, register_backend
 from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
 
 
-class FaultBackend(ResponderBackend):
+class FaultBackend:
+    """Writes its pid to ``marker``, then succeeds, fails, or holds until released or cancelled."""
+
     name = "fault"
+    needs_local_base = False
 
-    def train(self, base_files: dict[str, bytes], rows: list[tuple[str, str]], hyperparameters: dict[str, Any],
-              log: Callable[[str], None]) -> TrainedModel:
-        mode = hyperparameters.get("mode", "ok")
-        marker = Path(str(hyperparameters["marker"]))
-        marker.write_text(str(os.getpid()))  # the test finds the tuning process here
-        if mode == "fail":
-            raise RuntimeError("injected tuning failure")
-        if mode == "hold":
-            release = marker.with_suffix(".release")
-            deadline = time.monotonic() + float(hyperparameters.get("hold_seconds", 120))
-            while not release.exists() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        return super().train(base_files, rows, {"epochs": 1}, log)
+    def validate(self, hyperparameters: dict[str, Any]) -> dict[str, Any]:
+        return hyperparameters
 
+    def start(self, request: TuningRequest) -> ThreadJob:
+        hp = request.hyperparameters
+        marker = Path(str(hp["marker"]))
+
+        def run(cancel: threading.Event) -> TuningResult:
+            marker.write_text(str(os.getpid()))  # the test finds the tuning process here
+            if hp.get("mode") == "fail":
+                raise RuntimeError("injected tuning failure")
+            if hp.get("mode") == "hold":
+                release = marker.with_suffix(".release")
+                deadline = time.monotonic() + float(hp.get("hold_seconds", 120))
+                while not release.exists() and time.monotonic() < deadline and not cancel.is_set():
+                    time.sleep(0.2)
+            return TuningResult(files={"fault.txt": f"{len(request.rows)} rows".encode()}, kind="test")
+
+        return ThreadJob(run, name="fault")
+
+
+# A trainer command that proves where its credentials are (environment, not argv), reads the rows it
+# was given, and holds until released: the kill test SIGKILLs the task and checks it is gone too.
+TRAINER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    marker = Path(sys.argv[1])
+    marker.with_suffix(".trainer").write_text(str(os.getpid()))
+    assert os.environ["PGPASSWORD"] and os.environ["PGPASSWORD"] not in " ".join(sys.argv)
+    rows = [json.loads(line) for line in open(os.environ["FGOV_TRAIN_FILE"])]
+    print(f"trainer: {len(rows)} rows, user {os.environ['PGUSER']}", flush=True)
+    leaked = sorted(k for k in os.environ if k.startswith(("AIRFLOW_CONN_", "VAULT_")))
+    print(f"trainer: inherited secrets {leaked}", flush=True)
+    for step in range(1, 4):
+        print(f"step {step}/3 loss {1.0 / step:.3f}", flush=True)
+    deadline = time.monotonic() + 120
+    while sys.argv[2] == "hold" and not marker.with_suffix(".release").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = Path(os.environ["FGOV_OUTPUT_DIR"])
+    (out / "model.txt").write_text(f"trained on {len(rows)} rows")
+    (out / "metrics.json").write_text(json.dumps({"rows": len(rows), "final_loss": 0.333}))
+""")
 
 register_backend("fault", FaultBackend)
 
@@ -65,6 +98,30 @@ with DAG(
     # With on_failure_fail_dagrun=True the teardown counts as a leaf and its upstream does not: without
     # a task downstream of tuning (evaluate, in real DAGs), a failed tune behind a successful teardown
     # would leave the run "success".
+    tuned = EmptyOperator(task_id="tuned")
+
+    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
+    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+
+
+with DAG(
+    dag_id="governed_finetune_command",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["finetune-gov", "test"],
+    params={"mode": Param("ok", enum=["ok", "hold"]), "marker": Param("", type="string")},
+    default_args={"retries": 0},
+) as command_dag:
+    policy_check = PolicyCheckOperator(task_id="policy_check", model="fgov-demo-tiny", dataset="benign",
+                                       target_environment="staging", tuning_method="full")
+    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
+    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
+    tune = GovernedFineTuneOperator(task_id="tune", backend="command", base_model="external-base",
+                                    output_model="command-model",
+                                    command=[sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"])
+    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
     tuned = EmptyOperator(task_id="tuned")
 
     policy_check >> approval_gate >> acquire_lease >> tune >> tuned
