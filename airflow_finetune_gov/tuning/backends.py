@@ -67,6 +67,8 @@ class TuningResult:
 class TuningJob(Protocol):
     def poll(self) -> str: ...  # RUNNING | SUCCEEDED | FAILED | CANCELLED
 
+    def wait(self, timeout: float) -> None: ...  # return when done or after ``timeout`` seconds
+
     def cancel(self) -> None: ...
 
     def result(self) -> TuningResult: ...
@@ -108,7 +110,7 @@ class ThreadJob:
         self._cancel.set()
         self._thread.join(timeout=30)
 
-    def join(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float) -> None:
         self._thread.join(timeout)
 
     def result(self) -> TuningResult:
@@ -194,6 +196,10 @@ class CommandJob:
         if self._cancelled:
             return CANCELLED
         return SUCCEEDED if code == 0 else FAILED
+
+    def wait(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=timeout)
 
     def cancel(self) -> None:
         self._cancelled = True

@@ -196,7 +196,7 @@ class GovernedFineTuneOperator(BaseOperator):
                 self._job = backend.start(request)
                 status = self._job.poll()
                 while status == RUNNING:
-                    time.sleep(self.poll_interval)
+                    self._job.wait(self.poll_interval)
                     status = self._job.poll()
                 if status != SUCCEEDED:
                     self._job.result()  # raises with the job's own error

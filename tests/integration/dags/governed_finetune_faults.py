@@ -114,13 +114,41 @@ with DAG(
     params={"mode": Param("ok", enum=["ok", "hold"]), "marker": Param("", type="string")},
     default_args={"retries": 0},
 ) as command_dag:
-    policy_check = PolicyCheckOperator(task_id="policy_check", model="fgov-demo-tiny", dataset="benign",
-                                       target_environment="staging", tuning_method="full")
+    # public data into a test model: the policy approves it without a human (tier auto)
+    policy_check = PolicyCheckOperator(task_id="policy_check", model="external-base", dataset="public_faq",
+                                       target_environment="test", tuning_method="full")
     approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
     acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
     tune = GovernedFineTuneOperator(task_id="tune", backend="command", base_model="external-base",
                                     output_model="command-model",
                                     command=[sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"])
+    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
+    tuned = EmptyOperator(task_id="tuned")
+
+    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
+    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+
+
+# Bad input, each caught with a clear error before any lease, or after it is revoked.
+with DAG(
+    dag_id="governed_finetune_inputs",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=4,
+    tags=["finetune-gov", "test"],
+    render_template_as_native_obj=True,
+    params={"dataset": Param("public_faq", type="string"), "base_model": Param("fgov-demo-tiny", type="string"),
+            "epochs": Param(2, type="integer")},
+    default_args={"retries": 0},
+) as inputs_dag:
+    policy_check = PolicyCheckOperator(task_id="policy_check", model="{{ params.base_model }}",
+                                       dataset="{{ params.dataset }}", target_environment="test",
+                                       tuning_method="lora", hyperparameters={"epochs": "{{ params.epochs }}"})
+    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(minutes=5))
+    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
+    tune = GovernedFineTuneOperator(task_id="tune", base_model="{{ params.base_model }}",
+                                    hyperparameters={"epochs": "{{ params.epochs }}"})
     revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
     tuned = EmptyOperator(task_id="tuned")
 
