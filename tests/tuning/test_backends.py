@@ -189,3 +189,36 @@ def test_demo_base_is_built_once_per_store(tmp_path: Path) -> None:
 def test_unknown_backend_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="available: command, local_peft"):
         backends.get_backend("axolotl")
+
+
+def test_inline_job_runs_in_the_callers_thread_and_can_be_cancelled() -> None:
+    import threading
+
+    ran_in: list[str] = []
+
+    def work(cancel):
+        ran_in.append(threading.current_thread().name)
+        return backends.TuningResult(metrics={"ok": 1})
+
+    job = backends.InlineJob(work)
+    assert job.poll() == RUNNING and ran_in == []  # starts on the first wait
+    job.wait(0.1)
+    assert job.poll() == SUCCEEDED and ran_in == [threading.current_thread().name]
+    assert job.result().metrics == {"ok": 1}
+
+    def steps(cancel):
+        for _ in range(100):
+            if cancel.is_set():
+                raise backends.TuningError("cancelled")
+            cancel.set()  # as on_kill would, from the SIGTERM handler between two steps
+        return backends.TuningResult()
+
+    stopped = backends.InlineJob(steps)
+    stopped.wait(0.1)
+    assert stopped.poll() == CANCELLED
+    with pytest.raises(TuningError, match="cancelled"):
+        stopped.result()
+    never = backends.InlineJob(work)
+    never.cancel()
+    never.wait(0.1)
+    assert never.poll() == CANCELLED and len(ran_in) == 1
