@@ -139,3 +139,28 @@ def test_malformed_lease_bounds_are_named(lease: str, problem: str) -> None:
     end = text.index("\n\n", start)
     with pytest.raises(PolicyError, match=problem):
         parse_policy(text[:start] + lease + text[end:], "lease.yaml")
+
+
+def test_hyperparameter_bounds_of_the_default_policy() -> None:
+    policy = load_policy()
+    assert policy.check_hyperparameters({"epochs": 10, "learning_rate": 0.01, "lora_r": 8}) == []
+    assert policy.check_hyperparameters(None) == [] and policy.check_hyperparameters({"seed": 99}) == []
+    assert policy.check_hyperparameters({"epochs": 500, "learning_rate": "fast"}) == [
+        "epochs=500 is outside the policy's range [1, 50]", "learning_rate='fast' is not a number"]
+    assert policy.check_hyperparameters({"epochs": "10"}) == []  # templated values arrive as strings
+
+
+@pytest.mark.parametrize(
+    ("tuning", "problem"),
+    [
+        ("tuning:\n  hyperparameters:\n    epochs: 5", r"line \d+: tuning.hyperparameters.epochs must be"),
+        ("tuning:\n  hyperparameters:\n    epochs: {min: 9, max: 1}", "min is above max"),
+        ("tuning:\n  hyperparameters:\n    epochs: {min: 1}", "must be {min: N, max: N}"),
+    ],
+)
+def test_malformed_hyperparameter_bounds_are_named(tuning: str, problem: str) -> None:
+    text = default_policy_text()
+    start = text.index("tuning:")
+    end = text.index("\n\n", start)
+    with pytest.raises(PolicyError, match=problem):
+        parse_policy(text[:start] + tuning + text[end:], "hp.yaml")
