@@ -41,6 +41,12 @@ class PolicyCheckOperator(BaseOperator):
         self.tuning_method = tuning_method
         self.base_version = base_version
 
+    @staticmethod
+    def _error(context: Any, error: str, **details: Any) -> AirflowFailException:
+        """Record the check's failure as ``policy.error`` (so the run has no lineage gap) and fail."""
+        common.record(context, "policy.error", {"error": error, **details}, actor="policy")
+        return AirflowFailException(f"policy check failed: {error}")
+
     def execute(self, context: Any) -> dict[str, Any]:
         requester = common.requester(context)
         try:
@@ -53,18 +59,15 @@ class PolicyCheckOperator(BaseOperator):
             if problems:
                 raise PolicyError(f"hyperparameters rejected: {'; '.join(problems)} (policy {policy.source})")
         except PolicyError as exc:
-            common.record(context, "policy.error", {"error": str(exc)}, actor="policy")
-            raise AirflowFailException(f"policy check failed: {exc}") from exc
+            raise self._error(context, str(exc)) from exc
         record = decision.to_dict()
         record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
         record["dataset"] = None
         if decision.tier != "deny" and self.dataset_digest:
             record["dataset"] = self._digest(context, decision.dataset_table)
             if record["dataset"]["rows"] == 0:
-                error = f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is nothing to tune on"
-                common.record(context, "policy.error", {"error": error, "dataset": record["dataset"]},
-                              actor="policy")
-                raise AirflowFailException(f"policy check failed: {error}")
+                raise self._error(context, f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is "
+                                  "nothing to tune on", dataset=record["dataset"])
         common.record(context, "policy.decided", record, actor="policy")
         self.log.info("policy %s (sha256 %s): tier %s - %s", decision.policy_name, decision.policy_sha256[:12],
                       decision.tier, "; ".join(decision.reasons))
@@ -83,10 +86,9 @@ class PolicyCheckOperator(BaseOperator):
             try:
                 row = conn.execute("SELECT row_count, sha256 FROM catalog.dataset_digest(%s)", (table,)).fetchone()
             except (psycopg.errors.UndefinedTable, psycopg.errors.RaiseException):
-                error = (f"dataset table {table} does not exist in database {settings.get('datasets_database')}; "
-                         "fix the policy's datasets entry or load the table")
-                common.record(context, "policy.error", {"error": error}, actor="policy")
-                raise AirflowFailException(f"policy check failed: {error}") from None
+                raise self._error(context, f"dataset table {table} does not exist in database "
+                                  f"{settings.get('datasets_database')}; fix the policy's datasets entry or load "
+                                  "the table") from None
         if row is None:
             raise AirflowFailException(f"no digest for dataset table {table}")
         uri = f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{table}"

@@ -83,42 +83,6 @@ class TuningBackend(Protocol):
     def start(self, request: TuningRequest) -> TuningJob: ...
 
 
-class ThreadJob:
-    """A job that runs ``fn(cancel_event)`` in a thread; cancel sets the event."""
-
-    def __init__(self, fn: Callable[[threading.Event], TuningResult], name: str) -> None:
-        self._cancel = threading.Event()
-        self._result: TuningResult | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[threading.Event], TuningResult]) -> None:
-        try:
-            self._result = fn(self._cancel)
-        except BaseException as exc:
-            self._error = exc
-
-    def poll(self) -> str:
-        if self._thread.is_alive():
-            return RUNNING
-        if self._result is not None:
-            return SUCCEEDED
-        return CANCELLED if self._cancel.is_set() else FAILED
-
-    def cancel(self) -> None:
-        self._cancel.set()
-        self._thread.join(timeout=30)
-
-    def wait(self, timeout: float) -> None:
-        self._thread.join(timeout)
-
-    def result(self) -> TuningResult:
-        if self._result is None:
-            raise TuningError(f"tuning did not succeed: {self._error!r}") from self._error
-        return self._result
-
-
 class InlineJob:
     """A job that runs ``fn(cancel_event)`` in the caller's thread, on the first ``wait``.
 

@@ -181,16 +181,18 @@ class GovernedFineTuneOperator(BaseOperator):
         if self.command is not None:
             hp["command"] = list(self.command)
         ti = context["ti"]
+        base_name = base["name"] if base else self.base_model
+        base_version = base["version"] if base else None
         uri = (f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/"
                f"{issued['dataset_table']}")
         common.record(context, "tuning.started", {
             "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri, "content_sha256": data_sha,
-            "rows": len(rows), "base_model": self.base_model,
-            "base_version": base["version"] if base else None, "hyperparameters": dict(self.hyperparameters),
+            "rows": len(rows), "base_model": self.base_model, "base_version": base_version,
+            "hyperparameters": dict(self.hyperparameters),
         }, actor="tuning")
         with tempfile.TemporaryDirectory(prefix="fgov-tune-") as work:
             request = TuningRequest(
-                base_model=self.base_model, base_dir=store.path(base["name"], base["version"]) if base else None,
+                base_model=self.base_model, base_dir=store.path(base_name, base_version) if base_version else None,
                 rows=rows, hyperparameters=hp, work_dir=Path(work), env=env, log=self.log.info)
             try:
                 self._job = backend.start(request)
@@ -208,20 +210,20 @@ class GovernedFineTuneOperator(BaseOperator):
                 raise AirflowFailException(f"tuning failed ({backend.name}): {exc}") from exc
             finally:
                 env.clear()
-        name = self.output_model or (base["name"] if base else self.base_model.split("@")[0].split(":")[0])
+        name = self.output_model or (base_name if base else self.base_model.split("@")[0].split(":")[0])
         out: dict[str, Any] = {"name": name, "version": None, "sha256": None}
         if result.files:
             out = store.put(name, result.files, {
-                "kind": result.kind, "backend": backend.name, "base_model": base["name"] if base else self.base_model,
-                "base_version": base["version"] if base else None, "dataset": lease.dataset,
+                "kind": result.kind, "backend": backend.name, "base_model": base_name,
+                "base_version": base_version, "dataset": lease.dataset,
                 "dataset_sha256": data_sha, "hyperparameters": dict(self.hyperparameters),
                 "run": f"{ti.dag_id}/{ti.run_id}"})
         duration = round(time.monotonic() - started, 3)
         payload = {
             "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri,
             "content_sha256": data_sha, "rows": len(rows), "lease_id": lease.lease_id,
-            "db_role": lease.db_role, "base_model": base["name"] if base else self.base_model,
-            "base_version": base["version"] if base else None, "base_sha256": base["sha256"] if base else None,
+            "db_role": lease.db_role, "base_model": base_name, "base_version": base_version,
+            "base_sha256": base["sha256"] if base else None,
             "model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
             "remote_model": result.remote_model, "kind": result.kind,
             "hyperparameters": dict(self.hyperparameters), "metrics": result.metrics, "duration_seconds": duration,

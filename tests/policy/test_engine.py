@@ -134,11 +134,16 @@ def test_sensitive_classification_needs_a_quorum() -> None:
     ],
 )
 def test_malformed_lease_bounds_are_named(lease: str, problem: str) -> None:
-    text = default_policy_text()
-    start = text.index("lease:")
-    end = text.index("\n\n", start)
     with pytest.raises(PolicyError, match=problem):
-        parse_policy(text[:start] + lease + text[end:], "lease.yaml")
+        parse_policy(default_with("lease:", lease), "lease.yaml")
+
+
+def default_with(section: str, replacement: str) -> str:
+    """The default policy with the top-level block starting at ``section`` replaced."""
+    text = default_policy_text()
+    start = text.index(section)
+    end = text.index("\n\n", start)
+    return text[:start] + replacement + text[end:]
 
 
 def test_hyperparameter_bounds_of_the_default_policy() -> None:
@@ -159,8 +164,5 @@ def test_hyperparameter_bounds_of_the_default_policy() -> None:
     ],
 )
 def test_malformed_hyperparameter_bounds_are_named(tuning: str, problem: str) -> None:
-    text = default_policy_text()
-    start = text.index("tuning:")
-    end = text.index("\n\n", start)
     with pytest.raises(PolicyError, match=problem):
-        parse_policy(text[:start] + tuning + text[end:], "hp.yaml")
+        parse_policy(default_with("tuning:", tuning), "hp.yaml")

@@ -142,28 +142,6 @@ def test_trainer_dies_when_its_task_process_is_killed(tmp_path: Path) -> None:
     assert not alive(trainer)
 
 
-def test_thread_job_states() -> None:
-    ok = backends.ThreadJob(lambda cancel: backends.TuningResult(files={"f": b"x"}), name="t")
-    assert wait(ok) == SUCCEEDED and ok.result().files == {"f": b"x"}
-
-    def boom(cancel):
-        raise RuntimeError("no memory")
-
-    bad = backends.ThreadJob(boom, name="t")
-    assert wait(bad) == FAILED
-    with pytest.raises(TuningError, match="no memory"):
-        bad.result()
-
-    def hold(cancel):
-        cancel.wait(30)
-        raise backends.TuningError("stopped")
-
-    held = backends.ThreadJob(hold, name="t")
-    assert held.poll() == RUNNING
-    held.cancel()
-    assert held.poll() == CANCELLED
-
-
 def test_resolve_base_names_what_is_missing(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     with pytest.raises(FileNotFoundError, match="base model 'nope' is not in the model store"):
@@ -218,6 +196,14 @@ def test_inline_job_runs_in_the_callers_thread_and_can_be_cancelled() -> None:
     assert stopped.poll() == CANCELLED
     with pytest.raises(TuningError, match="cancelled"):
         stopped.result()
+    def boom(cancel):
+        raise RuntimeError("no memory")
+
+    bad = backends.InlineJob(boom)
+    bad.wait(0.1)
+    assert bad.poll() == FAILED
+    with pytest.raises(TuningError, match="no memory"):
+        bad.result()
     never = backends.InlineJob(work)
     never.cancel()
     never.wait(0.1)

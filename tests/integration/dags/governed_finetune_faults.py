@@ -23,7 +23,7 @@ from airflow.sdk import DAG, Param
 from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
 from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
 from airflow_finetune_gov.policy.operators import PolicyCheckOperator
-from airflow_finetune_gov.tuning.backends import ThreadJob, TuningRequest, TuningResult, register_backend
+from airflow_finetune_gov.tuning.backends import InlineJob, TuningRequest, TuningResult, register_backend
 from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
 
 
@@ -36,7 +36,7 @@ class FaultBackend:
     def validate(self, hyperparameters: dict[str, Any]) -> dict[str, Any]:
         return hyperparameters
 
-    def start(self, request: TuningRequest) -> ThreadJob:
+    def start(self, request: TuningRequest) -> InlineJob:
         hp = request.hyperparameters
         marker = Path(str(hp["marker"]))
 
@@ -51,7 +51,7 @@ class FaultBackend:
                     time.sleep(0.2)
             return TuningResult(files={"fault.txt": f"{len(request.rows)} rows".encode()}, kind="test")
 
-        return ThreadJob(run, name="fault")
+        return InlineJob(run)
 
 
 # A trainer command that proves where its credentials are (environment, not argv), reads the rows it
@@ -78,79 +78,53 @@ TRAINER = textwrap.dedent("""
 
 register_backend("fault", FaultBackend)
 
-with DAG(
-    dag_id="governed_finetune_faults",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=4,
-    tags=["finetune-gov", "test"],
+def governed_chain(dag_id: str, params: dict[str, Param], policy_check: dict[str, Any], tune: dict[str, Any],
+                   **dag_kwargs: Any) -> DAG:
+    """policy check -> approval -> lease (setup) -> tune -> tuned, with revocation as the teardown."""
+    with DAG(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+             max_active_runs=4, tags=["finetune-gov", "test"], params=params, default_args={"retries": 0},
+             **dag_kwargs) as dag:
+        check = PolicyCheckOperator(task_id="policy_check", **policy_check)
+        approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
+        acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
+        tuning = GovernedFineTuneOperator(task_id="tune", **tune)
+        revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
+        # With on_failure_fail_dagrun=True the teardown counts as a leaf and its upstream does not: without
+        # a task downstream of tuning (evaluate, in real DAGs), a failed tune behind a successful teardown
+        # would leave the run "success".
+        tuned = EmptyOperator(task_id="tuned")
+
+        check >> approval_gate >> acquire_lease >> tuning >> tuned
+        tuning >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+    return dag
+
+
+dag = governed_chain(
+    "governed_finetune_faults",
     params={"mode": Param("ok", enum=["ok", "fail", "hold"]), "marker": Param("", type="string")},
-    default_args={"retries": 0},
-) as dag:
-    policy_check = PolicyCheckOperator(task_id="policy_check", model="fgov-demo-tiny", dataset="benign",
-                                       target_environment="staging", tuning_method="full")
-    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
-    tune = GovernedFineTuneOperator(task_id="tune", backend="fault",
-                                    hyperparameters={"mode": "{{ params.mode }}", "marker": "{{ params.marker }}"})
-    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-    # With on_failure_fail_dagrun=True the teardown counts as a leaf and its upstream does not: without
-    # a task downstream of tuning (evaluate, in real DAGs), a failed tune behind a successful teardown
-    # would leave the run "success".
-    tuned = EmptyOperator(task_id="tuned")
+    policy_check={"model": "fgov-demo-tiny", "dataset": "benign", "target_environment": "staging",
+                  "tuning_method": "full"},
+    tune={"backend": "fault", "hyperparameters": {"mode": "{{ params.mode }}", "marker": "{{ params.marker }}"}},
+)
 
-    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
-    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
-
-
-with DAG(
-    dag_id="governed_finetune_command",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=4,
-    tags=["finetune-gov", "test"],
+command_dag = governed_chain(
+    "governed_finetune_command",
     params={"mode": Param("ok", enum=["ok", "hold"]), "marker": Param("", type="string")},
-    default_args={"retries": 0},
-) as command_dag:
     # public data into a test model: the policy approves it without a human (tier auto)
-    policy_check = PolicyCheckOperator(task_id="policy_check", model="external-base", dataset="public_faq",
-                                       target_environment="test", tuning_method="full")
-    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
-    tune = GovernedFineTuneOperator(task_id="tune", backend="command", base_model="external-base",
-                                    output_model="command-model",
-                                    command=[sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"])
-    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-    tuned = EmptyOperator(task_id="tuned")
-
-    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
-    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
-
+    policy_check={"model": "external-base", "dataset": "public_faq", "target_environment": "test",
+                  "tuning_method": "full"},
+    tune={"backend": "command", "base_model": "external-base", "output_model": "command-model",
+          "command": [sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"]},
+)
 
 # Bad input, each caught with a clear error before any lease, or after it is revoked.
-with DAG(
-    dag_id="governed_finetune_inputs",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=4,
-    tags=["finetune-gov", "test"],
-    render_template_as_native_obj=True,
+inputs_dag = governed_chain(
+    "governed_finetune_inputs",
     params={"dataset": Param("public_faq", type="string"), "base_model": Param("fgov-demo-tiny", type="string"),
             "epochs": Param(2, type="integer")},
-    default_args={"retries": 0},
-) as inputs_dag:
-    policy_check = PolicyCheckOperator(task_id="policy_check", model="{{ params.base_model }}",
-                                       dataset="{{ params.dataset }}", target_environment="test",
-                                       tuning_method="lora", hyperparameters={"epochs": "{{ params.epochs }}"})
-    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(minutes=5))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
-    tune = GovernedFineTuneOperator(task_id="tune", base_model="{{ params.base_model }}",
-                                    hyperparameters={"epochs": "{{ params.epochs }}"})
-    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-    tuned = EmptyOperator(task_id="tuned")
-
-    policy_check >> approval_gate >> acquire_lease >> tune >> tuned
-    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+    policy_check={"model": "{{ params.base_model }}", "dataset": "{{ params.dataset }}",
+                  "target_environment": "test", "tuning_method": "lora",
+                  "hyperparameters": {"epochs": "{{ params.epochs }}"}},
+    tune={"base_model": "{{ params.base_model }}", "hyperparameters": {"epochs": "{{ params.epochs }}"}},
+    render_template_as_native_obj=True,
+)
