@@ -98,6 +98,14 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "fgov-handover",
     },
+    "backends_mount": {
+        "description": "Mount path of the KV v2 engine holding remote tuning backends' API keys (e.g. the "
+        "openai_compatible backend's secret ``openai`` with OPENAI_API_KEY); only the tune roles may read it.",
+        "version_added": "0.3.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-backends",
+    },
     "vault_timeout_seconds": {
         "description": "Per-request timeout for Vault/OpenBao calls; revocation retries with backoff "
         "on top of it.",

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import hvac
 import psycopg
 
 from airflow_finetune_gov.lineage.store import LineageStore
@@ -38,3 +39,25 @@ class StackView:
         requester = self.client("requester")
         requester.wait_for_dag(dag_id)
         return requester.trigger(dag_id, conf)
+
+    def run(self, dag_id: str, **conf: str) -> tuple[str, str, dict]:
+        """Trigger ``dag_id`` and wait for the run to end: (run_id, state, task states)."""
+        run_id = self.trigger(dag_id, **conf)
+        state = self.client("requester").wait_run(dag_id, run_id, timeout=300)
+        return run_id, state, self.client("requester").task_states(dag_id, run_id)
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
+        logs = list(self.stack.dir.rglob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/*.log"))
+        assert logs, f"no log for {task_id}"
+        return "\n".join(p.read_text(errors="replace") for p in logs)
+
+    def role_count(self, role: str) -> int:
+        with self.superuser() as conn:
+            row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def bao(self) -> hvac.Client:
+        """OpenBao as root (test setup only: the product never holds a static token)."""
+        return hvac.Client(url=self.state["openbao"]["addr"],
+                           token=Path(self.state["openbao"]["root_token_file"]).read_text())

@@ -155,6 +155,20 @@ def take_handover(client: hvac.Client, handover_mount: str, dataset: str, run_ke
     return str(data["wrap_token"])
 
 
+def read_backend_secret(client: hvac.Client, mount: str, path: str) -> dict[str, str]:
+    """A tuning backend's secret (e.g. ``{"OPENAI_API_KEY": ...}``) from the KV v2 ``mount``, read as the
+    caller's identity (the run's ``tune-<dataset>`` role may read the backends mount)."""
+    try:
+        resp = client.secrets.kv.v2.read_secret_version(path=path, mount_point=mount, raise_on_deleted_version=True)
+    except hvac.exceptions.InvalidPath:
+        raise LeaseError(f"no backend secret at {mount}/{path} in OpenBao: write it first, e.g. "
+                         f"`bao kv put -mount={mount} {path} OPENAI_API_KEY=...`") from None
+    except hvac.exceptions.Forbidden:
+        raise LeaseError(f"OpenBao refused the backend secret {mount}/{path} to this tuning identity: run "
+                         "`fgov vault bootstrap` so the tune roles may read the backends mount") from None
+    return {str(k): str(v) for k, v in resp["data"]["data"].items()}
+
+
 def renew(client: hvac.Client, lease_id: str, increment_seconds: int) -> int:
     """Set the lease's remaining TTL to ``increment_seconds`` (capped by the role's max TTL and by the
     lifetime of the token that owns the lease); returns the TTL the server granted."""

@@ -206,7 +206,8 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
 
 
 class RevokeLeaseOperator(BaseOperator):
-    """Teardown: revoke the run's leases (sync, retried) and verify on the database that they are gone.
+    """Teardown: revoke the run's leases (sync, retried) and verify on the database that they are gone;
+    before that, cancel any remote tuning job of the run that no task saw end.
 
     Reads what to revoke from lineage, so a lease is revoked even if XCom was lost or tampered with.
     """
@@ -218,6 +219,14 @@ class RevokeLeaseOperator(BaseOperator):
         self.vault_conn_id = vault_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from airflow_finetune_gov.tuning.operators import settle_remote_jobs
+
+        try:  # first, so the job's API key is still readable; never at the cost of the revocation
+            for job in settle_remote_jobs(context, vault_conn_id=self.vault_conn_id):
+                self.log.info("remote tuning job %s no task saw end: %s -> %s", job["remote_job_id"],
+                              job["status_before"], job["status"])
+        except Exception:
+            self.log.exception("settling the run's remote tuning jobs failed; revoking its leases anyway")
         results = revoke_run_leases(context, reason="teardown", vault_conn_id=self.vault_conn_id)
         if not results:
             common.record(context, "lease.none", {"reason": "no unrevoked lease recorded for this run"},

@@ -267,6 +267,7 @@ class Stack:
             "jwt_auth_mount": "fgov-jwt",
             "database_mount": "fgov-database",
             "handover_mount": summary["handover_mount"],
+            "backends_mount": summary["backends_mount"],
             "policy_file": opts.policy_file or "",
             "model_store": str(self.dir / "models"),
             "lineage_url_template": airflow_url + "/dags/{dag_id}/runs/{run_id}",

@@ -283,7 +283,14 @@ class CommandBackend:
         return CommandJob(list(argv), env, request.work_dir, output, request.log, self.kill_grace)
 
 
-BACKENDS: dict[str, Callable[[], TuningBackend]] = {"local_peft": LocalPeftBackend, "command": CommandBackend}
+def _openai_compatible() -> TuningBackend:
+    from airflow_finetune_gov.tuning.openai_compatible import OpenAICompatibleBackend
+
+    return OpenAICompatibleBackend()
+
+
+BACKENDS: dict[str, Callable[[], TuningBackend]] = {
+    "local_peft": LocalPeftBackend, "command": CommandBackend, "openai_compatible": _openai_compatible}
 
 
 def register_backend(name: str, factory: Callable[[], TuningBackend]) -> None:

@@ -27,6 +27,7 @@ from airflow_finetune_gov.tuning.backends import (
     TuningError,
     TuningJob,
     TuningRequest,
+    TuningResult,
     get_backend,
     resolve_base,
     rows_sha256,
@@ -40,6 +41,45 @@ def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]
         cur = conn.execute(sql.SQL("SELECT prompt, response FROM {} ORDER BY id").format(
             sql.Identifier(schema, name)))
         return [(str(p), str(r)) for p, r in cur.fetchall()]
+
+
+def mask_backend_secret(values: dict[str, str]) -> None:
+    """Mask a backend secret's values in every log (but its base URL: not secret, and useful to read)."""
+    for key, value in values.items():
+        if not key.upper().endswith("_URL"):
+            mask_secret(value)
+
+
+def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> list[dict[str, Any]]:
+    """Cancel this run's remote tuning jobs that no task saw end, and record ``tuning.cancelled``.
+
+    The teardown calls it: a deferred task killed before the triggerer picked its trigger up gets no
+    ``on_kill``, and a trigger that lost track of its job (``status: error``) leaves it running. Logs
+    in as the run's tuning identity for the job's dataset to read the API key.
+    """
+    from airflow_finetune_gov.tuning.openai_compatible import API_KEY_ENV, BASE_URL_ENV, STATUSES, FineTuningClient
+
+    events = [(e.event_type, e.payload_dict()) for e in common.run_events(context)
+              if e.event_type in ("tuning.submitted", "tuning.completed", "tuning.failed", "tuning.cancelled")]
+    # ended: completed, cancelled, or failed on the remote side (not: the trigger lost track of it)
+    ended = {p.get("remote_job_id") for kind, p in events
+             if kind != "tuning.submitted" and (kind != "tuning.failed" or p.get("status") in STATUSES)}
+    open_jobs = [p for kind, p in events if kind == "tuning.submitted" and p["remote_job_id"] not in ended]
+    hook = GovernedLeaseHook(vault_conn_id)
+    settled = []
+    for sub in open_jobs:
+        client = hook.client(common.identity(context), role=tune_role_name(sub["dataset"]), purpose="tune",
+                             extra={"dataset": sub["dataset"]})
+        secret = broker.read_backend_secret(client, settings.get("backends_mount"), sub["kv_path"])
+        mask_backend_secret(secret)
+        api = FineTuningClient(secret.get(BASE_URL_ENV) or sub["api_base"], secret.get(API_KEY_ENV, ""))
+        before = str(api.job(sub["remote_job_id"]).get("status"))
+        after = before if before in STATUSES else str(api.cancel(sub["remote_job_id"]).get("status"))
+        outcome = {"backend": sub["backend"], "remote_job_id": sub["remote_job_id"], "status_before": before,
+                   "status": after, "by": "teardown"}
+        common.record(context, "tuning.cancelled", outcome, actor="tuning")
+        settled.append(outcome)
+    return settled
 
 
 class GovernedFineTuneOperator(BaseOperator):
@@ -58,15 +98,23 @@ class GovernedFineTuneOperator(BaseOperator):
         the demo model ``fgov-demo-tiny`` is built on first use.
     :param command: the trainer's argv for ``backend="command"`` (credentials go in its environment).
     :param output_model: model-store name of the result (default: the base model's name).
+    :param backend_secret: path of the backend's secret in OpenBao's backends mount (``[finetune_gov]
+        backends_mount``), read with the run's tuning identity; its fields go into the backend's
+        environment (``OPENAI_API_KEY``, ``HF_TOKEN``, ...) and are masked. Default: the backend's own
+        (``openai`` for ``openai_compatible``), none for the others.
+    :param deferrable: follow a remote job (``openai_compatible``) from the triggerer, holding no worker
+        slot while it runs (default); ``False`` polls in the worker.
+    :param poll_interval: seconds between polls of the job (default 0.5 local, 30 remote).
     """
 
-    template_fields = ("hyperparameters", "base_model", "command", "output_model")
+    template_fields = ("hyperparameters", "base_model", "command", "output_model", "backend_secret")
     ui_color = "#f3e8fd"
 
     def __init__(self, *, lease_task_id: str = "acquire_lease", base_model: str = DEMO_MODEL,
                  backend: str = "local_peft", hyperparameters: dict[str, Any] | None = None,
                  command: list[str] | None = None, output_model: str | None = None,
-                 poll_interval: float = 0.5, vault_conn_id: str | None = None, **kwargs: Any) -> None:
+                 backend_secret: str | None = None, deferrable: bool = True, poll_interval: float | None = None,
+                 vault_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"unknown tuning backend {backend!r}; available: {', '.join(sorted(BACKENDS))} "
@@ -77,11 +125,14 @@ class GovernedFineTuneOperator(BaseOperator):
         self.hyperparameters = hyperparameters if hyperparameters is not None else {}
         self.command = command
         self.output_model = output_model
+        self.backend_secret = backend_secret
+        self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.vault_conn_id = vault_conn_id
         self._context: Any = None
         self._keeper: broker.LeaseKeeper | None = None
         self._job: TuningJob | None = None
+        self._kv_path: str | None = None
 
     def _refuse(self, context: Any, reason: str, **details: Any) -> AirflowFailException:
         common.record(context, "tuning.refused", {"reason": reason, **details}, actor="tuning")
@@ -137,6 +188,14 @@ class GovernedFineTuneOperator(BaseOperator):
         mask_secret(creds.password)
         if creds.username != lease.db_role:
             raise AirflowFailException("the handed-over credentials are not the leased role's")
+        self._kv_path = self.backend_secret or getattr(backend, "kv_path", None)
+        backend_env: dict[str, str] = {}
+        if self._kv_path:
+            try:
+                backend_env = broker.read_backend_secret(tune_client(), settings.get("backends_mount"), self._kv_path)
+            except broker.LeaseError as exc:
+                raise self._refuse(context, str(exc), kv_path=self._kv_path) from None
+            mask_backend_secret(backend_env)
 
         def renew_once() -> int:
             return broker.renew(tune_client(), lease.lease_id, int(issued["requested_ttl"]))
@@ -152,13 +211,14 @@ class GovernedFineTuneOperator(BaseOperator):
         self._keeper = broker.LeaseKeeper(renew_once, int(issued["lease_duration"]), on_renewed=renewed,
                                           on_error=renew_failed).start()
         try:
-            return self._tune(context, backend, store, base, lease, issued, creds)
+            return self._tune(context, backend, store, base, lease, issued, creds, backend_env)
         finally:
             self._keeper.stop()
 
     def _tune(self, context: Any, backend: TuningBackend, store: ModelStore, base: dict[str, Any] | None,
-              lease: lifecycle.LeaseState, issued: dict[str, Any], creds: broker.Credentials) -> dict[str, Any]:
-        started = time.monotonic()
+              lease: lifecycle.LeaseState, issued: dict[str, Any], creds: broker.Credentials,
+              backend_env: dict[str, str]) -> dict[str, Any]:
+        started = time.time()
         rows = read_dataset(creds, issued["dataset_table"])
         if not rows:
             raise self._refuse(context, f"dataset {lease.dataset} is empty: there is nothing to tune on",
@@ -175,12 +235,11 @@ class GovernedFineTuneOperator(BaseOperator):
         host, _, port = settings.get("datasets_host").partition(":")
         env = {"PGHOST": host, "PGPORT": port or "5432", "PGDATABASE": settings.get("datasets_database"),
                "PGUSER": creds.username, "PGPASSWORD": creds.password,
-               "FGOV_DATASET_TABLE": issued["dataset_table"]}
-        del creds
+               "FGOV_DATASET_TABLE": issued["dataset_table"], **backend_env}
+        del creds, backend_env
         hp = dict(self.hyperparameters)
         if self.command is not None:
             hp["command"] = list(self.command)
-        ti = context["ti"]
         base_name = base["name"] if base else self.base_model
         base_version = base["version"] if base else None
         uri = (f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/"
@@ -190,44 +249,96 @@ class GovernedFineTuneOperator(BaseOperator):
             "rows": len(rows), "base_model": self.base_model, "base_version": base_version,
             "hyperparameters": dict(self.hyperparameters),
         }, actor="tuning")
+        name = self.output_model or (base_name if base else self.base_model.split("@")[0].split(":")[0])
+        # what tuning.completed will say besides the result; travels to execute_complete when deferred
+        pending: dict[str, Any] = {
+            "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri,
+            "content_sha256": data_sha, "rows": len(rows), "lease_id": lease.lease_id,
+            "db_role": lease.db_role, "base_model": base_name, "base_version": base_version,
+            "base_sha256": base["sha256"] if base else None, "model": name,
+            "hyperparameters": dict(self.hyperparameters), "started_at": started,
+        }
         with tempfile.TemporaryDirectory(prefix="fgov-tune-") as work:
             request = TuningRequest(
                 base_model=self.base_model, base_dir=store.path(base_name, base_version) if base_version else None,
                 rows=rows, hyperparameters=hp, work_dir=Path(work), env=env, log=self.log.info)
             try:
                 self._job = backend.start(request)
+                env.clear()
+                deferral = getattr(self._job, "deferral", None)
+                if deferral is not None and self.deferrable:
+                    self._defer(context, lease, pending, deferral())
+                interval = self.poll_interval if self.poll_interval is not None else \
+                    (0.5 if deferral is None else 30.0)
                 status = self._job.poll()
                 while status == RUNNING:
-                    self._job.wait(self.poll_interval)
+                    self._job.wait(interval)
                     status = self._job.poll()
                 if status != SUCCEEDED:
                     self._job.result()  # raises with the job's own error
                     raise TuningError(f"tuning job ended {status}")
                 result = self._job.result()
             except (TuningError, ValueError, OSError) as exc:
-                common.record(context, "tuning.failed", {"backend": backend.name, "error": str(exc)[:1000]},
-                              actor="tuning")
-                raise AirflowFailException(f"tuning failed ({backend.name}): {exc}") from exc
+                raise self._failed(context, backend.name, str(exc)) from exc
             finally:
                 env.clear()
-        name = self.output_model or (base_name if base else self.base_model.split("@")[0].split(":")[0])
-        out: dict[str, Any] = {"name": name, "version": None, "sha256": None}
+        return self._complete(context, pending, result, store)
+
+    def _failed(self, context: Any, backend: str, error: str, **details: Any) -> AirflowFailException:
+        common.record(context, "tuning.failed", {"backend": backend, "error": error[:1000], **details},
+                      actor="tuning")
+        return AirflowFailException(f"tuning failed ({backend}): {error}")
+
+    def _defer(self, context: Any, lease: lifecycle.LeaseState, pending: dict[str, Any],
+               job: dict[str, Any]) -> None:
+        """Hand the remote job to the triggerer: no worker slot is held while it runs."""
+        from airflow_finetune_gov.tuning.triggers import RemoteFineTuningTrigger
+
+        ident = common.identity(context)
+        common.record(context, "tuning.submitted", {
+            "backend": pending["backend"], "remote_job_id": job["job_id"], "api_base": job["base_url"],
+            "kv_path": self._kv_path, "dataset": lease.dataset, "content_sha256": pending["content_sha256"],
+            "deferred": True,
+        }, actor="tuning")
+        trigger = RemoteFineTuningTrigger(
+            job_id=job["job_id"], base_url=job["base_url"],
+            vault_addr=common.vault_addr(GovernedLeaseHook(self.vault_conn_id).vault_conn_id),
+            identity={"dag_id": ident.dag_id, "run_id": ident.run_id, "task_id": ident.task_id,
+                      "try_number": ident.try_number},
+            dataset=lease.dataset, secret_path=str(self._kv_path),
+            secret_mount=settings.get("backends_mount"), jwt_mount=settings.get("jwt_auth_mount"),
+            poll_interval=self.poll_interval if self.poll_interval is not None else 30.0)
+        self.log.info("deferring: the triggerer follows remote job %s; no worker slot is held meanwhile",
+                      job["job_id"])
+        self.defer(trigger=trigger, method_name="execute_complete", kwargs={"pending": pending})
+
+    def execute_complete(self, context: Any, event: dict[str, Any], pending: dict[str, Any]) -> dict[str, Any]:
+        """Resume after the trigger fired: record the remote job's outcome."""
+        self._context = context
+        if event.get("status") != "succeeded" or not event.get("fine_tuned_model"):
+            error = event.get("error") or f"the remote job ended {event.get('status')} without a model"
+            raise self._failed(context, pending["backend"], f"remote job {event.get('job_id')}: {error}",
+                               remote_job_id=event.get("job_id"), status=event.get("status"))
+        result = TuningResult(remote_model=str(event["fine_tuned_model"]), metrics=dict(event.get("metrics") or {}),
+                              kind="remote")
+        return self._complete(context, pending, result, None, remote_job_id=event.get("job_id"))
+
+    def _complete(self, context: Any, pending: dict[str, Any], result: TuningResult, store: ModelStore | None,
+                  **details: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        payload = {k: v for k, v in pending.items() if k != "started_at"}
+        out: dict[str, Any] = {"name": pending["model"], "version": None, "sha256": None}
         if result.files:
-            out = store.put(name, result.files, {
-                "kind": result.kind, "backend": backend.name, "base_model": base_name,
-                "base_version": base_version, "dataset": lease.dataset,
-                "dataset_sha256": data_sha, "hyperparameters": dict(self.hyperparameters),
+            assert store is not None
+            out = store.put(pending["model"], result.files, {
+                "kind": result.kind, "backend": pending["backend"], "base_model": pending["base_model"],
+                "base_version": pending["base_version"], "dataset": pending["dataset"],
+                "dataset_sha256": pending["content_sha256"], "hyperparameters": pending["hyperparameters"],
                 "run": f"{ti.dag_id}/{ti.run_id}"})
-        duration = round(time.monotonic() - started, 3)
-        payload = {
-            "backend": backend.name, "dataset": lease.dataset, "dataset_uri": uri,
-            "content_sha256": data_sha, "rows": len(rows), "lease_id": lease.lease_id,
-            "db_role": lease.db_role, "base_model": base_name, "base_version": base_version,
-            "base_sha256": base["sha256"] if base else None,
-            "model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
-            "remote_model": result.remote_model, "kind": result.kind,
-            "hyperparameters": dict(self.hyperparameters), "metrics": result.metrics, "duration_seconds": duration,
-        }
+        duration = round(time.time() - float(pending["started_at"]), 3)
+        payload.update({"model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
+                        "remote_model": result.remote_model, "kind": result.kind, "metrics": result.metrics,
+                        "duration_seconds": duration, **details})
         common.record(context, "tuning.completed", payload, actor="tuning")
         self.log.info("tuned %s -> %s %s in %.2fs (%s)", payload["base_model"], out["name"],
                       out["version"] or result.remote_model, duration, result.metrics)

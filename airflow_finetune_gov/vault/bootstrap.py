@@ -7,6 +7,7 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
 - a KV v2 mount for the credential hand-over: the lease task writes the response-wrapped
   credentials there and only the same run's tuning task can read them (templated policies bind the
   path to the ``run_key`` claim), so the wrapping token never travels through XCom;
+- a KV v2 mount for tuning backends' API keys (e.g. ``openai``), readable by the tune roles only;
 - the JWT auth method, trusting the workload-identity public key, with per-dataset roles for leasing
   (``lease-<ds>``) and for the tuning process (``tune-<ds>``: take the hand-over, renew the lease),
   service roles (``inference``: evaluation reads its suites; ``catalog``: the policy check reads a
@@ -58,6 +59,7 @@ class BootstrapSpec:
     database_mount: str = "fgov-database"
     jwt_mount: str = "fgov-jwt"
     handover_mount: str = "fgov-handover"
+    backends_mount: str = "fgov-backends"  # KV v2: tuning backends' API keys, read by the tune roles
     # Short-lived service leases, name -> NOLOGIN group role, e.g. {"inference": "fgov_inference",
     # "catalog": "fgov_catalog"}. Each gets a database role, a policy and a JWT role of that name.
     service_roles: Mapping[str, str] = field(default_factory=dict)
@@ -120,6 +122,8 @@ def _tune_policy(spec: BootstrapSpec, dataset: str, jwt_accessor: str) -> str:
         f'path "{spec.handover_mount}/metadata/{dataset}/{run}/*" {{ capabilities = ["delete"] }}\n'
         f'path "sys/leases/renew/{spec.database_mount}/creds/{db_role_name(dataset)}/*" '
         '{ capabilities = ["update"] }\n'
+        # a remote tuning backend's API key (read in the worker, and again by the deferred trigger)
+        f'path "{spec.backends_mount}/data/*" {{ capabilities = ["read"] }}\n'
     )
 
 
@@ -153,6 +157,8 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         client.sys.enable_secrets_engine("database", path=spec.database_mount)
     if f"{spec.handover_mount}/" not in mounts:
         client.sys.enable_secrets_engine("kv", path=spec.handover_mount, options={"version": "2"})
+    if f"{spec.backends_mount}/" not in mounts:
+        client.sys.enable_secrets_engine("kv", path=spec.backends_mount, options={"version": "2"})
 
     db_roles = [db_role_name(d.name) for d in spec.datasets] + list(spec.service_roles)
     client.secrets.database.configure(
@@ -239,6 +245,7 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
     return {
         "database_mount": spec.database_mount,
         "handover_mount": spec.handover_mount,
+        "backends_mount": spec.backends_mount,
         "jwt_mount": spec.jwt_mount,
         "database_roles": db_roles,
         "jwt_roles": jwt_roles,

@@ -19,22 +19,6 @@ INPUTS_DAG = "governed_finetune_inputs"
 
 
 class View(StackView):
-    def run(self, dag_id: str, **conf) -> tuple[str, str, dict]:
-        run_id = self.trigger(dag_id, **conf)
-        state = self.client("requester").wait_run(dag_id, run_id, timeout=300)
-        return run_id, state, self.client("requester").task_states(dag_id, run_id)
-
-    def task_log(self, dag_id: str, run_id: str, task_id: str) -> str:
-        logs = list(self.stack.dir.rglob(f"dag_id={dag_id}/run_id={run_id}/task_id={task_id}/*.log"))
-        assert logs, f"no log for {task_id}"
-        return "\n".join(p.read_text(errors="replace") for p in logs)
-
-    def role_count(self, role: str) -> int:
-        with self.superuser() as conn:
-            row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-        assert row is not None
-        return int(row[0])
-
     def kinds(self, run_id: str) -> list[tuple[str, str]]:
         return [(e.task_id, e.event_type) for e in self.events(run_id)]
 

@@ -128,3 +128,14 @@ inputs_dag = governed_chain(
     tune={"base_model": "{{ params.base_model }}", "hyperparameters": {"epochs": "{{ params.epochs }}"}},
     render_template_as_native_obj=True,
 )
+
+# A remote fine-tune on an OpenAI-compatible API (the test's local server): the API key and base URL
+# come from OpenBao (``backend_secret``); the task defers while the remote job runs.
+openai_dag = governed_chain(
+    "governed_finetune_openai",
+    params={"model": Param("gpt-fake-mini", type="string"), "secret": Param("openai", type="string")},
+    policy_check={"model": "{{ params.model }}", "dataset": "public_faq", "target_environment": "test",
+                  "tuning_method": "full", "hyperparameters": {"epochs": 3}},
+    tune={"backend": "openai_compatible", "base_model": "{{ params.model }}", "backend_secret": "{{ params.secret }}",
+          "hyperparameters": {"epochs": 3}, "poll_interval": 1},
+)

@@ -1,0 +1,165 @@
+"""A local server implementing the documented OpenAI fine-tuning endpoints the ``openai_compatible``
+backend uses (``POST /v1/files``, ``POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``,
+``GET .../events``, ``POST .../cancel``), for the tests. It checks the Bearer key on every request,
+keeps the uploaded files, and moves a job validating_files -> running -> succeeded over successive
+polls, or holds it running until ``release()``, or fails it when the model is ``FAIL_MODEL``.
+
+Not a model of a hosted service's behaviour beyond these endpoints' documented shapes.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlparse
+
+FAIL_MODEL = "fake-fails"
+
+
+class FakeFineTuningAPI:
+    def __init__(self, api_key: str, *, hold: bool = False) -> None:
+        self.api_key = api_key
+        self.hold = hold
+        self.files: dict[str, dict[str, Any]] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.events: dict[str, list[dict[str, Any]]] = {}
+        self.requests: list[tuple[str, str]] = []  # (method, path) of authorised calls
+        self.refused = 0  # calls with a missing or wrong key
+        self.cancelled: list[str] = []
+        self._lock = threading.Lock()
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                api._handle(self, "GET")
+
+            def do_POST(self) -> None:
+                api._handle(self, "POST")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> FakeFineTuningAPI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def release(self) -> None:
+        self.hold = False
+
+    def uploaded_rows(self, file_id: str) -> list[tuple[str, str]]:
+        rows = []
+        for line in self.files[file_id]["content"].decode().splitlines():
+            user, assistant = json.loads(line)["messages"]
+            assert (user["role"], assistant["role"]) == ("user", "assistant")
+            rows.append((user["content"], assistant["content"]))
+        return rows
+
+    # --- the endpoints ---
+
+    def _handle(self, h: BaseHTTPRequestHandler, method: str) -> None:
+        path = urlparse(h.path).path
+        body = h.rfile.read(int(h.headers.get("Content-Length") or 0))
+        if h.headers.get("Authorization") != f"Bearer {self.api_key}":
+            with self._lock:
+                self.refused += 1
+            return self._send(h, 401, {"error": {"message": "Incorrect API key provided",
+                                                 "type": "invalid_request_error", "code": "invalid_api_key"}})
+        with self._lock:
+            self.requests.append((method, path))
+            parts = path.strip("/").split("/")
+            if method == "POST" and parts == ["v1", "files"]:
+                return self._send(h, 200, self._upload(h, body))
+            if parts[:3] != ["v1", "fine_tuning", "jobs"]:
+                return self._send(h, 404, {"error": {"message": f"no route {method} {path}"}})
+            if method == "POST" and len(parts) == 3:
+                return self._create(h, json.loads(body))
+            job = self.jobs.get(parts[3]) if len(parts) > 3 else None
+            if job is None:
+                return self._send(h, 404, {"error": {"message": f"no fine-tuning job {parts[3:4]}"}})
+            if method == "GET" and len(parts) == 4:
+                return self._send(h, 200, self._advance(job))
+            if method == "GET" and parts[4:] == ["events"]:
+                return self._send(h, 200, {"object": "list", "has_more": False,
+                                           "data": list(reversed(self.events[job["id"]]))})
+            if method == "POST" and parts[4:] == ["cancel"]:
+                if job["status"] not in ("succeeded", "failed", "cancelled"):
+                    self._set(job, "cancelled", "Job cancelled")
+                    self.cancelled.append(job["id"])
+                return self._send(h, 200, job)
+        return self._send(h, 404, {"error": {"message": f"no route {method} {path}"}})
+
+    def _upload(self, h: BaseHTTPRequestHandler, body: bytes) -> dict[str, Any]:
+        head = f"Content-Type: {h.headers['Content-Type']}\r\n\r\n".encode()
+        msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        fields = {part.get_param("name", header="content-disposition"): part for part in msg.iter_parts()}
+        assert fields["purpose"].get_content().strip() == "fine-tune", "purpose must be fine-tune"
+        content = fields["file"].get_payload(decode=True)
+        file_id = f"file-{uuid.uuid4().hex[:24]}"
+        self.files[file_id] = {"content": content, "filename": fields["file"].get_filename()}
+        return {"id": file_id, "object": "file", "bytes": len(content), "purpose": "fine-tune",
+                "filename": fields["file"].get_filename(), "created_at": int(time.time())}
+
+    def _create(self, h: BaseHTTPRequestHandler, req: dict[str, Any]) -> None:
+        if req.get("training_file") not in self.files:
+            return self._send(h, 400, {"error": {"message": f"invalid training_file: {req.get('training_file')}"}})
+        job_id = f"ftjob-{uuid.uuid4().hex[:24]}"
+        job = {"id": job_id, "object": "fine_tuning.job", "model": req["model"], "status": "validating_files",
+               "training_file": req["training_file"], "fine_tuned_model": None, "error": None,
+               "method": req.get("method"), "seed": req.get("seed"), "suffix": req.get("suffix"),
+               "created_at": int(time.time()), "trained_tokens": None, "polls": 0}
+        self.jobs[job_id] = job
+        self.events[job_id] = []
+        self._event(job_id, "Validating training file")
+        return self._send(h, 200, job)
+
+    def _advance(self, job: dict[str, Any]) -> dict[str, Any]:
+        job["polls"] += 1
+        if job["status"] == "validating_files":
+            self._set(job, "running", "Fine-tuning job started")
+        elif job["status"] == "running" and not self.hold:
+            if job["model"] == FAIL_MODEL:
+                job["error"] = {"code": "invalid_training_file", "message": "Training file has too few examples"}
+                self._set(job, "failed", "Fine-tuning job failed")
+            else:
+                self._event(job["id"], "Step 1/1: training loss=0.42")
+                job["fine_tuned_model"] = f"ft:{job['model']}:fgov::{job['id'][-8:]}"
+                job["trained_tokens"] = len(self.files[job["training_file"]]["content"]) // 4
+                self._set(job, "succeeded", "The job has successfully completed")
+        return job
+
+    def _set(self, job: dict[str, Any], status: str, message: str) -> None:
+        job["status"] = status
+        if status in ("succeeded", "failed", "cancelled"):
+            job["finished_at"] = int(time.time())
+        self._event(job["id"], message)
+
+    def _event(self, job_id: str, message: str) -> None:
+        events = self.events[job_id]
+        events.append({"id": f"ftevent-{job_id[-6:]}-{len(events)}", "object": "fine_tuning.job.event",
+                       "created_at": int(time.time()), "level": "info", "message": message})
+
+    @staticmethod
+    def _send(h: BaseHTTPRequestHandler, code: int, payload: dict[str, Any]) -> None:
+        data = json.dumps({k: v for k, v in payload.items() if k != "polls"}).encode()
+        h.send_response(code)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
