@@ -262,32 +262,48 @@ class GovernedFineTuneOperator(BaseOperator):
             request = TuningRequest(
                 base_model=self.base_model, base_dir=store.path(base_name, base_version) if base_version else None,
                 rows=rows, hyperparameters=hp, work_dir=Path(work), env=env, log=self.log.info)
+            remote: dict[str, Any] = {}  # the remote job's id and last status, for lineage
             try:
                 self._job = backend.start(request)
                 env.clear()
                 deferral = getattr(self._job, "deferral", None)
-                if deferral is not None and self.deferrable:
-                    self._defer(context, lease, pending, deferral())
+                if deferral is not None:
+                    job = deferral()
+                    remote["remote_job_id"] = job["job_id"]
+                    self._submitted(context, lease, pending, job)
+                    if self.deferrable:
+                        self._defer(context, lease, pending, job)
                 interval = self.poll_interval if self.poll_interval is not None else \
                     (0.5 if deferral is None else 30.0)
                 status = self._job.poll()
                 while status == RUNNING:
                     self._job.wait(interval)
                     status = self._job.poll()
+                if remote:
+                    remote["status"] = status
                 if status != SUCCEEDED:
                     self._job.result()  # raises with the job's own error
                     raise TuningError(f"tuning job ended {status}")
                 result = self._job.result()
             except (TuningError, ValueError, OSError) as exc:
-                raise self._failed(context, backend.name, str(exc)) from exc
+                raise self._failed(context, backend.name, str(exc), **remote) from exc
             finally:
                 env.clear()
-        return self._complete(context, pending, result, store)
+        return self._complete(context, pending, result, store, **remote)
 
     def _failed(self, context: Any, backend: str, error: str, **details: Any) -> AirflowFailException:
         common.record(context, "tuning.failed", {"backend": backend, "error": error[:1000], **details},
                       actor="tuning")
         return AirflowFailException(f"tuning failed ({backend}): {error}")
+
+    def _submitted(self, context: Any, lease: lifecycle.LeaseState, pending: dict[str, Any],
+                   job: dict[str, Any]) -> None:
+        """Record a remote job as soon as it exists: the teardown cancels it if no task sees it end."""
+        common.record(context, "tuning.submitted", {
+            "backend": pending["backend"], "remote_job_id": job["job_id"], "api_base": job["base_url"],
+            "kv_path": self._kv_path, "dataset": lease.dataset, "content_sha256": pending["content_sha256"],
+            "deferred": self.deferrable,
+        }, actor="tuning")
 
     def _defer(self, context: Any, lease: lifecycle.LeaseState, pending: dict[str, Any],
                job: dict[str, Any]) -> None:
@@ -295,11 +311,6 @@ class GovernedFineTuneOperator(BaseOperator):
         from airflow_finetune_gov.tuning.triggers import RemoteFineTuningTrigger
 
         ident = common.identity(context)
-        common.record(context, "tuning.submitted", {
-            "backend": pending["backend"], "remote_job_id": job["job_id"], "api_base": job["base_url"],
-            "kv_path": self._kv_path, "dataset": lease.dataset, "content_sha256": pending["content_sha256"],
-            "deferred": True,
-        }, actor="tuning")
         trigger = RemoteFineTuningTrigger(
             job_id=job["job_id"], base_url=job["base_url"],
             vault_addr=common.vault_addr(GovernedLeaseHook(self.vault_conn_id).vault_conn_id),

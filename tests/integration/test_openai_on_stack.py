@@ -96,6 +96,20 @@ def test_remote_tune_defers_and_records_the_remote_model(view: StackView,
     assert leaks == []
 
 
+def test_without_deferral_the_worker_polls_the_job(view: StackView, api: tuple[FakeFineTuningAPI, str]) -> None:
+    fake, path = api
+    fake.release()
+    run_id, state, tasks = view.run(f"{DAG_ID}_polling", secret=path)
+    assert state == "success", tasks
+    submitted = view.events(run_id, "tuning.submitted")[0].payload_dict()
+    done = view.events(run_id, "tuning.completed")[0].payload_dict()
+    assert submitted["deferred"] is False and done["remote_job_id"] == submitted["remote_job_id"]
+    assert done["remote_model"] == fake.jobs[submitted["remote_job_id"]]["fine_tuned_model"]
+    log = view.task_log(f"{DAG_ID}_polling", run_id, "tune")
+    assert "deferring" not in log and "[remote] info: The job has successfully completed" in log
+    assert fake.api_key not in log and not view.events(run_id, "tuning.cancelled")
+
+
 def test_a_failed_remote_job_fails_the_task_with_its_reason(view: StackView,
                                                            api: tuple[FakeFineTuningAPI, str]) -> None:
     fake, path = api
