@@ -15,8 +15,9 @@ if TYPE_CHECKING:  # imported lazily: DAG files import the operators, and parse 
 
 def identity(context: Any) -> TaskIdentity:
     ti = context["ti"]
-    return TaskIdentity(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id,
-                        try_number=int(ti.try_number), map_index=int(getattr(ti, "map_index", -1) or -1))
+    map_index = getattr(ti, "map_index", None)
+    return TaskIdentity(dag_id=ti.dag_id, run_id=ti.run_id, task_id=ti.task_id, try_number=int(ti.try_number),
+                        map_index=-1 if map_index is None else int(map_index))
 
 
 def event_key(context: Any) -> EventKey:
@@ -65,9 +66,23 @@ def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str
     return event
 
 
-def run_events(context: Any, event_type: str | None = None) -> list[LineageEvent]:
+def chain(task_id: str, map_index: int) -> tuple[str, int]:
+    """Which governed chain a task belongs to: its task group and map index. Several chains may run in
+    one DAG run (``governed_finetune`` groups side by side, or mapped); each reads only its own events."""
+    return task_id.rpartition(".")[0], int(map_index)
+
+
+def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None,
+               whole_run: bool = False) -> list[LineageEvent]:
+    """This run's lineage events recorded by tasks of this task's chain (``whole_run``: all of them)."""
     ti = context["ti"]
-    return lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type)
+    events = lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type,
+                                    event_prefix=event_prefix)
+    if whole_run:
+        return events
+    ident = identity(context)
+    mine = chain(ident.task_id, ident.map_index)
+    return [e for e in events if chain(e.task_id, e.map_index) == mine]
 
 
 def datasets_connection(username: str, password: str) -> Any:

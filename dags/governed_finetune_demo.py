@@ -17,12 +17,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
-from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
-from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
-from airflow_finetune_gov.policy.operators import PolicyCheckOperator
-from airflow_finetune_gov.registry.operators import PromoteModelOperator
-from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
+from airflow_finetune_gov.factory import Approval, Evaluation, Lease, Promotion, Tuning, governed_finetune
 
 # Approved with the change, and checked again by the tuning step.
 HYPERPARAMETERS = {"epochs": 10, "learning_rate": 0.01, "lora_r": 8}
@@ -42,21 +37,13 @@ with DAG(
     default_args={"retries": 0},
     doc_md=__doc__,
 ) as dag:
-    policy_check = PolicyCheckOperator(
-        task_id="policy_check",
-        model="fgov-demo-tiny",
+    governed_finetune(
         dataset="{{ params.dataset }}",
         target_environment="{{ params.target_environment }}",
-        tuning_method="lora",
-        hyperparameters=HYPERPARAMETERS,
+        approval=Approval(response_timeout=timedelta(hours=24)),
+        lease=Lease(expected_duration=timedelta(minutes=10)),
+        tuning=Tuning(backend="local_peft", base_model="fgov-demo-tiny", hyperparameters=HYPERPARAMETERS),
+        evaluation=Evaluation(suite="demo_safety"),
+        promotion=Promotion(),
+        prefix_group_id=False,  # one chain per DAG: keep the task ids short (approval_gate, tune, ...)
     )
-    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=24))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=timedelta(minutes=10))
-    tune = GovernedFineTuneOperator(task_id="tune", backend="local_peft", base_model="fgov-demo-tiny",
-                                    hyperparameters=HYPERPARAMETERS)
-    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-    evaluate = BehaviourEvaluationOperator(task_id="evaluate")
-    promote = PromoteModelOperator(task_id="promote")
-
-    policy_check >> approval_gate >> acquire_lease >> tune >> evaluate >> promote
-    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)

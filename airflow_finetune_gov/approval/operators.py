@@ -51,7 +51,7 @@ class FineTuneApprovalOperator(HITLOperator):
     def execute(self, context: Any) -> Any:
         ti = context["ti"]
         try:
-            decision = policy_decision(common.lineage_store(), ti.dag_id, ti.run_id)
+            decision = policy_decision(common.run_events(context), ti.run_id)
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
         if decision["tier"] == "auto":
@@ -126,8 +126,7 @@ class FineTuneApprovalOperator(HITLOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         ti = context["ti"]
-        store = common.lineage_store()
-        decision = policy_decision(store, ti.dag_id, ti.run_id)
+        decision = policy_decision(common.run_events(context), ti.run_id)
         if "error" in event:
             self._expired(context, event.get("error_type"), str(event.get("error"))[:500])
         result = super().execute_complete(context, event)
@@ -152,8 +151,7 @@ class FineTuneApprovalOperator(HITLOperator):
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",
                                                         "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"fine-tune rejected by {who}" + (f": {comment}" if comment else ""))
-        granted = {e.payload_dict()["responder"] for e in store.events(dag_id=ti.dag_id, run_id=ti.run_id,
-                                                                      event_type="approval.granted")}
+        granted = {e.payload_dict()["responder"] for e in common.run_events(context, "approval.granted")}
         if who in granted:
             common.record(context, "approval.duplicate", {**answer, "approved_by": sorted(granted)}, actor=who)
             self.log.warning("%s already approved this change; a second answer does not count", who)

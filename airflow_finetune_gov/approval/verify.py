@@ -9,33 +9,38 @@ tier's quorum of distinct people and no rejection.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from airflow_finetune_gov.lineage.store import LineageStore
+    from airflow_finetune_gov.lineage.store import LineageEvent
 
 
 class ApprovalMissing(RuntimeError):
     pass
 
 
-def policy_decision(store: LineageStore, dag_id: str, run_id: str) -> dict[str, Any]:
-    events = store.events(dag_id=dag_id, run_id=run_id, event_type="policy.decided")
-    if not events:
+def _of(events: Sequence[LineageEvent], event_type: str) -> list[dict[str, Any]]:
+    return [e.payload_dict() for e in events if e.event_type == event_type]
+
+
+def policy_decision(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
+    """The policy decision among ``events`` (one run's, or one governed chain's within a run)."""
+    decided = _of(events, "policy.decided")
+    if not decided:
         raise ApprovalMissing(f"run {run_id} has no recorded policy decision: the policy check did not run")
-    return events[-1].payload_dict()
+    return decided[-1]
 
 
-def granted_approval(store: LineageStore, dag_id: str, run_id: str) -> dict[str, Any]:
-    decision = policy_decision(store, dag_id, run_id)
+def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
+    decision = policy_decision(events, run_id)
     tier = decision["tier"]
     if tier == "deny":
         raise ApprovalMissing(f"run {run_id} was denied by policy: {'; '.join(decision['reasons'])}")
-    rejected = store.events(dag_id=dag_id, run_id=run_id, event_type="approval.rejected")
+    rejected = _of(events, "approval.rejected")
     if rejected:
-        who = rejected[-1].payload_dict().get("responder")
-        raise ApprovalMissing(f"run {run_id} was rejected by {who}")
-    grants = [e.payload_dict() for e in store.events(dag_id=dag_id, run_id=run_id, event_type="approval.granted")]
+        raise ApprovalMissing(f"run {run_id} was rejected by {rejected[-1].get('responder')}")
+    grants = _of(events, "approval.granted")
     requester = decision["request"]["requester"]
     if tier == "auto":
         auto = [g for g in grants if g.get("responder") == "policy" and g.get("policy_sha256") ==

@@ -51,9 +51,8 @@ class AcquireLeaseOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        store = common.lineage_store()
         try:
-            approval = granted_approval(store, ti.dag_id, ti.run_id)
+            approval = granted_approval(common.run_events(context), ti.run_id)
         except ApprovalMissing as exc:
             common.record(context, "lease.refused", {"reason": str(exc)}, actor="lease-broker")
             raise AirflowFailException(f"no lease without a recorded approval: {exc}") from exc
@@ -164,9 +163,7 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     inference lease, and the sweep catches any it could not. Raises if any lease could not be
     revoked and verified (the sweep finishes it later).
     """
-    ti = context["ti"]
-    states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
-                                                                   event_prefix="lease."))
+    states = lifecycle.lease_states(common.run_events(context, event_prefix="lease."))
     pending = [s for s in states.values() if not s.settled and s.purpose in purposes
                and (lease_ids is None or s.lease_id in lease_ids)]
     if not pending:

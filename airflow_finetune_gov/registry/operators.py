@@ -35,7 +35,7 @@ class PromoteModelOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         try:
-            approval = granted_approval(common.lineage_store(), ti.dag_id, ti.run_id)
+            approval = granted_approval(common.run_events(context), ti.run_id)
         except ApprovalMissing as exc:
             raise self._blocked(context, str(exc)) from exc
         evals = common.run_events(context, "evaluation.completed")

@@ -142,7 +142,7 @@ class GovernedFineTuneOperator(BaseOperator):
         self._context = context
         ti = context["ti"]
         hp = dict(self.hyperparameters)
-        approved_hp = policy_decision(common.lineage_store(), ti.dag_id, ti.run_id).get("hyperparameters")
+        approved_hp = policy_decision(common.run_events(context), ti.run_id).get("hyperparameters")
         if approved_hp is not None and approved_hp != hp:
             raise self._refuse(context, f"hyperparameters {hp} are not the approved {approved_hp}",
                                approved=approved_hp, asked=hp)
@@ -159,8 +159,7 @@ class GovernedFineTuneOperator(BaseOperator):
             if backend.needs_local_base:
                 raise self._refuse(context, str(exc), base_model=self.base_model) from None
             base = None  # a remote or trainer-side base model: recorded by name
-        states = lifecycle.lease_states(common.lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id,
-                                                                       event_prefix="lease."))
+        states = lifecycle.lease_states(common.run_events(context, event_prefix="lease."))
         live = [s for s in states.values() if s.status == "live" and s.purpose == "training"]
         if not live:
             raise AirflowFailException("no live credential lease is recorded for this run: tuning needs the "

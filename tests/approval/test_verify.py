@@ -30,18 +30,18 @@ def grant(store: LineageStore, who: str, d: dict) -> None:
 
 def test_no_decision_no_approval(store: LineageStore) -> None:
     with pytest.raises(ApprovalMissing, match="no recorded policy decision"):
-        granted_approval(store, "d", "r")
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
 
 
 def test_single_tier_needs_an_allowed_approver(store: LineageStore) -> None:
     d = decide(store)
     with pytest.raises(ApprovalMissing, match="Marking the gate task successful does not approve"):
-        granted_approval(store, "d", "r")
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "requester", d)  # a self-approval recorded somehow still does not count
     with pytest.raises(ApprovalMissing, match="recorded: none"):
-        granted_approval(store, "d", "r")
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "approver1", d)
-    ok = granted_approval(store, "d", "r")
+    ok = granted_approval(store.events(dag_id="d", run_id="r"), "r")
     assert ok["approvers"] == ["approver1"] and ok["dataset"] == "benign" and ok["target_environment"] == "staging"
 
 
@@ -50,9 +50,9 @@ def test_quorum_needs_distinct_people(store: LineageStore) -> None:
     grant(store, "approver1", d)
     grant(store, "approver1", d)
     with pytest.raises(ApprovalMissing, match="needs 2 distinct approver"):
-        granted_approval(store, "d", "r")
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "approver2", d)
-    assert granted_approval(store, "d", "r")["approvers"] == ["approver1", "approver2"]
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1", "approver2"]
 
 
 def test_one_rejection_rejects(store: LineageStore) -> None:
@@ -61,4 +61,4 @@ def test_one_rejection_rejects(store: LineageStore) -> None:
     store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
                  payload={"responder": "approver2"})
     with pytest.raises(ApprovalMissing, match="rejected by approver2"):
-        granted_approval(store, "d", "r")
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")

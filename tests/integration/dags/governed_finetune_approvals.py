@@ -8,12 +8,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
-from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
-from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
-from airflow_finetune_gov.policy.operators import PolicyCheckOperator
-from airflow_finetune_gov.registry.operators import PromoteModelOperator
-from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
+from airflow_finetune_gov.factory import Approval, Lease, Promotion, Tuning, governed_finetune
 
 with DAG(
     dag_id="governed_finetune_approvals",
@@ -26,14 +21,8 @@ with DAG(
             "promote_alias": Param("", type="string")},
     default_args={"retries": 0},
 ) as dag:
-    policy_check = PolicyCheckOperator(task_id="policy_check", model="fgov-demo-tiny", dataset="{{ params.dataset }}",
-                                       target_environment="{{ params.target_environment }}", tuning_method="full")
-    approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(seconds=20))
-    acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
-    tune = GovernedFineTuneOperator(task_id="tune")
-    revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-    evaluate = BehaviourEvaluationOperator(task_id="evaluate")
-    promote = PromoteModelOperator(task_id="promote", alias="{{ params.promote_alias }}")
-
-    policy_check >> approval_gate >> acquire_lease >> tune >> evaluate >> promote
-    tune >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+    governed_finetune(
+        dataset="{{ params.dataset }}", target_environment="{{ params.target_environment }}",
+        approval=Approval(response_timeout=timedelta(seconds=20)), lease=Lease(expected_duration=60),
+        tuning=Tuning(tuning_method="full"), promotion=Promotion(alias="{{ params.promote_alias }}"),
+        prefix_group_id=False)

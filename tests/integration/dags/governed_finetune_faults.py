@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param
 
-from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
-from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
-from airflow_finetune_gov.policy.operators import PolicyCheckOperator
+from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
 from airflow_finetune_gov.tuning.backends import InlineJob, TuningRequest, TuningResult, register_backend
-from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
 
 
 class FaultBackend:
@@ -80,22 +76,17 @@ register_backend("fault", FaultBackend)
 
 def governed_chain(dag_id: str, params: dict[str, Param], policy_check: dict[str, Any], tune: dict[str, Any],
                    **dag_kwargs: Any) -> DAG:
-    """policy check -> approval -> lease (setup) -> tune -> tuned, with revocation as the teardown."""
+    """policy check -> approval -> lease (setup) -> tune -> tuned, with revocation as the teardown
+    (the factory's chain without evaluation and promotion)."""
     with DAG(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
              max_active_runs=4, tags=["finetune-gov", "test"], params=params, default_args={"retries": 0},
              **dag_kwargs) as dag:
-        check = PolicyCheckOperator(task_id="policy_check", **policy_check)
-        approval_gate = FineTuneApprovalOperator(task_id="approval_gate", response_timeout=timedelta(hours=1))
-        acquire_lease = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=60)
-        tuning = GovernedFineTuneOperator(task_id="tune", **tune)
-        revoke_lease = RevokeLeaseOperator(task_id="revoke_lease")
-        # With on_failure_fail_dagrun=True the teardown counts as a leaf and its upstream does not: without
-        # a task downstream of tuning (evaluate, in real DAGs), a failed tune behind a successful teardown
-        # would leave the run "success".
-        tuned = EmptyOperator(task_id="tuned")
-
-        check >> approval_gate >> acquire_lease >> tuning >> tuned
-        tuning >> revoke_lease.as_teardown(setups=acquire_lease, on_failure_fail_dagrun=True)
+        governed_finetune(
+            dataset=policy_check["dataset"], target_environment=policy_check["target_environment"],
+            model=policy_check["model"], approval=Approval(response_timeout=timedelta(hours=1)),
+            lease=Lease(expected_duration=60),
+            tuning=Tuning(tuning_method=policy_check["tuning_method"], **tune),
+            evaluation=None, promotion=None, prefix_group_id=False)
     return dag
 
 
@@ -123,8 +114,7 @@ inputs_dag = governed_chain(
     params={"dataset": Param("public_faq", type="string"), "base_model": Param("fgov-demo-tiny", type="string"),
             "epochs": Param(2, type="integer")},
     policy_check={"model": "{{ params.base_model }}", "dataset": "{{ params.dataset }}",
-                  "target_environment": "test", "tuning_method": "lora",
-                  "hyperparameters": {"epochs": "{{ params.epochs }}"}},
+                  "target_environment": "test", "tuning_method": "lora"},
     tune={"base_model": "{{ params.base_model }}", "hyperparameters": {"epochs": "{{ params.epochs }}"}},
     render_template_as_native_obj=True,
 )
@@ -134,7 +124,7 @@ inputs_dag = governed_chain(
 # worker (``deferrable=False``).
 OPENAI_PARAMS = {"model": Param("gpt-fake-mini", type="string"), "secret": Param("openai", type="string")}
 OPENAI_POLICY = {"model": "{{ params.model }}", "dataset": "public_faq", "target_environment": "test",
-                 "tuning_method": "full", "hyperparameters": {"epochs": 3}}
+                 "tuning_method": "full"}
 OPENAI_TUNE = {"backend": "openai_compatible", "base_model": "{{ params.model }}",
                "backend_secret": "{{ params.secret }}", "hyperparameters": {"epochs": 3}, "poll_interval": 1}
 openai_dag = governed_chain("governed_finetune_openai", OPENAI_PARAMS, OPENAI_POLICY, OPENAI_TUNE)
