@@ -98,6 +98,15 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "fgov-handover",
     },
+    "cluster_policy": {
+        "description": "enforce: a DAG with a tuning task lacking an upstream approval, a lease setup/"
+        "teardown pair, or an evaluation before promotion fails to import (AirflowClusterPolicyViolation); "
+        "off: not checked.",
+        "version_added": "0.3.0",
+        "type": "string",
+        "example": "off",
+        "default": "enforce",
+    },
     "backends_mount": {
         "description": "Mount path of the KV v2 engine holding remote tuning backends' API keys (e.g. the "
         "openai_compatible backend's secret ``openai`` with OPENAI_API_KEY); only the tune roles may read it.",
