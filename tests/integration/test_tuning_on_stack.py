@@ -122,3 +122,27 @@ def test_local_peft_run_logs_progress_and_records_what_it_trained(view: View) ->
     assert len(done["output_sha256"]) == 64 and len(done["base_sha256"]) == 64 and done["duration_seconds"] > 0
     log = view.task_log(INPUTS_DAG, run_id, "tune")
     assert "step 1/2 loss" in log and "step 2/2 loss" in log
+
+
+def test_mapped_chains_each_get_their_own_decision_lease_and_model(view: View, tmp_path: Path) -> None:
+    run_id, state, tasks = view.run("governed_finetune_mapped", marker=str(tmp_path / "m"))
+    assert state == "success", tasks
+    events = view.events(run_id)
+    assert {e.task_id.rpartition(".")[0] for e in events} == {"per_model.chain"}
+    assert {e.map_index for e in events} == {0, 1}
+
+    def payload(index: int, task: str, kind: str) -> dict:
+        (found,) = [e.payload_dict() for e in events
+                    if (e.map_index, e.task_id, e.event_type) == (index, f"per_model.chain.{task}", kind)]
+        return found
+
+    leases = []
+    for index, model in enumerate(["mapped-base-a", "mapped-base-b"]):
+        assert payload(index, "policy_check", "policy.decided")["request"]["model"] == model
+        issued = payload(index, "acquire_lease", "lease.issued")
+        done = payload(index, "tune", "tuning.completed")
+        assert done["model"] == model and done["lease_id"] == issued["lease_id"]
+        assert payload(index, "revoke_lease", "lease.verified")["lease_id"] == issued["lease_id"]
+        assert view.role_count(issued["db_role"]) == 0
+        leases.append(issued["lease_id"])
+    assert leases[0] != leases[1]

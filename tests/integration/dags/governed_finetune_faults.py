@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, Param, task_group
 
 from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
 from airflow_finetune_gov.tuning.backends import InlineJob, TuningRequest, TuningResult, register_backend
@@ -130,3 +130,20 @@ OPENAI_TUNE = {"backend": "openai_compatible", "base_model": "{{ params.model }}
 openai_dag = governed_chain("governed_finetune_openai", OPENAI_PARAMS, OPENAI_POLICY, OPENAI_TUNE)
 openai_polling_dag = governed_chain("governed_finetune_openai_polling", OPENAI_PARAMS, OPENAI_POLICY,
                                     {**OPENAI_TUNE, "deferrable": False})
+
+# Dynamic task mapping: one governed chain per base model, each with its own policy decision, lease,
+# tuning and teardown within the same run (public data into test: approved by policy, no human).
+with DAG(dag_id="governed_finetune_mapped", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+         catchup=False, tags=["finetune-gov", "test"], params={"mode": Param("ok", enum=["ok"]),
+                                                              "marker": Param("", type="string")},
+         default_args={"retries": 0}) as mapped_dag:
+
+    @task_group
+    def per_model(model: str) -> None:
+        governed_finetune(
+            "chain", dataset="public_faq", target_environment="test", model=model, lease=Lease(expected_duration=60),
+            tuning=Tuning(backend="command", base_model=model, output_model=model, tuning_method="full",
+                          command=[sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"]),
+            evaluation=None, promotion=None)
+
+    per_model.expand(model=["mapped-base-a", "mapped-base-b"])
