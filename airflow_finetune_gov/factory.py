@@ -47,7 +47,7 @@ class Tuning:
     tuning_method: str = "lora"
     command: list[str] | None = None
     output_model: str | None = None
-    backend_secret: str | None = None
+    backend_kv_path: str | None = None
     deferrable: bool = True
     poll_interval: float | None = None
 
@@ -117,7 +117,7 @@ def governed_finetune(
         tune = GovernedFineTuneOperator(
             task_id="tune", lease_task_id=acquire.task_id, backend=tuning.backend, base_model=tuning.base_model,
             hyperparameters=tuning.hyperparameters, command=tuning.command, output_model=tuning.output_model,
-            backend_secret=tuning.backend_secret, deferrable=tuning.deferrable, poll_interval=tuning.poll_interval,
+            backend_kv_path=tuning.backend_kv_path, deferrable=tuning.deferrable, poll_interval=tuning.poll_interval,
             vault_conn_id=lease.vault_conn_id)
         revoke = RevokeLeaseOperator(task_id="revoke_lease", vault_conn_id=lease.vault_conn_id)
         check >> gate >> acquire >> tune

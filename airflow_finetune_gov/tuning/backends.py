@@ -232,7 +232,9 @@ class CommandJob:
         if "metrics.json" in files:
             with contextlib.suppress(ValueError):
                 metrics = json.loads(files["metrics.json"])
-        return TuningResult(files=files, metrics=metrics, kind="command-output")
+        # A PEFT adapter is recognisable by its config: then the evaluation can load it on its base.
+        return TuningResult(files=files, metrics=metrics,
+                            kind="adapter" if "adapter_config.json" in files else "command-output")
 
 
 class CommandBackend:

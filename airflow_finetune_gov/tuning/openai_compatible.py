@@ -81,7 +81,7 @@ class FineTuningClient:
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0) -> None:
         if not api_key:
-            raise TuningError(f"no API key for {base_url}: store it in OpenBao (see backend_secret)")
+            raise TuningError(f"no API key for {base_url}: store it in OpenBao (see backend_kv_path)")
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
         self._session = requests.Session()

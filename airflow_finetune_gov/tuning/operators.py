@@ -43,7 +43,7 @@ def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]
         return [(str(p), str(r)) for p, r in cur.fetchall()]
 
 
-def mask_backend_secret(values: dict[str, str]) -> None:
+def mask_backend_kv_path(values: dict[str, str]) -> None:
     """Mask a backend secret's values in every log (but its base URL: not secret, and useful to read)."""
     for key, value in values.items():
         if not key.upper().endswith("_URL"):
@@ -70,8 +70,8 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     for sub in open_jobs:
         client = hook.client(common.identity(context), role=tune_role_name(sub["dataset"]), purpose="tune",
                              extra={"dataset": sub["dataset"]})
-        secret = broker.read_backend_secret(client, settings.get("backends_mount"), sub["kv_path"])
-        mask_backend_secret(secret)
+        secret = broker.read_backend_kv_path(client, settings.get("backends_mount"), sub["kv_path"])
+        mask_backend_kv_path(secret)
         api = FineTuningClient(secret.get(BASE_URL_ENV) or sub["api_base"], secret.get(API_KEY_ENV, ""))
         before = str(api.job(sub["remote_job_id"]).get("status"))
         after = before if before in STATUSES else str(api.cancel(sub["remote_job_id"]).get("status"))
@@ -98,7 +98,7 @@ class GovernedFineTuneOperator(BaseOperator):
         the demo model ``fgov-demo-tiny`` is built on first use.
     :param command: the trainer's argv for ``backend="command"`` (credentials go in its environment).
     :param output_model: model-store name of the result (default: the base model's name).
-    :param backend_secret: path of the backend's secret in OpenBao's backends mount (``[finetune_gov]
+    :param backend_kv_path: path of the backend's secret in OpenBao's backends mount (``[finetune_gov]
         backends_mount``), read with the run's tuning identity; its fields go into the backend's
         environment (``OPENAI_API_KEY``, ``HF_TOKEN``, ...) and are masked. Default: the backend's own
         (``openai`` for ``openai_compatible``), none for the others.
@@ -107,13 +107,13 @@ class GovernedFineTuneOperator(BaseOperator):
     :param poll_interval: seconds between polls of the job (default 0.5 local, 30 remote).
     """
 
-    template_fields = ("hyperparameters", "base_model", "command", "output_model", "backend_secret")
+    template_fields = ("hyperparameters", "base_model", "command", "output_model", "backend_kv_path")
     ui_color = "#f3e8fd"
 
     def __init__(self, *, lease_task_id: str = "acquire_lease", base_model: str = DEMO_MODEL,
                  backend: str = "local_peft", hyperparameters: dict[str, Any] | None = None,
                  command: list[str] | None = None, output_model: str | None = None,
-                 backend_secret: str | None = None, deferrable: bool = True, poll_interval: float | None = None,
+                 backend_kv_path: str | None = None, deferrable: bool = True, poll_interval: float | None = None,
                  vault_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if backend not in BACKENDS:
@@ -125,7 +125,7 @@ class GovernedFineTuneOperator(BaseOperator):
         self.hyperparameters = hyperparameters if hyperparameters is not None else {}
         self.command = command
         self.output_model = output_model
-        self.backend_secret = backend_secret
+        self.backend_kv_path = backend_kv_path
         self.deferrable = deferrable
         self.poll_interval = poll_interval
         self.vault_conn_id = vault_conn_id
@@ -187,14 +187,14 @@ class GovernedFineTuneOperator(BaseOperator):
         mask_secret(creds.password)
         if creds.username != lease.db_role:
             raise AirflowFailException("the handed-over credentials are not the leased role's")
-        self._kv_path = self.backend_secret or getattr(backend, "kv_path", None)
+        self._kv_path = self.backend_kv_path or getattr(backend, "kv_path", None)
         backend_env: dict[str, str] = {}
         if self._kv_path:
             try:
-                backend_env = broker.read_backend_secret(tune_client(), settings.get("backends_mount"), self._kv_path)
+                backend_env = broker.read_backend_kv_path(tune_client(), settings.get("backends_mount"), self._kv_path)
             except broker.LeaseError as exc:
                 raise self._refuse(context, str(exc), kv_path=self._kv_path) from None
-            mask_backend_secret(backend_env)
+            mask_backend_kv_path(backend_env)
 
         def renew_once() -> int:
             return broker.renew(tune_client(), lease.lease_id, int(issued["requested_ttl"]))

@@ -9,10 +9,31 @@ from airflow.dag_processing.dagbag import DagBag
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 
+EXAMPLES = {"governed_finetune_demo", "governed_example_command", "governed_example_openai",
+            "governed_example_mapped", "fgov_lease_sweep"}
+
+
 def test_example_dags_import_cleanly() -> None:
-    bag = DagBag(dag_folder=str(DAGS))
+    bag = DagBag(dag_folder=str(DAGS))  # the cluster policy runs here too: every example complies
     assert bag.import_errors == {}
-    assert "governed_finetune_demo" in bag.dag_ids
+    assert set(bag.dag_ids) == EXAMPLES
+
+
+def test_example_chains() -> None:
+    bag = DagBag(dag_folder=str(DAGS))
+    command = bag.dags["governed_example_command"]
+    tune = command.get_task("command_trainer.tune")
+    assert tune.backend == "command" and tune.command[1:] == ["-m", "airflow_finetune_gov.tuning.trainer"]
+    assert "command_trainer.evaluate" in tune.downstream_task_ids
+    openai = bag.dags["governed_example_openai"]
+    assert openai.get_task("openai.tune").backend == "openai_compatible"
+    assert {t.task_id for t in openai.tasks} >= {"openai.tuned", "openai.revoke_lease"}  # no promotion
+    assert not any(t.task_id.endswith("promote") for t in openai.tasks)
+    mapped = bag.dags["governed_example_mapped"]
+    promote = mapped.get_task("per_dataset.chain.promote")
+    assert promote.get_closest_mapped_task_group() is not None  # one chain per dataset, expanded at run time
+    assert mapped.get_task("per_dataset.chain.acquire_lease").is_setup
+    assert bag.dags["fgov_lease_sweep"].get_task("sweep") is not None
 
 
 def test_demo_dag_shape() -> None:

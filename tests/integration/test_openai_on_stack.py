@@ -10,7 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import psutil
 import pytest
@@ -153,12 +153,14 @@ def paused(view: StackView, component: str) -> Iterator[None]:
     main = psutil.Process(record.pid)
     procs = [main, *main.children(recursive=True)]
     for p in procs:
-        p.suspend()
+        with suppress(psutil.NoSuchProcess):  # a short-lived child may be gone already
+            p.suspend()
     try:
         yield
     finally:
         for p in procs:
-            p.resume()
+            with suppress(psutil.NoSuchProcess):
+                p.resume()
 
 
 def test_killing_the_deferred_task_cancels_the_remote_job(view: StackView,
@@ -182,7 +184,7 @@ def test_a_task_killed_before_its_trigger_ran_has_its_job_cancelled_by_the_teard
     assert fake.cancelled == [job_id] and fake.jobs[job_id]["status"] == "cancelled"
 
 
-def test_a_missing_backend_secret_is_refused_and_the_lease_revoked(view: StackView) -> None:
+def test_a_missing_backend_kv_path_is_refused_and_the_lease_revoked(view: StackView) -> None:
     run_id, state, tasks = view.run(DAG_ID, secret="no-such-secret")
     assert state == "failed" and tasks["tune"] == "failed", tasks
     refused = view.events(run_id, "tuning.refused")[0].payload_dict()

@@ -146,3 +146,16 @@ def test_mapped_chains_each_get_their_own_decision_lease_and_model(view: View, t
         assert view.role_count(issued["db_role"]) == 0
         leases.append(issued["lease_id"])
     assert leases[0] != leases[1]
+
+
+def test_the_command_example_trains_out_of_process_and_its_adapter_is_evaluated_and_promoted(view: View) -> None:
+    dag_id = "governed_example_command"
+    run_id, state, tasks = view.run(dag_id, dataset="public_faq", target_environment="test")
+    assert state == "success", tasks
+    chain = {e.event_type: e.payload_dict() for e in view.events(run_id)}
+    done = chain["tuning.completed"]
+    assert done["backend"] == "command" and done["kind"] == "adapter" and done["metrics"]["steps"] > 0
+    assert chain["evaluation.completed"]["verdict"] == "pass"
+    assert chain["promotion.completed"]["version"] == done["version"]
+    log = view.task_log(dag_id, run_id, "command_trainer.tune")
+    assert "[trainer] trainer: adapter written" in log and "[trainer] step 1/" in log
