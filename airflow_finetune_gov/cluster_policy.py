@@ -31,22 +31,24 @@ def declare_tuning(task: Any) -> Any:
     return task
 
 
-def _kind(task: Any) -> str | None:
-    from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
-    from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
-    from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
-    from airflow_finetune_gov.registry.operators import PromoteModelOperator
-    from airflow_finetune_gov.tuning.operators import GovernedFineTuneOperator
+# By class path, so checking a DAG imports nothing: the policy runs on every DAG of the deployment.
+KINDS = {
+    "airflow_finetune_gov.tuning.operators.GovernedFineTuneOperator": "tuning",
+    "airflow_finetune_gov.approval.operators.FineTuneApprovalOperator": "approval",
+    "airflow_finetune_gov.credentials.operators.AcquireLeaseOperator": "lease",
+    "airflow_finetune_gov.credentials.operators.RevokeLeaseOperator": "revoke",
+    "airflow_finetune_gov.evaluation.operators.BehaviourEvaluationOperator": "evaluation",
+    "airflow_finetune_gov.registry.operators.PromoteModelOperator": "promotion",
+}
 
-    cls = getattr(task, "operator_class", None) or type(task)  # a mapped task names its class
+
+def _kind(task: Any) -> str | None:
+    if getattr(task, TUNING_MARK, False):
+        return "tuning"
+    cls = getattr(task, "operator_class", None)  # a mapped task names its class
     if not isinstance(cls, type):
         cls = type(task)
-    if getattr(task, TUNING_MARK, False) or issubclass(cls, GovernedFineTuneOperator):
-        return "tuning"
-    kinds: list[tuple[type, str]] = [
-        (FineTuneApprovalOperator, "approval"), (AcquireLeaseOperator, "lease"), (RevokeLeaseOperator, "revoke"),
-        (BehaviourEvaluationOperator, "evaluation"), (PromoteModelOperator, "promotion")]
-    return next((kind for base, kind in kinds if issubclass(cls, base)), None)
+    return next((KINDS[path] for c in cls.__mro__ if (path := f"{c.__module__}.{c.__qualname__}") in KINDS), None)
 
 
 def check_dag(dag: Any) -> list[str]:

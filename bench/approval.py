@@ -14,11 +14,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy  # noqa: E402
-from bench.common import pct  # noqa: E402
+from bench.common import airflow_env, parse_times, pct  # noqa: E402
 
 DECISION_GOAL_MS = 5.0
 PARSE_GOAL_MS = 20.0
@@ -50,19 +47,6 @@ BASELINE = ("from airflow.providers.standard.operators.hitl import HITLOperator"
             'HITLOperator(task_id="approval_gate", subject="Approve", options=["Approve", "Reject"], '
             "response_timeout=timedelta(hours=24))")
 
-# Runs in a fresh interpreter: import Airflow first (common to both), then time the DagBag parse.
-PARSER = """
-import json, sys, time
-from airflow.dag_processing.dagbag import DagBag
-t = time.perf_counter()
-bag = DagBag(dag_folder=sys.argv[1])
-elapsed = time.perf_counter() - t
-assert not bag.import_errors, bag.import_errors
-assert bag.dags.get("bench_gate") is not None
-print(json.dumps({"ms": elapsed * 1000}))
-"""
-
-
 def bench_decisions(n: int) -> dict[str, float]:
     t = time.perf_counter()
     policy = load_policy()
@@ -82,39 +66,16 @@ def bench_decisions(n: int) -> dict[str, float]:
     return {"load_ms": load_ms, "p50_ms": statistics.median(times), "p95_ms": pct(times, 0.95)}
 
 
-def bench_parse(n: int, env: dict[str, str]) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {"governed": [], "baseline": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name, (imp, gate) in (("governed", GOVERNED), ("baseline", BASELINE)):
-            folder = Path(tmp) / name
-            folder.mkdir()
-            (folder / "bench_gate.py").write_text(DAG_TEMPLATE.format(import_line=imp, gate=gate))
-            files[name] = folder / "bench_gate.py"
-        for _ in range(n):  # interleaved, so drift hits both alike
-            for name in ("governed", "baseline"):
-                proc = subprocess.run([sys.executable, "-c", PARSER, str(files[name])], capture_output=True,
-                                      text=True, env=env, timeout=120)
-                if proc.returncode != 0:
-                    raise SystemExit(f"parsing the {name} DAG failed:\n{proc.stderr[-2000:]}")
-                out[name].append(json.loads(proc.stdout.strip().splitlines()[-1])["ms"])
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--decisions", type=int, default=20000)
     parser.add_argument("--parses", type=int, default=15)
     args = parser.parse_args()
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__")}
-    env["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="fgov-bench-home-")
-    env["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
-    env["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
-
+    env = airflow_env()
     d = bench_decisions(args.decisions)
-    p = bench_parse(args.parses, env)
+    p = parse_times({name: (DAG_TEMPLATE.format(import_line=imp, gate=gate), env)
+                     for name, (imp, gate) in (("governed", GOVERNED), ("baseline", BASELINE))}, "bench_gate",
+                    args.parses)
     gov, base = statistics.median(p["governed"]), statistics.median(p["baseline"])
     overhead = gov - base
     print(f"{'measure':<44} {'n':>6} {'p50 ms':>9} {'p95 ms':>9}")

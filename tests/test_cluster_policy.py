@@ -119,3 +119,24 @@ def test_it_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("AIRFLOW__FINETUNE_GOV__CLUSTER_POLICY", "off")
     bag = load(tmp_path, "check >> lease >> tune")
     assert bag.import_errors == {} and "variant" in bag.dag_ids
+
+
+def test_checking_a_dag_without_governed_tasks_imports_none_of_the_operators(tmp_path: Path) -> None:
+    """The policy runs on every DAG of a deployment: it must not cost the others the provider's imports."""
+    import subprocess
+    import sys
+
+    (tmp_path / "plain.py").write_text(textwrap.dedent('''
+        import pendulum
+        from airflow.sdk import DAG
+        from airflow.providers.standard.operators.empty import EmptyOperator
+        with DAG(dag_id="plain", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):
+            EmptyOperator(task_id="a")
+    '''))
+    probe = ("import sys; from airflow.dag_processing.dagbag import DagBag; "
+             f"bag = DagBag(dag_folder={str(tmp_path)!r}); assert 'plain' in bag.dag_ids, bag.import_errors; "
+             "print(sorted(m for m in sys.modules if m.startswith('airflow_finetune_gov')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    loaded = out.stdout.strip().splitlines()[-1]
+    assert "airflow_finetune_gov.cluster_policy" in loaded  # the policy ran
+    assert "operators" not in loaded, loaded
