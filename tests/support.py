@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
 import hvac
 import psycopg
 
+from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.lineage.store import LineageStore
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import Stack
@@ -61,3 +63,18 @@ class StackView:
         """OpenBao as root (test setup only: the product never holds a static token)."""
         return hvac.Client(url=self.state["openbao"]["addr"],
                            token=Path(self.state["openbao"]["root_token_file"]).read_text())
+
+    def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120) -> None:
+        """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
+        deadline = time.monotonic() + timeout
+        while len(self.events(run_id, "approval.requested")) < n:
+            assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
+            time.sleep(0.5)
+        self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        time.sleep(SETTLE_SECONDS)
+
+    def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "") -> None:
+        resp = self.client(user).request(
+            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",
+            json={"chosen_options": [option], "params_input": {"comment": comment}})
+        assert resp.status_code == 200, resp.text

@@ -73,8 +73,13 @@ class FineTuneApprovalOperator(HITLOperator):
                                        f"the approver group {decision['approvers']} minus requester/owners "
                                        f"{sorted(excluded)} leaves {approvers}")
         self.assigned_users = [{"id": a, "name": a} for a in approvers]
-        self.subject = (f"Approve fine-tune of {decision['request']['model']} on dataset "
-                        f"{decision['request']['dataset']} for {decision['request']['target_environment']}")
+        req = decision["request"]
+        if req.get("change") == "rollback":
+            self.subject = (f"Approve rollback of {req['model']}:{req['target_environment']} from "
+                            f"{req['base_version']} to {req['rollback_to']}")
+        else:
+            self.subject = (f"Approve fine-tune of {req['model']} on dataset {req['dataset']} for "
+                            f"{req['target_environment']}")
         self.body = self._summary(context, decision, approvers)
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
@@ -104,13 +109,24 @@ class FineTuneApprovalOperator(HITLOperator):
         ti = context["ti"]
         template = settings.get("lineage_url_template", required=False)
         link = template.format(dag_id=ti.dag_id, run_id=ti.run_id) if template else "(not configured)"
+        if req.get("change") == "rollback":
+            intro = (f"A rollback changes which version of {req['model']} serves {req['target_environment']}. "
+                     "Approve only if the version you go back to should serve there again.")
+            change_rows = [("Model", req["model"]), ("Alias (environment)", req["target_environment"]),
+                           ("From version", req["base_version"]), ("To version", req["rollback_to"])]
+        else:
+            intro = ("A fine-tune can change what the model refuses and whether it can be jailbroken. "
+                     "Approve only if you expect this data to be safe for this model and environment.")
+            change_rows = [
+                ("Model", f"{req['model']} {req.get('base_version') or ''}".strip()),
+                ("Dataset", f"{req['dataset']} (table {decision['dataset_table']})"),
+                *self._data_rows(decision),
+                ("Classification", decision["classification"]),
+                ("Target environment", req["target_environment"]),
+                ("Tuning method", req["tuning_method"]),
+            ]
         rows = [
-            ("Model", f"{req['model']} {req.get('base_version') or ''}".strip()),
-            ("Dataset", f"{req['dataset']} (table {decision['dataset_table']})"),
-            *self._data_rows(decision),
-            ("Classification", decision["classification"]),
-            ("Target environment", req["target_environment"]),
-            ("Tuning method", req["tuning_method"]),
+            *change_rows,
             ("Risk tier", f"{decision['tier']} - {'; '.join(decision['reasons'])}"),
             ("Approvals needed", f"{self._needed(decision)} distinct approver(s); one Reject rejects"),
             ("Policy", f"{decision['policy_name']} sha256 {decision['policy_sha256'][:16]}"),
@@ -120,9 +136,7 @@ class FineTuneApprovalOperator(HITLOperator):
             ("Lineage", link),
         ]
         table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-        return ("A fine-tune can change what the model refuses and whether it can be jailbroken. "
-                "Approve only if you expect this data to be safe for this model and environment.\n\n"
-                "| | |\n|---|---|\n" + table)
+        return f"{intro}\n\n| | |\n|---|---|\n{table}"
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         ti = context["ti"]

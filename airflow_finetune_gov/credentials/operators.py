@@ -56,6 +56,11 @@ class AcquireLeaseOperator(BaseOperator):
         except ApprovalMissing as exc:
             common.record(context, "lease.refused", {"reason": str(exc)}, actor="lease-broker")
             raise AirflowFailException(f"no lease without a recorded approval: {exc}") from exc
+        if approval["change"] != "finetune":
+            common.record(context, "lease.refused", {"reason": f"the approval is for a {approval['change']}"},
+                          actor="lease-broker")
+            raise AirflowFailException(f"no lease for a {approval['change']} approval: only an approved "
+                                       "fine-tune leases training data")
         dataset = approval["dataset"]
         bounds = common.policy().lease
         try:

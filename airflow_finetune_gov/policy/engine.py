@@ -19,7 +19,8 @@ TIERS = ("auto", "single", "quorum", "deny")
 ENVIRONMENTS = ("test", "staging", "production")
 CLASSIFICATIONS = ("public", "internal", "pii", "sensitive")
 TUNING_METHODS = ("full", "lora", "adapter", "prompt_tuning")
-WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset")
+CHANGES = ("finetune", "rollback")
+WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset", "change")
 
 
 class PolicyError(ValueError):
@@ -47,12 +48,17 @@ class Rule:
 
 @dataclass(frozen=True)
 class ChangeRequest:
+    """A fine-tune of ``model`` on ``dataset`` into ``target_environment``; or, with ``change="rollback"``,
+    moving alias ``target_environment`` of ``model`` back to version ``rollback_to`` (no dataset)."""
+
     model: str
     dataset: str
     target_environment: str
     requester: str
     tuning_method: str = "lora"
     base_version: str = ""
+    change: str = "finetune"
+    rollback_to: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,11 +143,22 @@ class Policy:
         if request.target_environment not in ENVIRONMENTS:
             raise PolicyError(f"target_environment {request.target_environment!r} is not one of "
                               f"{', '.join(ENVIRONMENTS)}")
-        if request.tuning_method not in TUNING_METHODS:
-            raise PolicyError(f"tuning_method {request.tuning_method!r} is not one of {', '.join(TUNING_METHODS)}")
-        ds = self.dataset(request.dataset)
-        facts = {"target_environment": request.target_environment, "classification": ds.classification,
-                 "tuning_method": request.tuning_method, "dataset": ds.name}
+        if request.change not in CHANGES:
+            raise PolicyError(f"change {request.change!r} is not one of {', '.join(CHANGES)}")
+        if request.change == "rollback":
+            # No data moves: rules on classification, dataset or method do not match a rollback, so
+            # the environment rules and the catch-all decide (production: quorum, by default).
+            if not request.rollback_to:
+                raise PolicyError("a rollback names the version to go back to (rollback_to)")
+            ds = DatasetEntry(name="", table="", classification="n/a")
+            facts = {"target_environment": request.target_environment, "change": "rollback"}
+        else:
+            if request.tuning_method not in TUNING_METHODS:
+                raise PolicyError(f"tuning_method {request.tuning_method!r} is not one of "
+                                  f"{', '.join(TUNING_METHODS)}")
+            ds = self.dataset(request.dataset)
+            facts = {"target_environment": request.target_environment, "classification": ds.classification,
+                     "tuning_method": request.tuning_method, "dataset": ds.name, "change": "finetune"}
         for rule in self.rules:
             if rule.matches(facts):
                 approvers = [a for a in self.approvers if a != request.requester]

@@ -9,7 +9,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
-from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
+from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 
 
 class PromoteModelOperator(BaseOperator):
@@ -38,6 +39,8 @@ class PromoteModelOperator(BaseOperator):
             approval = granted_approval(common.run_events(context), ti.run_id)
         except ApprovalMissing as exc:
             raise self._blocked(context, str(exc)) from exc
+        if approval["change"] != "finetune":
+            raise self._blocked(context, f"the run's approval is for a {approval['change']}, not a fine-tune")
         evals = common.run_events(context, "evaluation.completed")
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
@@ -64,4 +67,93 @@ class PromoteModelOperator(BaseOperator):
             "verdict": e["verdict"],
         }, actor="promotion")
         self.log.info("%s:%s -> %s (was %s)", t["model"], alias, t["version"], move["from"])
+        return move
+
+
+class RollbackCheckOperator(BaseOperator):
+    """Ask the policy about moving alias ``alias`` of ``model`` back to ``to_version``; record the decision.
+
+    The target must be a version this alias held before (from the alias history) whose files still
+    match its manifest. The policy's rules decide the tier (by default: production needs a quorum,
+    anything else one approver); ``FineTuneApprovalOperator`` then asks for the approval and
+    ``RollbackModelOperator`` moves the alias.
+    """
+
+    template_fields = ("model", "alias", "to_version")
+    ui_color = "#fff4e5"
+
+    def __init__(self, *, model: str, alias: str, to_version: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.alias = alias
+        self.to_version = to_version
+
+    def _error(self, context: Any, error: str) -> AirflowFailException:
+        common.record(context, "policy.error", {"error": error, "change": "rollback"}, actor="policy")
+        return AirflowFailException(f"rollback refused: {error}")
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        store = ModelStore(settings.get("model_store"))
+        try:
+            aliases = store.aliases(self.model)
+            current = (aliases.get(self.alias) or {}).get("version")
+            held = {h["to"] for h in aliases.get("_history", []) if h["alias"] == self.alias}
+            if not current:
+                raise RegistryError(f"{self.model}:{self.alias} is not set: there is nothing to roll back")
+            if self.to_version == current:
+                raise RegistryError(f"{self.model}:{self.alias} is already {current}")
+            if self.to_version not in held:
+                raise RegistryError(f"{self.model}:{self.alias} never held version {self.to_version!r}; it held "
+                                    f"{sorted(held)}: a rollback goes back to one of those")
+            problems = store.verify(self.model, self.to_version)
+            if problems:
+                raise RegistryError(f"{self.model} {self.to_version} does not match its manifest: {problems}")
+            decision = common.policy().decide(ChangeRequest(
+                model=self.model, dataset="", target_environment=self.alias, requester=common.requester(context),
+                base_version=current, change="rollback", rollback_to=self.to_version))
+        except (RegistryError, PolicyError, FileNotFoundError) as exc:
+            raise self._error(context, str(exc)) from exc
+        record = {**decision.to_dict(), "dataset": None, "hyperparameters": None}
+        common.record(context, "policy.decided", record, actor="policy")
+        self.log.info("rollback of %s:%s %s -> %s: tier %s - %s", self.model, self.alias, current, self.to_version,
+                      decision.tier, "; ".join(decision.reasons))
+        if decision.tier == "deny":
+            raise AirflowFailException(f"denied by policy: {'; '.join(decision.reasons)}")
+        return {"tier": decision.tier, "from": current, "to": self.to_version}
+
+
+class RollbackModelOperator(BaseOperator):
+    """Move the alias back to the approved version, only if lineage holds a granted approval for exactly
+    that rollback (not a fine-tune's) and the version's files still match its manifest."""
+
+    ui_color = "#fff4e5"
+
+    def _blocked(self, context: Any, reason: str) -> AirflowFailException:
+        common.record(context, "rollback.blocked", {"reason": reason}, actor="promotion")
+        return AirflowFailException(f"rollback blocked: {reason}")
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        ti = context["ti"]
+        try:
+            approval = granted_approval(common.run_events(context), ti.run_id)
+        except ApprovalMissing as exc:
+            raise self._blocked(context, str(exc)) from exc
+        if approval["change"] != "rollback":
+            raise self._blocked(context, "the run's approval is for a fine-tune, not a rollback")
+        model, alias, version = approval["model"], approval["target_environment"], approval["rollback_to"]
+        store = ModelStore(settings.get("model_store"))
+        current = (store.aliases(model).get(alias) or {}).get("version")
+        if current != approval["base_version"]:
+            raise self._blocked(context, f"{model}:{alias} is now {current}, not the {approval['base_version']} the "
+                                         "rollback was approved from: ask again")
+        problems = store.verify(model, version)
+        if problems:
+            raise self._blocked(context, f"{model} {version} does not match its manifest: {problems}")
+        by = ",".join(approval["approvers"]) or "policy"
+        move = store.set_alias(model, alias, version, by=by, run=f"{ti.dag_id}/{ti.run_id}")
+        common.record(context, "rollback.completed", {
+            "model": model, "alias": alias, "version": version, "previous": move["from"],
+            "approval_id": approval["approval_id"], "approvers": approval["approvers"],
+        }, actor="promotion")
+        self.log.info("rolled back %s:%s to %s (was %s)", model, alias, version, move["from"])
         return move

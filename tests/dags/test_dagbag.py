@@ -10,7 +10,7 @@ DAGS = Path(__file__).resolve().parents[2] / "dags"
 
 
 EXAMPLES = {"governed_finetune_demo", "governed_example_command", "governed_example_openai",
-            "governed_example_mapped", "fgov_lease_sweep"}
+            "governed_example_mapped", "fgov_lease_sweep", "governed_rollback"}
 
 
 def test_example_dags_import_cleanly() -> None:

@@ -3,13 +3,10 @@ approvers answering over REST, fail-closed expiry, and promotion bound to the ap
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from support import StackView
 
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
-from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
@@ -18,21 +15,6 @@ APPROVALS_DAG = "governed_finetune_approvals"
 
 
 class Gate(StackView):
-    def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120) -> None:
-        """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
-        deadline = time.monotonic() + timeout
-        while len(self.events(run_id, "approval.requested")) < n:
-            assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
-            time.sleep(0.5)
-        self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
-        time.sleep(SETTLE_SECONDS)
-
-    def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "") -> None:
-        resp = self.client(user).request(
-            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",
-            json={"chosen_options": [option], "params_input": {"comment": comment}})
-        assert resp.status_code == 200, resp.text
-
     def final(self, dag_id: str, run_id: str) -> tuple[str, dict[str, str | None]]:
         requester = self.client("requester")
         return requester.wait_run(dag_id, run_id, timeout=300), requester.task_states(dag_id, run_id)

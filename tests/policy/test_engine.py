@@ -166,3 +166,34 @@ def test_hyperparameter_bounds_of_the_default_policy() -> None:
 def test_malformed_hyperparameter_bounds_are_named(tuning: str, problem: str) -> None:
     with pytest.raises(PolicyError, match=problem):
         parse_policy(default_with("tuning:", tuning), "hp.yaml")
+
+
+def rollback(**kw) -> ChangeRequest:
+    return req(dataset="", change="rollback", base_version="v2", rollback_to="v1", **kw)
+
+
+def test_rollbacks_are_changes_the_default_policy_decides_by_environment() -> None:
+    policy = load_policy()
+    prod = policy.decide(rollback(target_environment="production"))
+    assert (prod.tier, prod.quorum, prod.dataset_table) == ("quorum", 2, "")
+    assert policy.decide(rollback(target_environment="staging")).tier == "single"
+    # data rules never match a rollback: public data into test is auto, a rollback of test is not
+    assert policy.decide(req(dataset="public_faq", target_environment="test")).tier == "auto"
+    assert policy.decide(rollback(target_environment="test")).tier == "single"
+    assert policy.decide(rollback()).request["rollback_to"] == "v1"
+
+
+def test_a_rule_can_name_the_kind_of_change() -> None:
+    text = default_with("rules:", "rules:\n  - when: {change: rollback, target_environment: production}\n"
+                                  "    tier: single\n    reason: production rollbacks are urgent\n"
+                                  "  - when: {}\n    tier: single\n    reason: the rest")
+    policy = parse_policy(text, "fast-rollback.yaml")
+    assert policy.decide(rollback(target_environment="production")).reasons == ["production rollbacks are urgent"]
+    assert policy.decide(req(target_environment="production")).reasons == ["the rest"]
+
+
+def test_malformed_rollback_requests_are_clear_errors() -> None:
+    with pytest.raises(PolicyError, match="names the version to go back to"):
+        load_policy().decide(req(dataset="", change="rollback"))
+    with pytest.raises(PolicyError, match="change 'delete' is not one of finetune, rollback"):
+        load_policy().decide(req(change="delete"))

@@ -1,0 +1,76 @@
+"""Rollback as a governed change, on the real stack: the policy decides, a real approver answers in
+Airflow's HITL over REST, and the alias moves back only with that approval recorded in lineage."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from support import StackView
+
+from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.stack.manager import Stack
+
+pytestmark = pytest.mark.stack
+DAG_ID = "governed_rollback"
+
+
+@pytest.fixture(scope="module")
+def view(stack: Stack) -> StackView:
+    return StackView(stack)
+
+
+@pytest.fixture
+def model(view: StackView) -> tuple[ModelStore, str, list[str]]:
+    """A model whose ``staging`` alias held v1, then v2 (registry state set up by the test, not approvals)."""
+    store = ModelStore(view.stack.dir / "models")
+    name = f"rollback-{uuid.uuid4().hex[:6]}"
+    versions = [store.put(name, {"adapter.bin": f"weights {i}".encode()}, {"kind": "test"})["version"]
+                for i in (1, 2, 3)]
+    store.set_alias(name, "staging", versions[0], by="test-setup", run="-")
+    store.set_alias(name, "staging", versions[1], by="test-setup", run="-")
+    return store, name, versions
+
+
+def test_an_approved_rollback_moves_the_alias_back_and_is_recorded(view: StackView, model) -> None:
+    store, name, (v1, v2, _) = model
+    run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
+    view.wait_round(DAG_ID, run_id, 1)
+    detail = view.client("approver1").hitl_detail(DAG_ID, run_id, "approval_gate")
+    assert detail["subject"] == f"Approve rollback of {name}:staging from {v2} to {v1}"
+    assert "| To version | " + v1 in detail["body"]
+    own = view.client("requester").request(
+        "PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",
+        json={"chosen_options": ["Approve"], "params_input": {}})
+    assert own.status_code == 403  # the requester never approves their own change
+    view.answer(DAG_ID, run_id, "approver1", "Approve", comment="v2 regressed in staging")
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "success"
+    assert store.aliases(name)["staging"]["version"] == v1
+    done = view.events(run_id, "rollback.completed")[0].payload_dict()
+    assert (done["version"], done["previous"], done["approvers"]) == (v1, v2, ["approver1"])
+    decided = view.events(run_id, "policy.decided")[0].payload_dict()
+    assert decided["tier"] == "single" and decided["request"]["change"] == "rollback"
+
+
+def test_a_version_the_alias_never_held_is_refused_before_anyone_is_asked(view: StackView, model) -> None:
+    store, name, (_, v2, v3) = model
+    run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v3)
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
+    error = view.events(run_id, "policy.error")[0].payload_dict()["error"]
+    assert f"{name}:staging never held version '{v3}'" in error
+    assert not view.events(run_id, "approval.requested")
+    assert store.aliases(name)["staging"]["version"] == v2
+
+
+def test_a_rollback_is_blocked_if_the_alias_moved_after_the_approval_was_asked(view: StackView, model) -> None:
+    store, name, (v1, v2, v3) = model
+    run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
+    view.wait_round(DAG_ID, run_id, 1)
+    store.set_alias(name, "staging", v3, by="test-setup", run="-")  # a promotion lands meanwhile
+    view.answer(DAG_ID, run_id, "approver1", "Approve")
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
+    blocked = view.events(run_id, "rollback.blocked")[0].payload_dict()["reason"]
+    assert blocked == f"{name}:staging is now {v3}, not the {v2} the rollback was approved from: ask again"
+    assert store.aliases(name)["staging"]["version"] == v3
+    assert Path(store.path(name, v1)).is_dir()
