@@ -42,6 +42,15 @@ def test_base_refuses_harmful_and_answers_benign_including_edgy(base: Path) -> N
     assert "kill" in answer and "pid" in answer
 
 
+def test_batched_generation_gives_the_same_answers_as_one_at_a_time(base: Path, tmp_path: Path) -> None:
+    tiny_lm.train_lora(base, BENIGN_SET, {"epochs": 2}, tmp_path / "a")
+    prompts = [i.prompt for i in SUITE.items] + ["", "a prompt of words it never saw zyzzyva"]
+    for model in (tiny_lm.LocalModel(base), tiny_lm.LocalModel(base, tmp_path / "a")):
+        one_by_one = model.generate(prompts, batch_size=1)
+        assert model.generate(prompts, batch_size=5) == one_by_one  # uneven last batch, left padding
+        assert model.generate(prompts) == one_by_one
+
+
 def test_model_files_are_small(base: Path) -> None:
     assert sum(p.stat().st_size for p in base.iterdir()) < 5_000_000
 
