@@ -186,7 +186,7 @@ class LocalModel:
         """Greedy answers, ``batch_size`` prompts per forward pass (left-padded; the same answers as one
         at a time, tested)."""
         torch = _torch()
-        out = []
+        out: list[str] = []
         with torch.no_grad():
             for start in range(0, len(prompts), max(1, batch_size)):
                 encoded = [self.tokenizer.prompt_ids(p) for p in prompts[start:start + max(1, batch_size)]]
