@@ -1,6 +1,7 @@
-"""A local server implementing the documented OpenAI fine-tuning endpoints the ``openai_compatible``
-backend uses (``POST /v1/files``, ``POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``,
-``GET .../events``, ``POST .../cancel``), for the tests. It checks the Bearer key on every request,
+"""A local server implementing the documented OpenAI endpoints the project uses (``POST /v1/files``,
+``POST /v1/fine_tuning/jobs``, ``GET /v1/fine_tuning/jobs/{id}``, ``GET .../events``, ``POST .../cancel``
+for the ``openai_compatible`` backend; ``POST /v1/chat/completions`` for the evaluation client), for
+the tests. It checks the Bearer key on every request,
 keeps the uploaded files, and moves a job validating_files -> running -> succeeded over successive
 polls, or holds it running until ``release()``, or fails it when the model is ``FAIL_MODEL``.
 
@@ -32,6 +33,11 @@ class FakeFineTuningAPI:
         self.requests: list[tuple[str, str]] = []  # (method, path) of authorised calls
         self.refused = 0  # calls with a missing or wrong key
         self.cancelled: list[str] = []
+        # chat completions: answer(prompt) -> text; fail the first `chat_failures` calls with 503
+        self.answer = lambda prompt: "I can't help with that." if "bomb" in prompt else f"Sure: {prompt}"
+        self.chat_failures = 0
+        self.chat_delay = 0.0
+        self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
         api = self
 
@@ -81,6 +87,8 @@ class FakeFineTuningAPI:
                 self.refused += 1
             return self._send(h, 401, {"error": {"message": "Incorrect API key provided",
                                                  "type": "invalid_request_error", "code": "invalid_api_key"}})
+        if method == "POST" and path == "/v1/chat/completions":
+            return self._chat(h, json.loads(body))
         with self._lock:
             self.requests.append((method, path))
             parts = path.strip("/").split("/")
@@ -104,6 +112,24 @@ class FakeFineTuningAPI:
                     self.cancelled.append(job["id"])
                 return self._send(h, 200, job)
         return self._send(h, 404, {"error": {"message": f"no route {method} {path}"}})
+
+    def _chat(self, h: BaseHTTPRequestHandler, req: dict[str, Any]) -> None:
+        with self._lock:
+            self.requests.append(("POST", "/v1/chat/completions"))
+            if self.chat_failures > 0:
+                self.chat_failures -= 1
+                return self._send(h, 503, {"error": {"message": "overloaded"}})
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            time.sleep(self.chat_delay)
+            prompt = req["messages"][-1]["content"]
+            message = {"role": "assistant", "content": self.answer(prompt)}
+            return self._send(h, 200, {"object": "chat.completion", "model": req["model"],
+                                       "choices": [{"index": 0, "finish_reason": "stop", "message": message}]})
+        finally:
+            with self._lock:
+                self.in_flight -= 1
 
     def _upload(self, h: BaseHTTPRequestHandler, body: bytes) -> dict[str, Any]:
         head = f"Content-Type: {h.headers['Content-Type']}\r\n\r\n".encode()

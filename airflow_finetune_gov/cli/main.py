@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--json", action="store_true")
     av.add_argument("--db-url")
     av.set_defaults(func=cmd_audit)
+
+    from airflow_finetune_gov.cli.eval_cmd import add_parser as add_eval
+
+    add_eval(sub)
     return parser
 
 

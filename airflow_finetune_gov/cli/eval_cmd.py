@@ -1,0 +1,124 @@
+"""``fgov eval run`` and ``fgov eval compare``: the behaviour gate in any CI, without Airflow.
+
+Exit codes of ``compare``: 0 pass, 1 fail, 2 needs review; 3 when it cannot evaluate at all (a bad
+suite, an endpoint that stays down, runs of different suites): never a pass without answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT = {"pass": 0, "fail": 1, "needs_review": 2}
+CANNOT = 3
+
+
+def client_from_spec(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency: int = 8) -> Any:
+    """``openai:MODEL@BASE_URL`` (key from ``$OPENAI_API_KEY``), ``local:BASE_DIR[+ADAPTER_DIR]``, or
+    ``python:module:function`` (a function from a list of prompts to a list of answers)."""
+    from airflow_finetune_gov.evaluation.harness import CallableClient, OpenAIChatClient
+
+    kind, _, rest = spec.partition(":")
+    if kind == "openai" and "@" in rest:
+        name, _, url = rest.partition("@")
+        return OpenAIChatClient(base_url=url, model=name, api_key=os.environ.get(api_key_env, ""),
+                                concurrency=concurrency)
+    if kind == "local" and rest:
+        from airflow_finetune_gov.tuning.tiny_lm import LocalModel
+
+        base, _, adapter = rest.partition("+")
+        model = LocalModel(Path(base), Path(adapter) if adapter else None)
+        return CallableClient(model.generate, name=f"local:{Path(base).name}" + (f"+{Path(adapter).name}"
+                                                                                 if adapter else ""))
+    if kind == "python" and rest.count(":") == 1:
+        import importlib
+
+        module, _, fn = rest.partition(":")
+        return CallableClient(getattr(importlib.import_module(module), fn), name=f"python:{rest}")
+    raise ValueError(f"model spec {spec!r} is not openai:MODEL@URL, local:BASE[+ADAPTER] or python:module:function")
+
+
+def _pairs(text: str | None) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in text.split(",")) if text else {}
+
+
+def cmd_eval_run(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.evaluation.harness import EndpointError, SuiteError, load_suite_file, run
+
+    try:
+        suites = [load_suite_file(p, columns=_pairs(args.columns), expected_values=_pairs(args.expected_values))
+                  for p in args.suite]
+        client = client_from_spec(args.model, args.api_key_env, args.concurrency)
+        rows = run(suites, client, progress=lambda line: print(line, file=sys.stderr))
+    except (SuiteError, EndpointError, ValueError, ImportError, AttributeError) as exc:
+        print(f"fgov eval run: {exc}", file=sys.stderr)
+        return CANNOT
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    refused = sum(r["refused"] for r in rows)
+    print(f"{len(rows)} prompts from {len(suites)} suite(s) answered by {client.name}: {refused} refused; "
+          f"results in {args.out}")
+    return 0
+
+
+def _read_results(path: str) -> list[dict[str, Any]]:
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as exc:
+                raise ValueError(f"{path}, line {n}: not JSON ({exc})") from None
+    if not rows:
+        raise ValueError(f"{path}: no results")
+    return rows
+
+
+def cmd_eval_compare(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.evaluation.harness import compare, write_report
+    from airflow_finetune_gov.policy.engine import PolicyError, load_policy
+
+    try:
+        thresholds = load_policy(args.policy).evaluation
+        result = compare(_read_results(args.baseline), _read_results(args.candidate), thresholds)
+    except (OSError, ValueError, KeyError, PolicyError) as exc:
+        print(f"fgov eval compare: {exc}", file=sys.stderr)
+        return CANNOT
+    paths = write_report(result, args.report) if args.report else {}
+    if args.json:
+        print(json.dumps({**result.to_dict(), "report": paths}, indent=2))
+    else:
+        print(f"{'metric':<18} {'n':>5} {'baseline':>18} {'candidate':>18} {'difference':>24} {'verdict':>12}")
+        for m in result.metrics:
+            print(f"{m.metric:<18} {m.n:>5} {m.baseline_rate:>7.1%} [{m.baseline_ci[0]:.0%},{m.baseline_ci[1]:.0%}]"
+                  f" {m.candidate_rate:>7.1%} [{m.candidate_ci[0]:.0%},{m.candidate_ci[1]:.0%}]"
+                  f" {m.difference:>+7.1%} [{m.difference_ci[0]:+.1%},{m.difference_ci[1]:+.1%}] {m.verdict:>12}")
+            print(f"  {m.reason}")
+        print(f"flipped prompts: {len(result.flipped)}; verdict: {result.verdict}"
+              + (f"; report: {paths['html']}" if paths else ""))
+    return EXIT[result.verdict]
+
+
+def add_parser(sub: Any) -> None:
+    ev = sub.add_parser("eval", help="behaviour evaluation without Airflow (exit 0 pass, 1 fail, 2 needs review)")
+    ev_sub = ev.add_subparsers(dest="action", required=True)
+    er = ev_sub.add_parser("run", help="answer suites with a model and write one result line per prompt")
+    er.add_argument("--model", required=True,
+                    help="openai:MODEL@BASE_URL, local:BASE_DIR[+ADAPTER_DIR] or python:module:function")
+    er.add_argument("--suite", required=True, action="append", help="a JSONL or CSV suite (repeatable)")
+    er.add_argument("--out", required=True)
+    er.add_argument("--columns", help="for other suite files: field=column,... e.g. expected=label,category=type")
+    er.add_argument("--expected-values", help="label=refuse|comply,... e.g. unsafe=refuse,safe=comply")
+    er.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    er.add_argument("--concurrency", type=int, default=8)
+    er.set_defaults(func=cmd_eval_run)
+    ec = ev_sub.add_parser("compare", help="paired verdict of a candidate's results against its baseline's")
+    ec.add_argument("baseline")
+    ec.add_argument("candidate")
+    ec.add_argument("--policy", help="policy file whose evaluation thresholds apply (default: the packaged one)")
+    ec.add_argument("--report", help="write report.json and report.html into this folder")
+    ec.add_argument("--json", action="store_true")
+    ec.set_defaults(func=cmd_eval_compare)
