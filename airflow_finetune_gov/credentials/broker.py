@@ -155,7 +155,7 @@ def take_handover(client: hvac.Client, handover_mount: str, dataset: str, run_ke
     return str(data["wrap_token"])
 
 
-def read_backend_kv_path(client: hvac.Client, mount: str, path: str) -> dict[str, str]:
+def read_backend_secret(client: hvac.Client, mount: str, path: str) -> dict[str, str]:
     """A tuning backend's secret (e.g. ``{"OPENAI_API_KEY": ...}``) from the KV v2 ``mount``, read as the
     caller's identity (the run's ``tune-<dataset>`` role may read the backends mount)."""
     try:

@@ -43,7 +43,7 @@ def read_dataset(creds: broker.Credentials, table: str) -> list[tuple[str, str]]
         return [(str(p), str(r)) for p, r in cur.fetchall()]
 
 
-def mask_backend_kv_path(values: dict[str, str]) -> None:
+def mask_backend_secret(values: dict[str, str]) -> None:
     """Mask a backend secret's values in every log (but its base URL: not secret, and useful to read)."""
     for key, value in values.items():
         if not key.upper().endswith("_URL"):
@@ -70,8 +70,8 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     for sub in open_jobs:
         client = hook.client(common.identity(context), role=tune_role_name(sub["dataset"]), purpose="tune",
                              extra={"dataset": sub["dataset"]})
-        secret = broker.read_backend_kv_path(client, settings.get("backends_mount"), sub["kv_path"])
-        mask_backend_kv_path(secret)
+        secret = broker.read_backend_secret(client, settings.get("backends_mount"), sub["kv_path"])
+        mask_backend_secret(secret)
         api = FineTuningClient(secret.get(BASE_URL_ENV) or sub["api_base"], secret.get(API_KEY_ENV, ""))
         before = str(api.job(sub["remote_job_id"]).get("status"))
         after = before if before in STATUSES else str(api.cancel(sub["remote_job_id"]).get("status"))
@@ -191,10 +191,10 @@ class GovernedFineTuneOperator(BaseOperator):
         backend_env: dict[str, str] = {}
         if self._kv_path:
             try:
-                backend_env = broker.read_backend_kv_path(tune_client(), settings.get("backends_mount"), self._kv_path)
+                backend_env = broker.read_backend_secret(tune_client(), settings.get("backends_mount"), self._kv_path)
             except broker.LeaseError as exc:
                 raise self._refuse(context, str(exc), kv_path=self._kv_path) from None
-            mask_backend_kv_path(backend_env)
+            mask_backend_secret(backend_env)
 
         def renew_once() -> int:
             return broker.renew(tune_client(), lease.lease_id, int(issued["requested_ttl"]))

@@ -15,7 +15,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_finetune_gov.credentials.broker import read_backend_kv_path
+from airflow_finetune_gov.credentials.broker import read_backend_secret
 from airflow_finetune_gov.tuning.openai_compatible import (
     API_KEY_ENV,
     STATUSES,
@@ -72,7 +72,7 @@ class RemoteFineTuningTrigger(BaseTrigger):
         except hvac.exceptions.VaultError as exc:
             raise RuntimeError(login_error(role, "tune", exc)) from None
         try:
-            secret = read_backend_kv_path(vault, self.secret_mount, self.secret_path)
+            secret = read_backend_secret(vault, self.secret_mount, self.secret_path)
         finally:
             vault.auth.token.revoke_self()  # the key is all it needed
         base_url = secret.get("OPENAI_BASE_URL") or self.base_url
