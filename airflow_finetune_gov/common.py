@@ -72,14 +72,11 @@ def chain(task_id: str, map_index: int) -> tuple[str, int]:
     return task_id.rpartition(".")[0], int(map_index)
 
 
-def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None,
-               whole_run: bool = False) -> list[LineageEvent]:
-    """This run's lineage events recorded by tasks of this task's chain (``whole_run``: all of them)."""
+def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None) -> list[LineageEvent]:
+    """This run's lineage events recorded by tasks of this task's chain."""
     ti = context["ti"]
     events = lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type,
                                     event_prefix=event_prefix)
-    if whole_run:
-        return events
     ident = identity(context)
     mine = chain(ident.task_id, ident.map_index)
     return [e for e in events if chain(e.task_id, e.map_index) == mine]
