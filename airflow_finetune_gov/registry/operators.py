@@ -13,7 +13,27 @@ from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
 from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 
 
-class PromoteModelOperator(BaseOperator):
+class _AliasMoveOperator(BaseOperator):
+    """Moves a model alias only with a granted approval, recorded in lineage, for this kind of change."""
+
+    event = "promotion"  # <event>.blocked is recorded when it refuses
+    change = "finetune"  # the approval must be for this kind of change
+
+    def _blocked(self, context: Any, reason: str) -> AirflowFailException:
+        common.record(context, f"{self.event}.blocked", {"reason": reason}, actor="promotion")
+        return AirflowFailException(f"{self.event} blocked: {reason}")
+
+    def _approval(self, context: Any) -> dict[str, Any]:
+        try:
+            approval = granted_approval(common.run_events(context), context["ti"].run_id)
+        except ApprovalMissing as exc:
+            raise self._blocked(context, str(exc)) from exc
+        if approval["change"] != self.change:
+            raise self._blocked(context, f"the run's approval is for a {approval['change']}, not a {self.change}")
+        return approval
+
+
+class PromoteModelOperator(_AliasMoveOperator):
     """Point the alias named by the approved target environment at the tuned version.
 
     Everything is checked from lineage: the approval (who, tier), the evaluation verdict, the tuned
@@ -29,18 +49,9 @@ class PromoteModelOperator(BaseOperator):
         super().__init__(**kwargs)
         self.alias = alias
 
-    def _blocked(self, context: Any, reason: str) -> AirflowFailException:
-        common.record(context, "promotion.blocked", {"reason": reason}, actor="promotion")
-        return AirflowFailException(f"promotion blocked: {reason}")
-
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        try:
-            approval = granted_approval(common.run_events(context), ti.run_id)
-        except ApprovalMissing as exc:
-            raise self._blocked(context, str(exc)) from exc
-        if approval["change"] != "finetune":
-            raise self._blocked(context, f"the run's approval is for a {approval['change']}, not a fine-tune")
+        approval = self._approval(context)
         evals = common.run_events(context, "evaluation.completed")
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
@@ -122,24 +133,17 @@ class RollbackCheckOperator(BaseOperator):
         return {"tier": decision.tier, "from": current, "to": self.to_version}
 
 
-class RollbackModelOperator(BaseOperator):
+class RollbackModelOperator(_AliasMoveOperator):
     """Move the alias back to the approved version, only if lineage holds a granted approval for exactly
     that rollback (not a fine-tune's) and the version's files still match its manifest."""
 
     ui_color = "#fff4e5"
-
-    def _blocked(self, context: Any, reason: str) -> AirflowFailException:
-        common.record(context, "rollback.blocked", {"reason": reason}, actor="promotion")
-        return AirflowFailException(f"rollback blocked: {reason}")
+    event = "rollback"
+    change = "rollback"
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        try:
-            approval = granted_approval(common.run_events(context), ti.run_id)
-        except ApprovalMissing as exc:
-            raise self._blocked(context, str(exc)) from exc
-        if approval["change"] != "rollback":
-            raise self._blocked(context, "the run's approval is for a fine-tune, not a rollback")
+        approval = self._approval(context)
         model, alias, version = approval["model"], approval["target_environment"], approval["rollback_to"]
         store = ModelStore(settings.get("model_store"))
         current = (store.aliases(model).get(alias) or {}).get("version")
