@@ -288,8 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     av.set_defaults(func=cmd_audit)
 
     from airflow_finetune_gov.cli.eval_cmd import add_parser as add_eval
+    from airflow_finetune_gov.cli.models_cmd import add_parser as add_models
 
     add_eval(sub)
+    add_models(sub)
     return parser
 
 

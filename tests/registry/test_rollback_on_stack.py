@@ -3,6 +3,7 @@ Airflow's HITL over REST, and the alias moves back only with that approval recor
 
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -74,3 +75,23 @@ def test_a_rollback_is_blocked_if_the_alias_moved_after_the_approval_was_asked(v
     assert blocked == f"{name}:staging is now {v3}, not the {v2} the rollback was approved from: ask again"
     assert store.aliases(name)["staging"]["version"] == v3
     assert Path(store.path(name, v1)).is_dir()
+
+
+def test_fgov_models_rollback_asks_airflow_and_show_tells_the_story(view: StackView, model,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from airflow_finetune_gov.cli.main import main
+
+    store, name, (v1, v2, _) = model
+    base = ["--state-dir", str(view.stack.dir), "models"]
+    assert main([*base, "rollback", name, "--to", v1, "--alias", "staging"]) == 0
+    out = capsys.readouterr().out
+    run_id = out.split(": run ")[1].split(" of ")[0]
+    assert store.aliases(name)["staging"]["version"] == v2  # nothing moves before the approval
+    view.wait_round(DAG_ID, run_id, 1)
+    view.answer(DAG_ID, run_id, "approver1", "Approve")
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "success"
+    assert main([*base, "show", name, "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["aliases"]["staging"]["version"] == v1 and shown["aliases"]["staging"]["by"] == "approver1"
+    assert [(h["from"], h["to"]) for h in shown["history"]][-1] == (v2, v1)
+    assert main([*base, "show", "no-such-model"]) == 1

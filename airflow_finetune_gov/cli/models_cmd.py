@@ -1,0 +1,108 @@
+"""``fgov models show`` and ``fgov models rollback``: the model store's aliases, and a rollback that goes
+through the governed path (the ``governed_rollback`` DAG: policy, approval in Airflow, then the move).
+
+The CLI never moves an alias itself: it asks Airflow, as you, to run the rollback DAG, so the rollback
+needs its own approval and is recorded in lineage like any other change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROLLBACK_DAG = "governed_rollback"
+
+
+def _stack(args: argparse.Namespace) -> Any:
+    from airflow_finetune_gov.cli.main import _state_dir
+    from airflow_finetune_gov.stack.manager import Stack
+
+    return Stack(_state_dir(args))
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    if args.model_store:
+        return Path(args.model_store)
+    state = _stack(args).load()
+    if state and state.get("model_store"):
+        return Path(state["model_store"])
+    from airflow_finetune_gov import settings
+
+    return Path(settings.get("model_store"))
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.registry.store import ModelStore
+
+    store = ModelStore(_store_root(args))
+    aliases = store.aliases(args.name)
+    if not aliases:
+        print(f"fgov models show: no aliases for model {args.name!r} in {store.root}", file=sys.stderr)
+        return 1
+    history = aliases.pop("_history", [])
+    if args.json:
+        print(json.dumps({"aliases": aliases, "history": history}, indent=2))
+        return 0
+    for alias, current in sorted(aliases.items()):
+        print(f"{args.name}:{alias} -> {current['version']} (by {current['by']}, run {current['run']})")
+    print("history:")
+    for h in history:
+        print(f"  {h['at'][:19]}  {h['alias']:<11} {h['from'] or '-':>16} -> {h['to']:<16} by {h['by']}  {h['run']}")
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from airflow_finetune_gov.stack.client import AirflowClient
+
+    if args.airflow_url:
+        password = os.environ.get("FGOV_AIRFLOW_PASSWORD")
+        if not password:
+            raise ValueError("set FGOV_AIRFLOW_PASSWORD to your Airflow password (the rollback runs as you)")
+        return AirflowClient(args.airflow_url, args.user, password)
+    stack = _stack(args)
+    state = stack.load()
+    if not state:
+        raise ValueError("no embedded stack is up here: give --airflow-url (and FGOV_AIRFLOW_PASSWORD)")
+    return AirflowClient(state["airflow"]["url"], args.user, stack.airflow_password(args.user))
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.stack.procs import StackError
+
+    try:
+        client = _client(args)
+        client.wait_for_dag(ROLLBACK_DAG, timeout=60)
+        run_id = client.trigger(ROLLBACK_DAG, {"model": args.name, "alias": args.alias, "to_version": args.to})
+    except (ValueError, StackError, KeyError) as exc:
+        print(f"fgov models rollback: {exc}", file=sys.stderr)
+        return 2
+    print(f"rollback of {args.name}:{args.alias} to {args.to} requested as {args.user}: run {run_id} of "
+          f"{ROLLBACK_DAG}; an approver answers it under Required Actions in Airflow")
+    if not args.wait:
+        return 0
+    state = client.wait_run(ROLLBACK_DAG, run_id, timeout=args.wait)
+    print(f"run {run_id}: {state} ({client.task_states(ROLLBACK_DAG, run_id)})")
+    return 0 if state == "success" else 1
+
+
+def add_parser(sub: Any) -> None:
+    models = sub.add_parser("models", help="model aliases, and governed rollbacks")
+    models_sub = models.add_subparsers(dest="action", required=True)
+    show = models_sub.add_parser("show", help="a model's aliases and their history")
+    show.add_argument("name")
+    show.add_argument("--model-store", help="default: the embedded stack's, else [finetune_gov] model_store")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_models_show)
+    rb = models_sub.add_parser("rollback", help="ask Airflow to roll an alias back (needs its own approval)")
+    rb.add_argument("name")
+    rb.add_argument("--to", required=True, help="a version this alias held before")
+    rb.add_argument("--alias", default="production")
+    rb.add_argument("--user", default=os.environ.get("FGOV_AIRFLOW_USER", "requester"),
+                    help="who asks (never the approver of their own request)")
+    rb.add_argument("--airflow-url", help="your Airflow (default: the embedded stack's)")
+    rb.add_argument("--wait", type=float, default=0, help="wait up to this many seconds for the outcome")
+    rb.set_defaults(func=cmd_models_rollback)
