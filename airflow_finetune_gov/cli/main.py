@@ -136,6 +136,38 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.lineage.evidence import evidence, render_html, to_json
+    from airflow_finetune_gov.lineage.store import LineageStore
+
+    events = LineageStore(_governance_url(args)).events(run_id=args.run_id, dag_id=args.dag_id)
+    if len({e.dag_id for e in events}) > 1:
+        print(f"fgov evidence: run {args.run_id} exists in several DAGs; name one with --dag-id", file=sys.stderr)
+        return 2
+    try:
+        pack = evidence(events)
+    except ValueError as exc:
+        print(f"fgov evidence: {exc} ({args.run_id})", file=sys.stderr)
+        return 2
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "evidence.json").write_text(to_json(pack))
+        (out / "evidence.html").write_text(render_html(pack))
+    if args.json:
+        print(to_json(pack))
+    else:
+        print(f"evidence for {pack['dag_id']} / {pack['run_id']} ({pack['events']} events)")
+        for title, controls in [("run", pack["controls"])] + [
+                (f"chain {c['group']} [{c['map_index']}]", c["controls"]) for c in pack["chains"]]:
+            print(f"{title}:")
+            for c in controls:
+                print(f"  {c['status']:<8} {c['title']}: {c['detail']}")
+        if args.out:
+            print(f"written: {Path(args.out) / 'evidence.json'}, {Path(args.out) / 'evidence.html'}")
+    return 0 if pack["ok"] else 1
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     from airflow_finetune_gov.lineage.store import LineageStore
 
@@ -286,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     av.add_argument("--json", action="store_true")
     av.add_argument("--db-url")
     av.set_defaults(func=cmd_audit)
+
+    ev = sub.add_parser("evidence", help="the evidence pack of one run: each control and what lineage shows")
+    ev.add_argument("run_id")
+    ev.add_argument("--dag-id")
+    ev.add_argument("--out", help="write evidence.json and evidence.html into this folder")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--db-url")
+    ev.set_defaults(func=cmd_evidence)
 
     from airflow_finetune_gov.cli.eval_cmd import add_parser as add_eval
     from airflow_finetune_gov.cli.models_cmd import add_parser as add_models

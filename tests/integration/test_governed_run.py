@@ -258,3 +258,21 @@ def test_stack_up_is_idempotent_and_status_reports_health(stack: Stack, capsys) 
     assert status["running"] and set(status["airflow_health"].values()) == {"healthy"}
     mode = (stack.dir / "stack.json").stat().st_mode & 0o777
     assert mode == 0o600
+
+
+def test_fgov_evidence_shows_every_control_met_for_the_approved_run(stack: Stack, approved_benign_run, tmp_path,
+                                                                   capsys) -> None:
+    from airflow_finetune_gov.cli.main import main
+
+    run_id = approved_benign_run["run_id"]
+    assert main(["--state-dir", str(stack.dir), "evidence", run_id, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not met" not in out and "met      Approved by allowed people" in out
+    pack = json.loads((tmp_path / "evidence.json").read_text())
+    (chain,) = pack["chains"]
+    status = {c["id"]: c["status"] for c in pack["controls"] + chain["controls"]}
+    assert status == dict.fromkeys(["lineage_integrity", "no_secrets", "policy", "approval", "scoped_credentials",
+                                    "revocation", "data_integrity", "evaluation", "promotion_gate"], "met")
+    revocation = next(c for c in chain["controls"] if c["id"] == "revocation")
+    assert revocation["detail"].startswith("3 of 3 lease(s) revoked and verified gone")  # catalog, training, inference
+    assert (tmp_path / "evidence.html").read_text().count("<tr>") >= 10

@@ -1,0 +1,99 @@
+"""The evidence pack's judgements on recorded runs (SQLite: pure logic; a real demo run is judged on the
+stack in tests/integration/test_governed_run.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from airflow_finetune_gov.lineage.evidence import evidence, render_html
+from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
+
+SHA = "ab" * 32
+
+
+@pytest.fixture
+def store(tmp_path) -> LineageStore:
+    s = LineageStore(f"sqlite:///{tmp_path / 'l.db'}")
+    Base.metadata.create_all(s.engine)
+    return s
+
+
+def governed_run(store: LineageStore, run: str = "r", *, responder: str = "approver1", trained_sha: str = SHA,
+                 verified: bool = True, verdict: str = "pass", group: str = "", map_index: int = -1) -> None:
+    def rec(task: str, kind: str, payload: dict[str, Any]) -> None:
+        store.record(EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
+
+    rec("policy_check", "policy.decided", {
+        "tier": "single", "reasons": ["one approver"], "policy_name": "default", "policy_sha256": "f" * 64,
+        "rule_line": 7, "approvers": ["approver1", "approver2"], "quorum": 1, "dataset_table": "datasets.benign",
+        "dataset": {"uri": "postgresql://x/benign", "rows": 12, "sha256": SHA},
+        "request": {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}})
+    rec("approval_gate", "approval.granted", {"responder": responder, "approval_id": "a1"})
+    rec("acquire_lease", "lease.issued", {"lease_id": "L1", "dataset": "benign", "purpose": "training"})
+    rec("tune", "tuning.completed", {"content_sha256": trained_sha, "rows": 12, "version": "v1"})
+    rec("revoke_lease", "lease.revoked", {"lease_id": "L1"})
+    if verified:
+        rec("revoke_lease", "lease.verified", {"lease_id": "L1", "remaining": {"roles": 0, "sessions": 0}})
+    rec("evaluate", "evaluation.completed", {"verdict": verdict, "version": "v1", "suite": "s", "suite_sha256": SHA,
+                                             "prompts": 14})
+    if verdict == "pass":
+        rec("promote", "promotion.completed", {"model": "m", "alias": "staging", "version": "v1"})
+    else:
+        rec("promote", "promotion.blocked", {"reason": f"evaluation verdict {verdict}"})
+
+
+def statuses(pack: dict[str, Any]) -> dict[str, str]:
+    out = {c["id"]: c["status"] for c in pack["controls"]}
+    for chain in pack["chains"]:
+        out.update({c["id"]: c["status"] for c in chain["controls"]})
+    return out
+
+
+def test_a_governed_run_meets_every_control(store: LineageStore) -> None:
+    governed_run(store)
+    pack = evidence(store.events(run_id="r"))
+    assert pack["ok"] and set(statuses(pack).values()) == {"met"}
+    approval = next(c for c in pack["chains"][0]["controls"] if c["id"] == "approval")
+    assert "approved by approver1 (1 of 1 needed); requester requester" in approval["detail"]
+    assert approval["events"] and "NIST CSF 2.0 PR.AA-05 (separation of duties)" in approval["references"]
+    page = render_html(pack)
+    assert "every control met or not applicable" in page and "OWASP NHI1 (improper offboarding)" in page
+
+
+@pytest.mark.parametrize(("change", "control"), [
+    ({"responder": "requester"}, "approval"),            # self-approval recorded
+    ({"trained_sha": "cd" * 32}, "data_integrity"),       # trained on other content than approved
+    ({"verified": False}, "revocation"),                  # revoked but never proven gone
+])
+def test_each_broken_control_is_named(store: LineageStore, change: dict[str, Any], control: str) -> None:
+    governed_run(store, **change)
+    pack = evidence(store.events(run_id="r"))
+    assert not pack["ok"] and [k for k, v in statuses(pack).items() if v == "not met"] == [control]
+
+
+def test_a_blocked_promotion_is_the_gate_working(store: LineageStore) -> None:
+    governed_run(store, verdict="fail")
+    assert statuses(evidence(store.events(run_id="r")))["promotion_gate"] == "met"
+
+
+def test_an_edited_row_breaks_lineage_integrity(store: LineageStore) -> None:
+    governed_run(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE fgov_lineage_event SET actor = 'mallory' WHERE id = 2"))
+    pack = evidence(store.events(run_id="r"))
+    integrity = next(c for c in pack["controls"] if c["id"] == "lineage_integrity")
+    assert integrity["status"] == "not met"
+    assert "event 2 (approval.granted): content does not match its hash" in integrity["detail"]
+
+
+def test_mapped_chains_are_judged_one_by_one(store: LineageStore) -> None:
+    governed_run(store, group="per.chain.", map_index=0)
+    governed_run(store, group="per.chain.", map_index=1, responder="requester")
+    pack = evidence(store.events(run_id="r"))
+    by_chain = {ch["map_index"]: {c["id"]: c["status"] for c in ch["controls"]} for ch in pack["chains"]}
+    assert by_chain[0]["approval"] == "met" and by_chain[1]["approval"] == "not met"
+    with pytest.raises(ValueError, match="no lineage events"):
+        evidence([])
