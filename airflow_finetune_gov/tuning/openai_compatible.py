@@ -87,6 +87,11 @@ class FineTuningClient:
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {api_key}"
 
+    @classmethod
+    def from_secret(cls, values: dict[str, str], default_base_url: str = DEFAULT_BASE_URL) -> FineTuningClient:
+        """From a backend secret's fields (``OPENAI_API_KEY``, optional ``OPENAI_BASE_URL``)."""
+        return cls(values.get(BASE_URL_ENV) or default_base_url, values.get(API_KEY_ENV, ""))
+
     def __repr__(self) -> str:
         return f"FineTuningClient({self.base_url!r})"
 
@@ -212,7 +217,7 @@ class OpenAICompatibleBackend:
         return hyperparameters(hp)
 
     def start(self, request: TuningRequest) -> TuningJob:
-        client = FineTuningClient(request.env.get(BASE_URL_ENV) or DEFAULT_BASE_URL, request.env.get(API_KEY_ENV, ""))
+        client = FineTuningClient.from_secret(request.env)
         hp = hyperparameters(request.hyperparameters)
         content = training_jsonl(request.rows)
         file_id = client.upload(content)

@@ -57,7 +57,7 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     ``on_kill``, and a trigger that lost track of its job (``status: error``) leaves it running. Logs
     in as the run's tuning identity for the job's dataset to read the API key.
     """
-    from airflow_finetune_gov.tuning.openai_compatible import API_KEY_ENV, BASE_URL_ENV, STATUSES, FineTuningClient
+    from airflow_finetune_gov.tuning.openai_compatible import STATUSES, FineTuningClient
 
     events = [(e.event_type, e.payload_dict()) for e in common.run_events(context)
               if e.event_type in ("tuning.submitted", "tuning.completed", "tuning.failed", "tuning.cancelled")]
@@ -72,7 +72,7 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
                              extra={"dataset": sub["dataset"]})
         secret = broker.read_backend_secret(client, settings.get("backends_mount"), sub["kv_path"])
         mask_backend_secret(secret)
-        api = FineTuningClient(secret.get(BASE_URL_ENV) or sub["api_base"], secret.get(API_KEY_ENV, ""))
+        api = FineTuningClient.from_secret(secret, sub["api_base"])
         before = str(api.job(sub["remote_job_id"]).get("status"))
         after = before if before in STATUSES else str(api.cancel(sub["remote_job_id"]).get("status"))
         outcome = {"backend": sub["backend"], "remote_job_id": sub["remote_job_id"], "status_before": before,

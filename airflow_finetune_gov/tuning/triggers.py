@@ -17,7 +17,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_finetune_gov.credentials.broker import read_backend_secret
 from airflow_finetune_gov.tuning.openai_compatible import (
-    API_KEY_ENV,
     STATUSES,
     EventLog,
     FineTuningClient,
@@ -75,8 +74,7 @@ class RemoteFineTuningTrigger(BaseTrigger):
             secret = read_backend_secret(vault, self.secret_mount, self.secret_path)
         finally:
             vault.auth.token.revoke_self()  # the key is all it needed
-        base_url = secret.get("OPENAI_BASE_URL") or self.base_url
-        return FineTuningClient(base_url, secret.get(API_KEY_ENV, ""))
+        return FineTuningClient.from_secret(secret, self.base_url)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         try:
