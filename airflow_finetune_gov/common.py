@@ -66,20 +66,16 @@ def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str
     return event
 
 
-def chain(task_id: str, map_index: int) -> tuple[str, int]:
-    """Which governed chain a task belongs to: its task group and map index. Several chains may run in
-    one DAG run (``governed_finetune`` groups side by side, or mapped); each reads only its own events."""
-    return task_id.rpartition(".")[0], int(map_index)
-
-
 def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None) -> list[LineageEvent]:
     """This run's lineage events recorded by tasks of this task's chain."""
     ti = context["ti"]
     events = lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type,
                                     event_prefix=event_prefix)
+    from airflow_finetune_gov.lineage.store import chain_of
+
     ident = identity(context)
-    mine = chain(ident.task_id, ident.map_index)
-    return [e for e in events if chain(e.task_id, e.map_index) == mine]
+    mine = chain_of(ident.task_id, ident.map_index)
+    return [e for e in events if e.chain == mine]
 
 
 def datasets_connection(username: str, password: str) -> Any:

@@ -10,8 +10,8 @@ import pytest
 from airflow.sdk import DAG, dag
 
 from airflow_finetune_gov.cluster_policy import check_dag
-from airflow_finetune_gov.common import chain
 from airflow_finetune_gov.factory import Evaluation, Lease, Tuning, governed_finetune
+from airflow_finetune_gov.lineage.store import chain_of as chain
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 ORDER = ["policy_check", "approval_gate", "acquire_lease", "tune", "evaluate", "promote"]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, check_no_secrets, event_hash
+from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, check_no_secrets
 
 REFERENCES: dict[str, list[str]] = {
     "policy": ["NIST CSF 2.0 GV.PO (policy)", "NIST AI RMF GOVERN"],
@@ -59,18 +59,12 @@ def verify_run_chain(events: Sequence[LineageEvent]) -> list[str]:
     previous event of the run that is not there (deleted, inserted, reordered)."""
     problems, prev = [], None
     for ev in events:
-        row = ev.to_dict()
-        row["payload"] = ev.payload
-        if event_hash(row) != ev.hash:
+        if not ev.hash_matches():
             problems.append(f"event {ev.id} ({ev.event_type}): content does not match its hash (edited)")
         if ev.prev_run_hash != prev:
             problems.append(f"event {ev.id} ({ev.event_type}): run chain broken before it")
         prev = ev.hash
     return problems
-
-
-def _chain_key(ev: LineageEvent) -> tuple[str, int]:
-    return ev.task_id.rpartition(".")[0], int(ev.map_index)
 
 
 def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
@@ -190,7 +184,7 @@ def evidence(events: Sequence[LineageEvent]) -> dict[str, Any]:
     ]
     groups: dict[tuple[str, int], list[LineageEvent]] = {}
     for ev in events:
-        groups.setdefault(_chain_key(ev), []).append(ev)
+        groups.setdefault(ev.chain, []).append(ev)
     judged = [(g, m, judge_chain(evs)) for (g, m), evs in sorted(groups.items())
               if any(e.event_type == "policy.decided" for e in evs)]
     statuses = [c.status for c in run_controls] + [c.status for _, _, cs in judged for c in cs]

@@ -57,6 +57,16 @@ class LineageEvent(Base):
     def payload_dict(self) -> dict[str, Any]:
         return json.loads(self.payload)
 
+    def hash_matches(self) -> bool:
+        """Whether the stored content still hashes to the stored hash (False: the row was edited)."""
+        row = self.to_dict()
+        row["payload"] = self.payload
+        return event_hash(row) == self.hash
+
+    @property
+    def chain(self) -> tuple[str, int]:
+        return chain_of(self.task_id, self.map_index)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id, "dag_id": self.dag_id, "run_id": self.run_id, "task_id": self.task_id,
@@ -77,6 +87,12 @@ class EventKey:
 
 def canonical(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def chain_of(task_id: str, map_index: int) -> tuple[str, int]:
+    """Which governed chain a task belongs to: its task group and map index. Several chains may run in
+    one DAG run (``governed_finetune`` groups side by side, or mapped); each reads only its own events."""
+    return task_id.rpartition(".")[0], int(map_index)
 
 
 def event_hash(row: Mapping[str, Any]) -> str:
@@ -181,9 +197,7 @@ class LineageStore:
         checked = 0
         for ev in self.iter_all():
             checked += 1
-            row = ev.to_dict()
-            row["payload"] = ev.payload
-            if event_hash(row) != ev.hash:
+            if not ev.hash_matches():
                 problems.append(f"event {ev.id} ({ev.event_type}, run {ev.run_id}): content does not match "
                                 f"its hash (edited)")
             if ev.prev_hash != prev_hash:
