@@ -172,7 +172,6 @@ class RemoteJob:
     client: FineTuningClient
     job_id: str
     training_file: str
-    model: str
     log: Any = print
 
     def __post_init__(self) -> None:
@@ -224,4 +223,4 @@ class OpenAICompatibleBackend:
         request.log(f"uploaded {len(request.rows)} rows ({len(content)} bytes) to {client.base_url} as {file_id}")
         job = client.create_job(request.base_model, file_id, hp)
         request.log(f"created fine-tuning job {job['id']} on {request.base_model} (status {job.get('status')})")
-        return RemoteJob(client, str(job["id"]), file_id, request.base_model, log=request.log)
+        return RemoteJob(client, str(job["id"]), file_id, log=request.log)
