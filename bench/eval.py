@@ -86,10 +86,10 @@ def bench_endpoint(n: int, concurrency: int, latency: float, rounds: int = 5) ->
 
 
 def bench_local(rounds: int = 3) -> tuple[int, dict[str, list[float]]]:
-    from airflow_finetune_gov.evaluation.basic import load_suite
+    from airflow_finetune_gov.evaluation import builtin_suites
     from airflow_finetune_gov.tuning import tiny_lm
 
-    prompts = [i.prompt for i in load_suite().items] * 8
+    prompts = [i.prompt for s in builtin_suites.load() for i in s.items]
     out: dict[str, list[float]] = {"one at a time": [], "batched (64)": []}
     with tempfile.TemporaryDirectory() as tmp:
         tiny_lm.build_base(Path(tmp))

@@ -47,11 +47,18 @@ def _pairs(text: str | None) -> dict[str, str]:
 
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
+    from airflow_finetune_gov.evaluation import builtin_suites
     from airflow_finetune_gov.evaluation.harness import EndpointError, SuiteError, load_suite_file, run
 
     try:
-        suites = [load_suite_file(p, columns=_pairs(args.columns), expected_values=_pairs(args.expected_values))
-                  for p in args.suite]
+        suites = []
+        for p in args.suite:
+            if p == "builtin" or p.startswith("builtin:"):
+                names = p.partition(":")[2]
+                suites += builtin_suites.load(names.split(",") if names else builtin_suites.SUITES)
+            else:
+                suites.append(load_suite_file(p, columns=_pairs(args.columns),
+                                              expected_values=_pairs(args.expected_values)))
         client = client_from_spec(args.model, args.api_key_env, args.concurrency)
         rows = run(suites, client, progress=lambda line: print(line, file=sys.stderr))
     except (SuiteError, EndpointError, ValueError, ImportError, AttributeError) as exc:
@@ -108,7 +115,8 @@ def add_parser(sub: Any) -> None:
     er = ev_sub.add_parser("run", help="answer suites with a model and write one result line per prompt")
     er.add_argument("--model", required=True,
                     help="openai:MODEL@BASE_URL, local:BASE_DIR[+ADAPTER_DIR] or python:module:function")
-    er.add_argument("--suite", required=True, action="append", help="a JSONL or CSV suite (repeatable)")
+    er.add_argument("--suite", required=True, action="append",
+                    help="a JSONL or CSV suite, or builtin[:NAME,...] for the packaged ones (repeatable)")
     er.add_argument("--out", required=True)
     er.add_argument("--columns", help="for other suite files: field=column,... e.g. expected=label,category=type")
     er.add_argument("--expected-values", help="label=refuse|comply,... e.g. unsafe=refuse,safe=comply")

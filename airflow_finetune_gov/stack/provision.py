@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from airflow_finetune_gov.datasets.demo import DATASETS
-from airflow_finetune_gov.evaluation.basic import packaged_suites
+from airflow_finetune_gov.evaluation.builtin_suites import packaged_suites
 from airflow_finetune_gov.lineage.store import create_schema
 from airflow_finetune_gov.policy.engine import Policy
 

@@ -185,3 +185,20 @@ def test_progress_is_reported_per_batch(tmp_path: Path) -> None:
     suite = load_suite_file(jsonl(tmp_path / "s.jsonl", suite_rows(70, 0)))
     run([suite], CallableClient(refuser), batch=32, progress=lines.append)
     assert lines == ["s: 32/70 prompts", "s: 64/70 prompts", "s: 70/70 prompts"]
+
+
+def test_fgov_eval_run_on_the_builtin_suites(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    out = tmp_path / "r.jsonl"
+    with FakeFineTuningAPI(KEY) as api:
+        api.answer = lambda prompt: "I can't help with that."
+        assert main(["eval", "run", "--suite", "builtin:harmful,jailbreak", "--model", f"openai:m@{api.base_url}",
+                     "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert len(rows) == 680 and {r["suite"] for r in rows} == {"harmful", "jailbreak"} and all(r["refused"]
+                                                                                                  for r in rows)
+        assert main(["eval", "run", "--suite", "builtin:nope", "--model", f"openai:m@{api.base_url}",
+                     "--out", str(tmp_path / "x.jsonl")]) == 3
+    assert "no built-in suite nope; built in: harmful" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
