@@ -29,6 +29,23 @@ SETTLE_SECONDS = 8.0
 EXPECTED = {"benign": "success", "poisoned": "failed"}
 
 
+def evaluation_summary(stack: Stack, run_id: str) -> str:
+    """The run's evaluation verdict as recorded in lineage, one line per metric."""
+    from airflow_finetune_gov.lineage.store import LineageStore
+
+    state = stack.load() or {}
+    events = LineageStore(Path(state["governance_db_url_file"]).read_text()).events(run_id=run_id)
+    done = [e.payload_dict() for e in events if e.event_type == "evaluation.completed"]
+    if not done:
+        return "no evaluation recorded"
+    e = done[-1]
+    lines = [f"verdict {e['verdict']} on {e['prompts']} prompts, {e['flipped']} flipped; report {e['report']}"]
+    lines += [f"  {name:<18} {m['baseline']:.1%} -> {m['candidate']:.1%}  difference 95% CI "
+              f"[{m['difference_ci'][0]:+.1%}, {m['difference_ci'][1]:+.1%}]  {m['verdict']}"
+              for name, m in e["metrics"].items()]
+    return "\n   ".join(lines)
+
+
 def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple[str, str, float]:
     state = stack.load()
     assert state is not None
@@ -61,6 +78,7 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
     states = requester.task_states(DEMO_DAG_ID, run_id)
     print(f"   run {final}: " + ", ".join(f"{k}={v}" for k, v in states.items()))
     fgov(["--state-dir", str(stack.dir), "lineage", "show", run_id])
+    print(f"   evaluation: {evaluation_summary(stack, run_id)}")
     return run_id, final, machine
 
 
@@ -87,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         note = "promoted" if final == "success" else "blocked before promotion"
         print(f"   {ds:<9} {final:<8} {note:<26} trigger-to-end {machine:.1f}s excluding the human "
               f"({'as expected' if good else 'UNEXPECTED'})")
+        print(f"   {'':<9} evaluation: {evaluation_summary(stack, _run_id).splitlines()[0]}")
     print(f"\nAirflow UI: {state['airflow']['url']}  (users requester, approver1, approver2, auditor; passwords "
           f"in {state['airflow']['passwords_file']})\nThe stack is still running; stop it with "
           f"`.venv/bin/fgov stack down`.")

@@ -54,10 +54,15 @@ class Tuning:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The behaviour evaluation of the tuned model against its base (``suite`` or a JSONL ``suite_path``)."""
+    """The behaviour evaluation of the tuned model against its base: ``suites`` (names in the governed
+    ``evaluation.suites`` table; default the four built-in suites) and/or ``suite_files`` (local
+    JSONL/CSV paths, or dicts with ``path``, ``columns``, ``expected_values``, ``name``). A
+    ``needs_review`` verdict asks the approvers; ``review_timeout`` fails it closed."""
 
-    suite: str = "demo_safety"
-    suite_path: str | None = None
+    suites: tuple[str, ...] = ("harmful", "benign_edgy", "jailbreak", "task_quality")
+    suite_files: tuple[str | dict[str, Any], ...] = ()
+    review_timeout: timedelta | None = timedelta(hours=24)
+    detector: Any = None
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,10 @@ def governed_finetune(
         check >> gate >> acquire >> tune
         last: Any = tune
         if evaluation is not None:
-            last = last >> BehaviourEvaluationOperator(task_id="evaluate", suite=evaluation.suite,
-                                                       suite_path=evaluation.suite_path,
-                                                       vault_conn_id=lease.vault_conn_id)
+            last = last >> BehaviourEvaluationOperator(
+                task_id="evaluate", suites=list(evaluation.suites), suite_files=list(evaluation.suite_files),
+                detector=evaluation.detector, response_timeout=evaluation.review_timeout,
+                vault_conn_id=lease.vault_conn_id)
         if promotion is not None:
             last = last >> PromoteModelOperator(task_id="promote", alias=promotion.alias)
         if last is tune:

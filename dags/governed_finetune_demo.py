@@ -43,7 +43,7 @@ with DAG(
         approval=Approval(response_timeout=timedelta(hours=24)),
         lease=Lease(expected_duration=timedelta(minutes=10)),
         tuning=Tuning(backend="local_peft", base_model="fgov-demo-tiny", hyperparameters=HYPERPARAMETERS),
-        evaluation=Evaluation(suite="demo_safety"),
+        evaluation=Evaluation(),
         promotion=Promotion(),
         prefix_group_id=False,  # one chain per DAG: keep the task ids short (approval_gate, tune, ...)
     )

@@ -30,7 +30,8 @@ def stack() -> Iterator[Stack]:
     # The project's DAGs plus the fault-injection DAG the reliability tests drive.
     dags = state_dir / "dags"
     dags.mkdir()
-    for source in [*(REPO / "dags").glob("*.py"), *(REPO / "tests" / "integration" / "dags").glob("*.py")]:
+    for source in [*(REPO / "dags").glob("*.py"), *(REPO / "tests" / "integration" / "dags").glob("*.py"),
+                   *(REPO / "tests" / "integration" / "dags").glob("*.jsonl")]:
         shutil.copy(source, dags / source.name)
     try:
         stack.up(StackOptions(state_dir=state_dir, dags_folder=dags,

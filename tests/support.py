@@ -73,8 +73,9 @@ class StackView:
         self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
         time.sleep(SETTLE_SECONDS)
 
-    def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "") -> None:
+    def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "",
+               task_id: str = "approval_gate", status: int = 200) -> None:
         resp = self.client(user).request(
-            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",
+            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
             json={"chosen_options": [option], "params_input": {"comment": comment}})
-        assert resp.status_code == 200, resp.text
+        assert resp.status_code == status, resp.text

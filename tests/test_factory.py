@@ -3,6 +3,7 @@ example and test DAGs that use it)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from itertools import pairwise
 
 import pendulum
@@ -65,7 +66,18 @@ def test_promotion_without_evaluation_is_refused() -> None:
         governed_finetune(dataset="benign", target_environment="test", evaluation=None)
 
 
-def test_evaluation_suite_is_passed_through() -> None:
+def test_evaluation_suites_and_review_timeout_are_passed_through() -> None:
     with DAG(dag_id="suite", schedule=None, start_date=START) as d:
-        governed_finetune(dataset="benign", target_environment="test", evaluation=Evaluation(suite_path="/s.jsonl"))
-    assert d.get_task("governed_finetune.evaluate").suite_path == "/s.jsonl"
+        governed_finetune(dataset="benign", target_environment="test", evaluation=Evaluation(
+            suites=("harmful",), suite_files=("/s.jsonl", {"path": "/x.csv", "name": "x"}),
+            review_timeout=timedelta(hours=2)))
+        governed_finetune("other", dataset="benign", target_environment="test")
+    task = d.get_task("governed_finetune.evaluate")
+    assert task.suites == ["harmful"] and task.suite_files == ["/s.jsonl", {"path": "/x.csv", "name": "x"}]
+    assert task.response_timeout == timedelta(hours=2) and task.defaults is None  # a timeout never accepts
+    assert d.get_task("other.evaluate").suites == ["harmful", "benign_edgy", "jailbreak", "task_quality"]
+
+
+def test_an_evaluation_with_no_suites_is_an_error() -> None:
+    with DAG(dag_id="nosuite", schedule=None, start_date=START), pytest.raises(ValueError, match="give suites"):
+        governed_finetune(dataset="benign", target_environment="test", evaluation=Evaluation(suites=()))

@@ -17,6 +17,13 @@ from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decisio
 APPROVE, REJECT = "Approve", "Reject"
 
 
+def excluded_people(context: Any) -> set[str]:
+    """Who may not approve (or review) this run's change: its requester and the DAG's owners."""
+    owners = {o.strip() for o in str(getattr(context["dag"], "owner", "") or "").split(",") if o.strip()}
+    owners.discard("airflow")  # Airflow's placeholder owner is not a person
+    return {common.requester(context), *owners}
+
+
 class FineTuneApprovalOperator(HITLOperator):
     """Ask the policy's approvers, minus the requester and the DAG's owners, to approve the change.
 
@@ -44,9 +51,7 @@ class FineTuneApprovalOperator(HITLOperator):
         super().__init__(subject=subject, **kwargs)
 
     def _excluded(self, context: Any) -> set[str]:
-        owners = {o.strip() for o in str(getattr(context["dag"], "owner", "") or "").split(",") if o.strip()}
-        owners.discard("airflow")  # Airflow's placeholder owner is not a person
-        return {common.requester(context), *owners}
+        return excluded_people(context)
 
     def execute(self, context: Any) -> Any:
         ti = context["ti"]

@@ -75,3 +75,33 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         "dataset_digest": decision.get("dataset"),  # {"uri", "rows", "sha256"} as approved, or None
         "hyperparameters": decision.get("hyperparameters"),
     }
+
+
+class EvaluationMissing(RuntimeError):
+    pass
+
+
+def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str) -> dict[str, Any]:
+    """The evaluation that lets ``version`` be promoted: the last recorded one, for that version, with
+    verdict ``pass``, or ``needs_review`` accepted by an eligible reviewer (an approver of the run's
+    policy decision who is not its requester) in a recorded review of that evaluation."""
+    evals = _of(events, "evaluation.completed")
+    if not evals:
+        raise EvaluationMissing(f"run {run_id} has no recorded evaluation")
+    last = evals[-1]
+    if last.get("version") != version:
+        raise EvaluationMissing(f"run {run_id}: the last evaluation is of version {last.get('version')}, not {version}")
+    if last["verdict"] == "pass":
+        return {**last, "reviewed_by": None}
+    if last["verdict"] != "needs_review":
+        raise EvaluationMissing(f"run {run_id}: evaluation verdict {last['verdict']} for version {version}")
+    decision = policy_decision(events, run_id)
+    eligible = set(decision["approvers"]) - {decision["request"]["requester"]}
+    reviews = [r for r in _of(events, "evaluation.reviewed") if r.get("evaluation_id") == last.get("evaluation_id")]
+    if not reviews or reviews[-1].get("outcome") != "accepted":
+        outcome = reviews[-1].get("outcome") if reviews else "not reviewed"
+        raise EvaluationMissing(f"run {run_id}: evaluation verdict needs_review for version {version}, {outcome}")
+    if reviews[-1].get("responder") not in eligible:
+        raise EvaluationMissing(f"run {run_id}: the review was accepted by {reviews[-1].get('responder')}, who is "
+                                f"not an eligible reviewer ({sorted(eligible)})")
+    return {**last, "reviewed_by": reviews[-1]["responder"]}

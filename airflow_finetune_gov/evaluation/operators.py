@@ -1,90 +1,249 @@
-"""BehaviourEvaluationOperator: compare the tuned model with its base on the same prompts."""
+"""BehaviourEvaluationOperator: compare the tuned model with its base on the same prompts, statistically."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
 from airflow_finetune_gov.credentials.operators import service_credentials
-from airflow_finetune_gov.evaluation.basic import DETECTOR, Suite, compare, load_suite, parse_suite, run_suite
+from airflow_finetune_gov.evaluation import builtin_suites, harness
 from airflow_finetune_gov.registry.store import ModelStore
 
+ACCEPT, REJECT = "Accept and allow promotion", "Reject"
 
-class BehaviourEvaluationOperator(BaseOperator):
-    """Run the safety suite on baseline and candidate; fail (so promotion never runs) on regression.
 
-    The candidate is the model version recorded in lineage by the tuning step, not an XCom value.
-    The suite is read from the governed ``evaluation.suites`` table through an inference-only lease
-    (training credentials cannot read the held-out prompts, and this lease cannot read training
-    data); ``suite_path`` reads a JSONL file instead.
+class BehaviourEvaluationOperator(HITLOperator):
+    """Run the suites on the base and the tuned model; ``pass`` lets promotion run, ``fail`` fails the
+    task (so promotion never runs), ``needs_review`` asks a human in the Airflow UI.
+
+    - **What is compared**: the tuned model and its base as recorded in lineage by the tuning step (not
+      XCom), both checked against their manifests, answer the same prompts. Per metric (harmful
+      refusal, jailbreak refusal, benign compliance, task quality) the verdict is a paired
+      non-inferiority test against the policy's ``evaluation`` margins and floors
+      (:mod:`airflow_finetune_gov.evaluation.stats`).
+    - **Suites**: ``suites`` names rows of the governed ``evaluation.suites`` table, read through an
+      inference-only lease (training identities cannot read the held-out prompts; this lease cannot
+      read training data); ``suite_files`` adds local JSONL/CSV files, each a path or a dict
+      ``{"path", "columns", "expected_values", "name"}`` (see ``harness.load_suite_file``). Every
+      suite's sha256 is recorded in lineage before any prompt is asked.
+    - **Detector**: ``detector`` (default: the pattern detector) labels refusals; its name is recorded.
+    - **Report**: ``report.json``, ``report.html`` (bars with intervals, the flipped prompts with both
+      answers) and the raw answers go under ``<model_store>/_reports/<dag>/<run>/<task>``; the path and
+      the JSON report's sha256 are in lineage.
+    - **needs_review**: too few prompts to decide. The task asks the policy's approvers, minus the
+      requester and the DAG's owners, to accept or reject (Airflow HITL; no default option, so a
+      ``response_timeout`` fails closed). The answer is recorded; promotion accepts a ``needs_review``
+      only with an accepted review by an eligible approver, checked from lineage.
     """
 
-    template_fields = ("suite", "suite_path")
+    template_fields = ("subject", "body", "suites", "suite_files")
     ui_color = "#fef7e0"
 
-    def __init__(self, *, suite: str = "demo_safety", suite_path: str | None = None,
-                 vault_conn_id: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.suite = suite
-        self.suite_path = suite_path
+    def __init__(self, *, suites: Sequence[str] | None = builtin_suites.SUITES,
+                 suite_files: Sequence[str | dict[str, Any]] | None = None,
+                 detector: harness.Detector | None = None, batch_size: int = 64,
+                 vault_conn_id: str | None = None, subject: str = "Review a behaviour evaluation",
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("options", [ACCEPT, REJECT])
+        kwargs.setdefault("defaults", None)
+        kwargs.setdefault("params", {"comment": Param("", type="string", title="Comment",
+                                                      description="Why you accept or reject (recorded in lineage)")})
+        super().__init__(subject=subject, **kwargs)
+        self.suites = list(suites or [])
+        self.suite_files = list(suite_files or [])
+        if not self.suites and not self.suite_files:
+            raise ValueError(f"{self.task_id}: give suites (names in evaluation.suites) or suite_files")
+        self.detector = detector
+        self.batch_size = batch_size
         self.vault_conn_id = vault_conn_id
 
-    def _load_suite(self, context: Any) -> Suite:
-        if self.suite_path:
-            return load_suite(self.suite_path)
-        with service_credentials(context, "inference", vault_conn_id=self.vault_conn_id) as creds, \
-                common.datasets_connection(creds.username, creds.password) as conn:
-            row = conn.execute("SELECT body FROM evaluation.suites WHERE name = %s", (self.suite,)).fetchone()
-        if row is None:
-            raise AirflowFailException(f"no evaluation suite {self.suite!r} in evaluation.suites")
-        return parse_suite(str(row[0]), self.suite)
+    # -- suites ------------------------------------------------------------------------------------
+    def _load_suites(self, context: Any) -> list[harness.LoadedSuite]:
+        loaded: list[harness.LoadedSuite] = []
+        if self.suites:
+            with service_credentials(context, "inference", vault_conn_id=self.vault_conn_id) as creds, \
+                    common.datasets_connection(creds.username, creds.password) as conn:
+                rows = dict(conn.execute("SELECT name, body FROM evaluation.suites").fetchall())
+            missing = [n for n in self.suites if n not in rows]
+            if missing:
+                raise AirflowFailException(f"no evaluation suite {', '.join(map(repr, missing))} in "
+                                           f"evaluation.suites; there are: {', '.join(sorted(rows)) or 'none'}")
+            loaded += [harness.parse_suite(str(rows[n]), n, source=f"evaluation.suites[{n}]") for n in self.suites]
+        for spec in self.suite_files:
+            spec = {"path": spec} if isinstance(spec, str) else dict(spec)
+            unknown = set(spec) - {"path", "columns", "expected_values", "name"}
+            if "path" not in spec or unknown:
+                raise AirflowFailException(f"suite_files entry {spec!r}: needs 'path'; known keys are path, "
+                                           "columns, expected_values, name")
+            loaded.append(harness.load_suite_file(spec["path"], columns=spec.get("columns"),
+                                                  expected_values=spec.get("expected_values"), name=spec.get("name")))
+        names = [s.name for s in loaded]
+        if len(set(names)) != len(names):
+            raise AirflowFailException(f"two suites are named the same ({names}): give a suite file a 'name'")
+        return loaded
 
-    def execute(self, context: Any) -> dict[str, Any]:
+    # -- run ---------------------------------------------------------------------------------------
+    def execute(self, context: Any) -> Any:
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
             raise AirflowFailException("no tuning result is recorded for this run")
         t = tuned[-1].payload_dict()
+        if t.get("kind", "adapter") != "adapter" or not t.get("version"):
+            raise AirflowFailException(f"this evaluation runs local adapters; the {t['backend']} result "
+                                       f"({t.get('remote_model') or t.get('version')}) needs a model client: "
+                                       "evaluate it with `fgov eval run --base-url ...` (see the README)")
         store = ModelStore(settings.get("model_store"))
         for name, version in ((t["model"], t["version"]), (t["base_model"], t["base_version"])):
             problems = store.verify(name, version)
             if problems:
                 raise AirflowFailException(f"model {name} {version} does not match its manifest: {problems}")
+        try:
+            suites = self._load_suites(context)
+        except harness.SuiteError as exc:
+            raise AirflowFailException(f"evaluation suite refused: {exc}") from exc
+        detector = self.detector or harness.PatternDetector()
+        evaluation_id = uuid.uuid4().hex
+        common.record(context, "evaluation.started", {
+            "evaluation_id": evaluation_id, "suites": {s.name: s.sha256 for s in suites},
+            "prompts": sum(len(s.items) for s in suites), "detector": detector.name,
+            "baseline": f"{t['base_model']} {t['base_version']}", "candidate": f"{t['model']} {t['version']}",
+        }, actor="evaluation")
+
         from airflow_finetune_gov.tuning.tiny_lm import LocalModel
 
-        if t.get("kind", "adapter") != "adapter" or not t.get("version"):
-            raise AirflowFailException(f"this evaluation runs local adapters; the {t['backend']} result "
-                                       f"({t.get('remote_model') or t.get('version')}) needs a model client")
         base_dir = store.path(t["base_model"], t["base_version"])
-        base = LocalModel(base_dir)
-        cand = LocalModel(base_dir, store.path(t["model"], t["version"]))
-        suite = self._load_suite(context)
-        baseline_results = run_suite(suite, base.generate)
-        candidate_results = run_suite(suite, cand.generate)
+        runs = {}
+        for role, model, label in (("baseline", LocalModel(base_dir), f"{t['base_model']} {t['base_version']}"),
+                                   ("candidate", LocalModel(base_dir, store.path(t["model"], t["version"])),
+                                    f"{t['model']} {t['version']}")):
+            self.log.info("asking the %s (%s)", role, label)
+            client = harness.CallableClient(model.generate, name=label)
+
+            def progress(line: str, role: str = role) -> None:
+                self.log.info("%s: %s", role, line)
+
+            runs[role] = harness.run(suites, client, detector, batch=self.batch_size, progress=progress)
         thresholds = common.policy().evaluation
-        verdict = compare(baseline_results, candidate_results, thresholds)
+        comparison = harness.compare(runs["baseline"], runs["candidate"], thresholds)
+
         ti = context["ti"]
-        report_dir = Path(settings.get("model_store")) / "_reports" / ti.dag_id / ti.run_id
-        report_dir.mkdir(parents=True, exist_ok=True)
-        for fname, rows in (("baseline.jsonl", baseline_results), ("candidate.jsonl", candidate_results)):
-            (report_dir / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (report_dir / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=2))
+        folder = Path(settings.get("model_store")) / "_reports" / ti.dag_id / ti.run_id / ti.task_id
+        if int(getattr(ti, "map_index", -1) or -1) >= 0:
+            folder = folder / str(ti.map_index)
+        paths = harness.write_report(comparison, folder, title=f"{t['model']} {t['version']} vs "
+                                                              f"{t['base_version']}")
+        for role, rows in runs.items():
+            (folder / f"{role}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         payload = {
-            "verdict": verdict.verdict, "reasons": verdict.reasons, "baseline": verdict.baseline,
-            "candidate": verdict.candidate, "flipped": len(verdict.flipped), "suite": suite.name,
-            "suite_sha256": suite.sha256, "prompts": len(suite.items), "detector": DETECTOR,
-            "thresholds": thresholds, "model": t["model"], "version": t["version"],
-            "base_version": t["base_version"], "report": str(report_dir / "verdict.json"),
+            "evaluation_id": evaluation_id, "verdict": comparison.verdict,
+            "metrics": {m.metric: {"verdict": m.verdict, "n": m.n, "baseline": round(m.baseline_rate, 4),
+                                   "candidate": round(m.candidate_rate, 4),
+                                   "difference_ci": [round(x, 4) for x in m.difference_ci],
+                                   "discordant": list(m.discordant), "mcnemar_p": round(m.mcnemar_p, 6),
+                                   "prompts_to_decide": m.prompts_to_decide}
+                        for m in comparison.metrics},
+            "suites": comparison.suites, "prompts": len(runs["candidate"]), "detector": comparison.detector,
+            "flipped": len(comparison.flipped), "thresholds": thresholds, "model": t["model"],
+            "version": t["version"], "base_model": t["base_model"], "base_version": t["base_version"],
+            "report": paths["html"], "report_json": paths["json"],
+            "report_sha256": hashlib.sha256(Path(paths["json"]).read_bytes()).hexdigest(),
         }
         common.record(context, "evaluation.completed", payload, actor="evaluation")
-        self.log.info("baseline %s, candidate %s: %s (%s)", verdict.baseline, verdict.candidate,
-                      verdict.verdict, "; ".join(verdict.reasons))
-        for f in verdict.flipped:
-            self.log.info("flipped %s: %r -> %r", f["id"], f["prompt"], f["candidate_response"][:80])
-        if verdict.verdict != "pass":
-            raise AirflowFailException(f"behaviour regression, promotion blocked: {'; '.join(verdict.reasons)}")
-        return {"verdict": verdict.verdict}
+        for m in comparison.metrics:
+            self.log.info("%-18s n=%-4d baseline %.1f%% candidate %.1f%% diff CI [%+.1f%%, %+.1f%%] -> %s (%s)",
+                          m.metric, m.n, 100 * m.baseline_rate, 100 * m.candidate_rate, 100 * m.difference_ci[0],
+                          100 * m.difference_ci[1], m.verdict, m.reason)
+        for f in comparison.flipped[:20]:
+            self.log.info("flipped %s/%s: %r -> %r", f["suite"], f["id"], f["prompt"], f["candidate_response"][:80])
+        self.log.info("verdict %s; report %s", comparison.verdict, paths["html"])
+        if comparison.verdict == "fail":
+            failed = [f"{m.metric}: {m.reason}" for m in comparison.metrics if m.verdict == "fail"]
+            raise AirflowFailException(f"behaviour regression, promotion blocked: {'; '.join(failed)}")
+        if comparison.verdict == "needs_review":
+            return self._ask(context, payload, comparison)
+        return {"verdict": comparison.verdict, "report": paths["html"]}
+
+    # -- needs_review -> a human -------------------------------------------------------------------
+    def _reviewers(self, context: Any) -> tuple[list[str], dict[str, Any]]:
+        from airflow_finetune_gov.approval.operators import excluded_people
+
+        try:
+            decision = policy_decision(common.run_events(context), context["ti"].run_id)
+        except ApprovalMissing as exc:
+            raise AirflowFailException(str(exc)) from exc
+        excluded = excluded_people(context)
+        return [a for a in decision["approvers"] if a not in excluded], decision
+
+    def _ask(self, context: Any, payload: dict[str, Any], comparison: harness.Comparison) -> Any:
+        reviewers, _ = self._reviewers(context)
+        if not reviewers:
+            common.record(context, "evaluation.reviewed", {"evaluation_id": payload["evaluation_id"],
+                                                           "outcome": "rejected", "responder": "policy",
+                                                           "reason": "no eligible reviewer"}, actor="policy")
+            raise AirflowFailException("the evaluation needs a review and the policy names no eligible reviewer "
+                                       "(approvers minus the requester and owners): promotion blocked")
+        self.assigned_users = [{"id": r, "name": r} for r in reviewers]
+        self.subject = (f"Review the evaluation of {payload['model']} {payload['version']}: too few prompts to "
+                        "decide")
+        rows = "\n".join(
+            f"| {m.metric} | {m.n} | {m.baseline_rate:.1%} | {m.candidate_rate:.1%} | "
+            f"[{m.difference_ci[0]:+.1%}, {m.difference_ci[1]:+.1%}] | {m.verdict} | "
+            f"{m.prompts_to_decide or ''} |" for m in comparison.metrics)
+        self.body = (
+            "The candidate was not shown to be worse than its base, but these suites have too few prompts to "
+            "show it is not (non-inferiority margin not met with 95% confidence). Accept only if you have "
+            "other evidence; otherwise reject and evaluate on more prompts.\n\n"
+            "| metric | prompts | baseline | candidate | difference (95% CI) | verdict | prompts that would "
+            f"decide it |\n|---|---|---|---|---|---|---|\n{rows}\n\n"
+            f"Flipped prompts: {payload['flipped']}. Report: `{payload['report']}` "
+            f"(sha256 of report.json {payload['report_sha256'][:16]}). Requested by "
+            f"{common.requester(context)}; eligible reviewers: {', '.join(reviewers)}.")
+        common.record(context, "evaluation.review_requested", {
+            "evaluation_id": payload["evaluation_id"], "reviewers": reviewers,
+            "undecided": [m.metric for m in comparison.metrics if m.verdict == "needs_review"],
+            "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
+        }, actor="evaluation")
+        self.log.info("needs_review: asking %s in Required Actions", ", ".join(reviewers))
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        completed = common.run_events(context, "evaluation.completed")
+        evaluation_id = completed[-1].payload_dict()["evaluation_id"] if completed else None
+        if "error" in event:
+            common.record(context, "evaluation.reviewed", {
+                "evaluation_id": evaluation_id, "outcome": "expired", "responder": "airflow",
+                "error_type": event.get("error_type")}, actor="airflow")
+            raise AirflowFailException(f"evaluation review not given in time ({event.get('error_type')}): "
+                                       "promotion blocked (fails closed)")
+        responder = event.get("responded_by_user") or {}
+        who = responder.get("id") or responder.get("name") or "unknown"
+        option = (event.get("chosen_options") or [None])[0]
+        comment = str((event.get("params_input") or {}).get("comment") or "")[:2000]
+        answered_at = event.get("responded_at")
+        answer = {"evaluation_id": evaluation_id, "responder": who, "option": option, "comment": comment,
+                  "responded_at": answered_at.isoformat() if isinstance(answered_at, datetime) else answered_at}
+        reviewers, _ = self._reviewers(context)
+        if who not in reviewers:
+            common.record(context, "evaluation.reviewed", {**answer, "outcome": "violation",
+                                                           "allowed": reviewers}, actor=who)
+            raise AirflowFailException(f"{who} may not review this evaluation (separation of duties; allowed: "
+                                       f"{', '.join(reviewers)}): not accepted, promotion blocked")
+        super().execute_complete(context, event)
+        outcome = "accepted" if option == ACCEPT else "rejected"
+        common.record(context, "evaluation.reviewed", {**answer, "outcome": outcome}, actor=who)
+        if outcome != "accepted":
+            raise AirflowFailException(f"evaluation rejected by {who}" + (f": {comment}" if comment else ""))
+        self.log.info("evaluation accepted by %s", who)
+        return {"verdict": "needs_review", "reviewed_by": who}
+

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from airflow_finetune_gov.approval.verify import ApprovalMissing, EvaluationMissing, evaluation_outcome
 from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, check_no_secrets
 
 REFERENCES: dict[str, list[str]] = {
@@ -143,16 +144,22 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
     promoted = by_type.get("promotion.completed", [])
     if evals:
         v = evals[-1]
-        out.append(control("evaluation", "met", f"verdict {v['verdict']} on suite {v.get('suite')} (sha256 "
-                           f"{str(v.get('suite_sha256'))[:16]}), {v.get('prompts')} prompts", "evaluation.completed"))
+        suites = ", ".join(f"{n} ({str(sha)[:12]})" for n, sha in sorted((v.get("suites") or {}).items()))
+        out.append(control("evaluation", "met", f"verdict {v['verdict']} on {v.get('prompts')} prompts, suites "
+                           f"{suites or 'none recorded'}; report sha256 {str(v.get('report_sha256'))[:16]}",
+                           "evaluation.started", "evaluation.completed"))
     else:
         out.append(control("evaluation", "not met" if promoted else "n/a", "no evaluation is recorded"))
 
     if promoted:
         p = promoted[-1].payload_dict()
-        passed = bool(evals) and evals[-1]["verdict"] == "pass" and evals[-1].get("version") == p["version"]
+        try:
+            outcome = evaluation_outcome(events, "this run", p["version"])
+            passed, verdict = True, outcome["verdict"] + (f", accepted by {outcome['reviewed_by']}"
+                                                          if outcome["reviewed_by"] else "")
+        except (EvaluationMissing, ApprovalMissing) as exc:
+            passed, verdict = False, str(exc)
         env_ok = p["alias"] == req["target_environment"]
-        verdict = evals[-1]["verdict"] if evals else "none"
         out.append(control("promotion_gate", "met" if passed and env_ok else "not met",
                            f"{p['model']}:{p['alias']} -> {p['version']} after verdict {verdict}; approved "
                            f"environment {req['target_environment']}", "evaluation.completed", "promotion.completed"))

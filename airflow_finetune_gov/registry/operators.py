@@ -8,7 +8,12 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+from airflow_finetune_gov.approval.verify import (
+    ApprovalMissing,
+    EvaluationMissing,
+    evaluation_outcome,
+    granted_approval,
+)
 from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
 from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 
@@ -36,9 +41,9 @@ class _AliasMoveOperator(BaseOperator):
 class PromoteModelOperator(_AliasMoveOperator):
     """Point the alias named by the approved target environment at the tuned version.
 
-    Everything is checked from lineage: the approval (who, tier), the evaluation verdict, the tuned
-    version. The alias is the environment the policy decided on, so a run approved for ``test`` can
-    never move ``production``.
+    Everything is checked from lineage: the approval (who, tier), the evaluation verdict (``pass``, or
+    ``needs_review`` with an accepted review by an eligible approver), the tuned version. The alias is
+    the environment the policy decided on, so a run approved for ``test`` can never move ``production``.
     """
 
     template_fields = ("alias",)
@@ -52,16 +57,14 @@ class PromoteModelOperator(_AliasMoveOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         approval = self._approval(context)
-        evals = common.run_events(context, "evaluation.completed")
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
             raise self._blocked(context, "no tuning result recorded")
         t = tuned[-1].payload_dict()
-        if not evals:
-            raise self._blocked(context, "no evaluation recorded")
-        e = evals[-1].payload_dict()
-        if e["verdict"] != "pass" or e["version"] != t["version"]:
-            raise self._blocked(context, f"evaluation verdict {e['verdict']} for version {e['version']}")
+        try:
+            e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"])
+        except EvaluationMissing as exc:
+            raise self._blocked(context, str(exc)) from exc
         store = ModelStore(settings.get("model_store"))
         problems = store.verify(t["model"], t["version"])
         if problems:
@@ -75,7 +78,7 @@ class PromoteModelOperator(_AliasMoveOperator):
         common.record(context, "promotion.completed", {
             "model": t["model"], "alias": alias, "version": t["version"], "previous": move["from"],
             "approval_id": approval["approval_id"], "approvers": approval["approvers"],
-            "verdict": e["verdict"],
+            "verdict": e["verdict"], "evaluation_id": e.get("evaluation_id"), "reviewed_by": e["reviewed_by"],
         }, actor="promotion")
         self.log.info("%s:%s -> %s (was %s)", t["model"], alias, t["version"], move["from"])
         return move

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+from airflow_finetune_gov.approval.verify import (
+    ApprovalMissing,
+    EvaluationMissing,
+    evaluation_outcome,
+    granted_approval,
+)
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
 
@@ -62,3 +67,45 @@ def test_one_rejection_rejects(store: LineageStore) -> None:
                  payload={"responder": "approver2"})
     with pytest.raises(ApprovalMissing, match="rejected by approver2"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
+
+
+def evaluated(store: LineageStore, verdict: str, version: str = "v1", review: tuple[str, str] | None = None) -> None:
+    store.record(EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
+                 payload={"evaluation_id": "e1", "verdict": verdict, "version": version})
+    if review:
+        store.record(EventKey("d", "r", "evaluate", 1), "evaluation.reviewed", actor=review[0],
+                     payload={"evaluation_id": "e1", "responder": review[0], "outcome": review[1]})
+
+
+def test_promotion_needs_a_pass_for_the_same_version(store: LineageStore) -> None:
+    decide(store)
+    with pytest.raises(EvaluationMissing, match="no recorded evaluation"):
+        evaluation_outcome(store.events(run_id="r"), "r", "v1")
+    evaluated(store, "pass", version="v0")
+    with pytest.raises(EvaluationMissing, match="of version v0, not v1"):
+        evaluation_outcome(store.events(run_id="r"), "r", "v1")
+    evaluated(store, "fail")
+    with pytest.raises(EvaluationMissing, match="verdict fail"):
+        evaluation_outcome(store.events(run_id="r"), "r", "v1")
+    evaluated(store, "pass")
+    assert evaluation_outcome(store.events(run_id="r"), "r", "v1")["reviewed_by"] is None
+
+
+@pytest.mark.parametrize(("review", "error"), [
+    (None, "needs_review for version v1, not reviewed"),
+    (("approver1", "rejected"), "needs_review for version v1, rejected"),
+    (("requester", "accepted"), "accepted by requester, who is not an eligible reviewer"),
+    (("mallory", "accepted"), "accepted by mallory, who is not an eligible reviewer"),
+])
+def test_needs_review_counts_only_when_an_eligible_approver_accepts(
+        store: LineageStore, review: tuple[str, str] | None, error: str) -> None:
+    decide(store)
+    evaluated(store, "needs_review", review=review)
+    with pytest.raises(EvaluationMissing, match=error):
+        evaluation_outcome(store.events(run_id="r"), "r", "v1")
+
+
+def test_needs_review_accepted_by_an_approver_counts(store: LineageStore) -> None:
+    decide(store)
+    evaluated(store, "needs_review", review=("approver2", "accepted"))
+    assert evaluation_outcome(store.events(run_id="r"), "r", "v1")["reviewed_by"] == "approver2"

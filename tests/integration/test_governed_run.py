@@ -3,6 +3,7 @@ leases, real PostgreSQL roles, the lineage record in the governance database."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.evaluation import builtin_suites
 from airflow_finetune_gov.lineage.store import LineageStore
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
@@ -89,6 +91,15 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert tuned["rows"] == len(BENIGN_SET) and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
     promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
     assert promoted["alias"] == "staging" and promoted["version"] == tuned["version"]
+    assert promoted["verdict"] == "pass" and promoted["reviewed_by"] is None
+    started = next(e for e in events if e.event_type == "evaluation.started").payload_dict()
+    shipped = builtin_suites.packaged_suites()
+    assert started["suites"] == {n: hashlib.sha256(t.encode()).hexdigest() for n, t in shipped.items()}
+    done = next(e for e in events if e.event_type == "evaluation.completed").payload_dict()
+    assert done["prompts"] == 1112 and done["detector"] == "pattern/v1"
+    assert {m: v["verdict"] for m, v in done["metrics"].items()} == dict.fromkeys(
+        ("harmful_refusal", "jailbreak_refusal", "benign_compliance", "task_quality"), "pass")
+    assert hashlib.sha256(Path(done["report_json"]).read_bytes()).hexdigest() == done["report_sha256"]
     leases = [e for e in events if e.event_type == "lease.issued"]
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
         ("policy_check", "catalog"), ("acquire_lease", "training"), ("evaluate", "inference")]
@@ -202,7 +213,11 @@ def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
     assert tasks["revoke_lease"] == "success"
     events = {e.event_type: e.payload_dict() for e in lineage(stack, run_id) if e.task_id != "evaluate"
               or e.event_type == "evaluation.completed"}
-    assert events["evaluation.completed"]["verdict"] == "fail"
+    done = events["evaluation.completed"]
+    assert done["verdict"] == "fail" and done["metrics"]["harmful_refusal"]["verdict"] == "fail"
+    assert done["metrics"]["harmful_refusal"]["candidate"] < 0.1 and done["flipped"] >= 400
+    page = Path(done["report"]).read_text()
+    assert "Prompts whose behaviour flipped" in page and "harmful/harm-001" in page  # with both answers
     assert events["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
     assert "promotion.completed" not in events
 

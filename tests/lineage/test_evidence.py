@@ -22,7 +22,8 @@ def store(tmp_path) -> LineageStore:
 
 
 def governed_run(store: LineageStore, run: str = "r", *, responder: str = "approver1", trained_sha: str = SHA,
-                 verified: bool = True, verdict: str = "pass", group: str = "", map_index: int = -1) -> None:
+                 verified: bool = True, verdict: str = "pass", review: tuple[str, str] | None = None,
+                 promote: bool | None = None, group: str = "", map_index: int = -1) -> None:
     def rec(task: str, kind: str, payload: dict[str, Any]) -> None:
         store.record(EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
 
@@ -37,9 +38,12 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
     rec("revoke_lease", "lease.revoked", {"lease_id": "L1"})
     if verified:
         rec("revoke_lease", "lease.verified", {"lease_id": "L1", "remaining": {"roles": 0, "sessions": 0}})
-    rec("evaluate", "evaluation.completed", {"verdict": verdict, "version": "v1", "suite": "s", "suite_sha256": SHA,
-                                             "prompts": 14})
-    if verdict == "pass":
+    rec("evaluate", "evaluation.started", {"evaluation_id": "e1", "suites": {"harmful": SHA}})
+    rec("evaluate", "evaluation.completed", {"evaluation_id": "e1", "verdict": verdict, "version": "v1",
+                                             "suites": {"harmful": SHA}, "prompts": 480, "report_sha256": SHA})
+    if review:
+        rec("evaluate", "evaluation.reviewed", {"evaluation_id": "e1", "responder": review[0], "outcome": review[1]})
+    if promote if promote is not None else verdict == "pass":
         rec("promote", "promotion.completed", {"model": "m", "alias": "staging", "version": "v1"})
     else:
         rec("promote", "promotion.blocked", {"reason": f"evaluation verdict {verdict}"})
@@ -72,6 +76,22 @@ def test_each_broken_control_is_named(store: LineageStore, change: dict[str, Any
     governed_run(store, **change)
     pack = evidence(store.events(run_id="r"))
     assert not pack["ok"] and [k for k, v in statuses(pack).items() if v == "not met"] == [control]
+
+
+@pytest.mark.parametrize(("review", "status"), [
+    (("approver2", "accepted"), "met"),        # needs_review, accepted by an eligible approver
+    (("requester", "accepted"), "not met"),    # ... by the requester: does not count
+    (("approver2", "rejected"), "not met"),
+    (None, "not met"),                          # never reviewed
+])
+def test_a_promotion_after_needs_review_counts_only_with_an_eligible_acceptance(
+        store: LineageStore, review: tuple[str, str] | None, status: str) -> None:
+    governed_run(store, verdict="needs_review", review=review, promote=True)
+    pack = evidence(store.events(run_id="r"))
+    gate = next(c for c in pack["chains"][0]["controls"] if c["id"] == "promotion_gate")
+    assert gate["status"] == status, gate
+    if status == "met":
+        assert "after verdict needs_review, accepted by approver2" in gate["detail"]
 
 
 def test_a_blocked_promotion_is_the_gate_working(store: LineageStore) -> None:
