@@ -116,7 +116,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 _SUMMARY_KEYS = ("tier", "option", "responder", "purpose", "lease_id", "db_role", "dataset", "ttl_seconds",
-                 "lease_duration", "rows", "content_sha256", "version", "verdict", "alias", "reason", "error")
+                 "lease_duration", "rows", "content_sha256", "version", "verdict", "alias", "reason", "error",
+                 "prompts", "detector", "flipped", "outcome", "reviewed_by")
 
 
 def _short(value: Any) -> str:

@@ -325,13 +325,17 @@ def resolve_base(store: ModelStore, ref: str, *, build_demo: bool = True) -> dic
 
 
 def ensure_demo_base(store: ModelStore) -> dict[str, Any]:
-    """Build the demo base model once per store (under the store's lock) and alias it ``base``."""
+    """Build the demo base model once per store and recipe (under the store's lock) and alias it ``base``;
+    a ``base`` built from an older recipe (corpus, vocabulary, training settings) is replaced, the move
+    recorded in the alias history."""
     from airflow_finetune_gov.tuning import tiny_lm
 
     with store._locked(DEMO_MODEL):
         current = store.aliases(DEMO_MODEL).get(BASE_ALIAS)
         if current and not store.verify(DEMO_MODEL, current["version"]):
-            return store.manifest(DEMO_MODEL, current["version"])
+            manifest = store.manifest(DEMO_MODEL, current["version"])
+            if ((manifest.get("metadata") or {}).get("training") or {}).get("recipe") == tiny_lm.base_recipe():
+                return manifest
         with tiny_lm.scratch_dir() as tmp:
             metrics = tiny_lm.build_base(Path(tmp))
             manifest = store.put(DEMO_MODEL, tiny_lm.read_dir(Path(tmp)),

@@ -101,6 +101,18 @@ def vocabulary_texts() -> list[str]:
     return texts
 
 
+def base_recipe() -> str:
+    """sha256 of everything the base build depends on (corpus, vocabulary, training settings): a store
+    whose ``base`` was built from another recipe gets a new one (see ``backends.ensure_demo_base``)."""
+    import hashlib
+
+    from airflow_finetune_gov.datasets.corpus import base_corpus
+
+    recipe = {"format": TOKENIZER_FORMAT, "training": BASE_TRAINING, "max_len": MAX_LEN,
+              "corpus": base_corpus(), "vocabulary": sorted({w for t in vocabulary_texts() for w in split_words(t)})}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
 def _torch() -> Any:
     try:
         import torch
@@ -171,7 +183,7 @@ def build_base(out_dir: Path, *, progress: Callable[[str], None] | None = None) 
     (out_dir / TOKENIZER_FILE).write_text(tok.to_json())
     params = sum(p.numel() for p in model.parameters())
     return {"corpus_rows": len(corpus), "steps": step, "final_loss": round(loss_value, 4), "parameters": params,
-            "vocab": len(tok), **{k: v for k, v in cfg.items() if k != "steps"}}
+            "vocab": len(tok), "recipe": base_recipe(), **{k: v for k, v in cfg.items() if k != "steps"}}
 
 
 class LocalModel:

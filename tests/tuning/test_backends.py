@@ -164,6 +164,16 @@ def test_demo_base_is_built_once_per_store(tmp_path: Path) -> None:
         "model_type"] == "gpt2"
 
 
+def test_a_demo_base_from_an_older_recipe_is_replaced_and_the_move_recorded(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    old = store.put(backends.DEMO_MODEL, {"config.json": b"{}"}, {"kind": "base", "training": {"recipe": "old"}})
+    store.set_alias(backends.DEMO_MODEL, "base", old["version"], by="fgov", run="demo-base-build")
+    new = backends.resolve_base(store, backends.DEMO_MODEL)
+    assert new["version"] != old["version"] and new["metadata"]["training"]["recipe"] != "old"
+    history = store.aliases(backends.DEMO_MODEL)["_history"]
+    assert [(h["from"], h["to"]) for h in history][-1] == (old["version"], new["version"])
+
+
 def test_unknown_backend_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="available: command, local_peft"):
         backends.get_backend("axolotl")
