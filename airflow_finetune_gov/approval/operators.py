@@ -13,6 +13,7 @@ from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
 
@@ -24,7 +25,7 @@ def excluded_people(context: Any) -> set[str]:
     return {common.requester(context), *owners}
 
 
-class FineTuneApprovalOperator(HITLOperator):
+class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
     """Ask the policy's approvers, minus the requester and the DAG's owners, to approve the change.
 
     - The request body is the change summary an approver needs (model, dataset, classification,

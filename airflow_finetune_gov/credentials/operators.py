@@ -17,6 +17,7 @@ from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approv
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.credentials.identity import TaskIdentity
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.vault.bootstrap import REVOKER_ROLE, db_role_name, lease_role_name
 
 LOGIN_ATTEMPTS = 3
@@ -30,7 +31,7 @@ def _seconds(value: Any) -> float | None:
     return float(value)
 
 
-class AcquireLeaseOperator(BaseOperator):
+class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
     """Issue dataset-scoped dynamic database credentials for an approved run (use as a setup task).
 
     Checks the approval in lineage first (never the gate task's state or XCom), then logs in with a
@@ -207,7 +208,7 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     return results
 
 
-class RevokeLeaseOperator(BaseOperator):
+class RevokeLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
     """Teardown: revoke the run's leases (sync, retried) and verify on the database that they are gone;
     before that, cancel any remote tuning job of the run that no task saw end.
 

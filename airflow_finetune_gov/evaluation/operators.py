@@ -18,12 +18,13 @@ from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
 from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation import builtin_suites, harness
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.registry.store import ModelStore
 
 ACCEPT, REJECT = "Accept and allow promotion", "Reject"
 
 
-class BehaviourEvaluationOperator(HITLOperator):
+class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
     """Run the suites on the base and the tuned model; ``pass`` lets promotion run, ``fail`` fails the
     task (so promotion never runs), ``needs_review`` asks a human in the Airflow UI.
 
@@ -139,8 +140,9 @@ class BehaviourEvaluationOperator(HITLOperator):
 
         ti = context["ti"]
         folder = Path(settings.get("model_store")) / "_reports" / ti.dag_id / ti.run_id / ti.task_id
-        if int(getattr(ti, "map_index", -1) or -1) >= 0:
-            folder = folder / str(ti.map_index)
+        map_index = getattr(ti, "map_index", None)
+        if map_index is not None and int(map_index) >= 0:  # one report per mapped chain
+            folder = folder / str(map_index)
         paths = harness.write_report(comparison, folder, title=f"{t['model']} {t['version']} vs "
                                                               f"{t['base_version']}")
         for role, rows in runs.items():

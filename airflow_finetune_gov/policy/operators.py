@@ -8,10 +8,11 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
 
 
-class PolicyCheckOperator(BaseOperator):
+class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
     """Evaluate the policy for this run's change request and record the decision in lineage.
 
     The decision (tier, approvers, quorum, dataset table, target environment) binds everything the

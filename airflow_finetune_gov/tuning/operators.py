@@ -17,6 +17,7 @@ from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import policy_decision
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 from airflow_finetune_gov.tuning.backends import (
     BACKENDS,
@@ -82,7 +83,7 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     return settled
 
 
-class GovernedFineTuneOperator(BaseOperator):
+class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
     """Fine-tune a model on the run's approved dataset, reading it only with the leased credentials.
 
     Refuses to start without a live lease recorded for this run, with hyperparameters other than
