@@ -133,7 +133,8 @@ def governed_finetune(
                 detector=evaluation.detector, response_timeout=evaluation.review_timeout,
                 vault_conn_id=lease.vault_conn_id)
         if promotion is not None:
-            last = last >> PromoteModelOperator(task_id="promote", alias=promotion.alias)
+            last = last >> PromoteModelOperator(task_id="promote", alias=promotion.alias,
+                                                vault_conn_id=lease.vault_conn_id)
         if last is tune:
             # With on_failure_fail_dagrun=True Airflow counts the teardown as a leaf and not its upstream:
             # without a normal task downstream of tuning, a failed tune behind a successful teardown

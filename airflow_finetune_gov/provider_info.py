@@ -115,6 +115,30 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "fgov-backends",
     },
+    "transit_mount": {
+        "description": "Mount path of the transit engine whose non-exportable ed25519 key signs the provenance "
+        "of every promoted model (only the provenance JWT role may sign).",
+        "version_added": "0.4.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-transit",
+    },
+    "provenance_key": {
+        "description": "Name of the transit key that signs provenance.",
+        "version_added": "0.4.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-provenance",
+    },
+    "provenance_keys_path": {
+        "description": "JSON file with the provenance key's public keys ({\"keys\": {keyid: PEM}}), written by "
+        "`fgov stack up` or `fgov vault bootstrap --provenance-keys-out`; promotion, rollback and `fgov models "
+        "verify` check signatures against it.",
+        "version_added": "0.4.0",
+        "type": "string",
+        "example": "/etc/airflow/fgov-provenance-keys.json",
+        "default": None,
+    },
     "vault_timeout_seconds": {
         "description": "Per-request timeout for Vault/OpenBao calls; revocation retries with backoff "
         "on top of it.",

@@ -87,6 +87,7 @@ fgov vault bootstrap \
   --db-connection-url "postgresql://{{username}}:{{password}}@${FGOV_PG_HOST}:${FGOV_PG_PORT}/postgres" \
   --db-username fgov_vault \
   --jwt-public-key "$FGOV_PUBLIC_KEY_FILE" \
+  --provenance-keys-out /keys/provenance-keys.json \
   "${policy_args[@]}"
 
 log "4/4 Airflow metadata database and the $conn_id connection"

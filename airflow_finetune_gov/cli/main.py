@@ -91,7 +91,12 @@ def cmd_vault(args: argparse.Namespace) -> int:
         jwt_public_key_pem=Path(args.jwt_public_key).read_text(),
         default_ttl=f"{policy.lease['default_ttl_minutes']}m", max_ttl=f"{policy.lease['max_ttl_minutes']}m",
     ))
+    keys = Path(args.provenance_keys_out)
+    keys.write_text(json.dumps({"keys": summary.pop("provenance_public_keys")}, indent=2))
+    summary["provenance_keys_path"] = str(keys.resolve())
     print(json.dumps(summary, indent=2))
+    print(f"set [finetune_gov] provenance_keys_path = {keys.resolve()} (public keys: promotion and "
+          "`fgov models verify` check signatures against them)", file=sys.stderr)
     return 0
 
 
@@ -128,12 +133,38 @@ def _short(value: Any) -> str:
 def cmd_runs(args: argparse.Namespace) -> int:
     from airflow_finetune_gov.lineage.store import LineageStore
 
-    runs = LineageStore(_governance_url(args)).runs()
+    runs = LineageStore(_governance_url(args)).runs(limit=args.limit or None)
     if args.json:
         _print(runs, True)
         return 0
     for r in runs:
         print(f"{r['dag_id']:<28} {r['run_id']:<48} events {r['events']:<4} {r['first'][:19]} .. {r['last'][:19]}")
+    return 0
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from airflow_finetune_gov.lineage.store import LineageError, create_schema, head_revision, schema_revision
+
+    url = _governance_url(args)
+    head = head_revision()
+    try:
+        if args.action == "status":
+            engine = create_engine(url)
+            try:
+                current = schema_revision(engine)
+            finally:
+                engine.dispose()
+            print(f"lineage schema: revision {current or 'none (empty, or made before migrations)'}; newest {head}")
+            return 0 if current == head else 1
+        before, after = create_schema(url, writer_role=args.writer_role, reader_roles=tuple(args.reader_role))
+    except (LineageError, SQLAlchemyError) as exc:
+        # e.g. the writer's URL: it may not change the schema (the migration's transaction rolled back).
+        print(f"fgov db {args.action}: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"lineage schema: {before or 'none'} -> {after}" if before != after else f"lineage schema at {after}")
     return 0
 
 
@@ -283,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     boot.add_argument("--db-username", default="fgov_vault")
     boot.add_argument("--jwt-public-key", required=True, help="PEM public key of the workload-identity signer")
     boot.add_argument("--policy-file")
+    boot.add_argument("--provenance-keys-out", default="fgov-provenance-keys.json",
+                      help="where to write the provenance signing key's public keys (JSON)")
     boot.set_defaults(func=cmd_vault)
 
     lineage = sub.add_parser("lineage", help="the lineage record of a run")
@@ -298,8 +331,21 @@ def build_parser() -> argparse.ArgumentParser:
     runs_sub = runs.add_subparsers(dest="action", required=True)
     rl = runs_sub.add_parser("list")
     rl.add_argument("--json", action="store_true")
+    rl.add_argument("--limit", type=int, default=50,
+                    help="the N runs with the most recent events (default 50; 0: every run)")
     rl.add_argument("--db-url")
     rl.set_defaults(func=cmd_runs)
+
+    db = sub.add_parser("db", help="the lineage schema (Alembic migrations)")
+    db_sub = db.add_subparsers(dest="action", required=True)
+    du = db_sub.add_parser("upgrade", help="migrate to the newest revision, adopting a pre-migration table")
+    du.add_argument("--db-url", help="a URL of the schema's owner (the writer role may not change it)")
+    du.add_argument("--writer-role", help="database role granted INSERT and SELECT (e.g. fgov_lineage)")
+    du.add_argument("--reader-role", action="append", default=[], help="role granted SELECT (repeatable)")
+    du.set_defaults(func=cmd_db)
+    ds = db_sub.add_parser("status", help="current and newest revision; exit 1 if behind")
+    ds.add_argument("--db-url")
+    ds.set_defaults(func=cmd_db)
 
     leases = sub.add_parser("leases", help="credential leases recorded in lineage")
     leases_sub = leases.add_subparsers(dest="action", required=True)

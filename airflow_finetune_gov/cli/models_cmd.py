@@ -1,5 +1,6 @@
-"""``fgov models show`` and ``fgov models rollback``: the model store's aliases, and a rollback that goes
-through the governed path (the ``governed_rollback`` DAG: policy, approval in Airflow, then the move).
+"""``fgov models show|verify|rollback``: the model store's aliases, a version's signed provenance, and a
+rollback that goes through the governed path (the ``governed_rollback`` DAG: policy, approval in Airflow,
+then the move).
 
 The CLI never moves an alias itself: it asks Airflow, as you, to run the rollback DAG, so the rollback
 needs its own approval and is recorded in lineage like any other change.
@@ -55,6 +56,52 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys_path(args: argparse.Namespace) -> Path:
+    if args.keys:
+        return Path(args.keys)
+    state = _stack(args).load()
+    if state and state.get("provenance_keys"):
+        return Path(state["provenance_keys"])
+    from airflow_finetune_gov import settings
+
+    return Path(settings.get("provenance_keys_path"))
+
+
+def cmd_models_verify(args: argparse.Namespace) -> int:
+    """Check a version's signed provenance offline: the signature (public keys only) and every file's digest."""
+    from airflow_finetune_gov.registry import provenance
+    from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+
+    store = ModelStore(_store_root(args))
+    try:
+        keys = provenance.load_public_keys(_keys_path(args))
+        statement = provenance.verify_model(store, args.name, args.version, keys)
+    except (provenance.ProvenanceError, RegistryError) as exc:
+        print(f"fgov models verify: FAILED: {exc}", file=sys.stderr)
+        return 1
+    envelope = json.loads((store.path(args.name, args.version) / provenance.ENVELOPE_FILE).read_text())
+    if args.json:
+        print(json.dumps({"verified": True, "keyid": envelope["signatures"][0]["keyid"], "statement": statement},
+                         indent=2))
+        return 0
+    build = statement["predicate"]["buildDefinition"]
+    internal = build.get("internalParameters", {})
+    meta = statement["predicate"].get("runDetails", {}).get("metadata", {})
+    approval, evaluation = internal.get("approval") or {}, internal.get("evaluation") or {}
+    print(f"{args.name} {args.version}: provenance verified (signed by {envelope['signatures'][0]['keyid']}); "
+          f"{len(statement['subject'])} file(s) match their signed digests")
+    print(f"  built by   {meta.get('invocationId')} ({build['buildType']})")
+    for dep in build.get("resolvedDependencies", []):
+        print(f"  from       {dep['uri']} sha256 {dep['digest']['sha256'][:16]}")
+    if approval:
+        print(f"  approved   tier {approval.get('tier')} by {', '.join(approval.get('approvers') or []) or 'policy'}; "
+              f"requested by {approval.get('requester')}; policy sha256 {str(internal.get('policy_sha256'))[:16]}")
+    if evaluation:
+        print(f"  evaluated  verdict {evaluation.get('verdict')}"
+              + (f", accepted by {evaluation['reviewed_by']}" if evaluation.get("reviewed_by") else ""))
+    return 0
+
+
 def _client(args: argparse.Namespace) -> Any:
     from airflow_finetune_gov.stack.client import AirflowClient
 
@@ -90,13 +137,21 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    models = sub.add_parser("models", help="model aliases, and governed rollbacks")
+    models = sub.add_parser("models", help="model aliases, signed provenance, and governed rollbacks")
     models_sub = models.add_subparsers(dest="action", required=True)
     show = models_sub.add_parser("show", help="a model's aliases and their history")
     show.add_argument("name")
     show.add_argument("--model-store", help="default: the embedded stack's, else [finetune_gov] model_store")
     show.add_argument("--json", action="store_true")
     show.set_defaults(func=cmd_models_show)
+    ver = models_sub.add_parser("verify", help="check a version's signed provenance and its files (exit 1 if not)")
+    ver.add_argument("name")
+    ver.add_argument("version")
+    ver.add_argument("--model-store", help="default: the embedded stack's, else [finetune_gov] model_store")
+    ver.add_argument("--keys", help="public keys JSON (default: the stack's, else [finetune_gov] "
+                                    "provenance_keys_path)")
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(func=cmd_models_verify)
     rb = models_sub.add_parser("rollback", help="ask Airflow to roll an alias back (needs its own approval)")
     rb.add_argument("name")
     rb.add_argument("--to", required=True, help="a version this alias held before")

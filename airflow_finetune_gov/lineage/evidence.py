@@ -160,9 +160,13 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
         except (EvaluationMissing, ApprovalMissing) as exc:
             passed, verdict = False, str(exc)
         env_ok = p["alias"] == req["target_environment"]
-        out.append(control("promotion_gate", "met" if passed and env_ok else "not met",
+        signed = [v.payload_dict() for v in by_type.get("provenance.verified", [])
+                  if v.payload_dict().get("version") == p["version"]]
+        out.append(control("promotion_gate", "met" if passed and env_ok and signed else "not met",
                            f"{p['model']}:{p['alias']} -> {p['version']} after verdict {verdict}; approved "
-                           f"environment {req['target_environment']}", "evaluation.completed", "promotion.completed"))
+                           f"environment {req['target_environment']}; signed provenance "
+                           + (f"verified (built by {signed[-1].get('invocation_id')})" if signed else "NOT verified"),
+                           "evaluation.completed", "provenance.signed", "provenance.verified", "promotion.completed"))
     elif by_type.get("promotion.blocked"):
         reason = by_type["promotion.blocked"][-1].payload_dict()["reason"]
         out.append(control("promotion_gate", "met", f"promotion blocked: {reason}", "promotion.blocked"))

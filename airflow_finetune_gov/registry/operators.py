@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -14,11 +16,13 @@ from airflow_finetune_gov.approval.verify import (
     evaluation_outcome,
     granted_approval,
 )
+from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
+from airflow_finetune_gov.registry import provenance
 from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 
 
-class _AliasMoveOperator(BaseOperator):
+class _AliasMoveOperator(GovernedOpenLineageMixin, BaseOperator):
     """Moves a model alias only with a granted approval, recorded in lineage, for this kind of change."""
 
     event = "promotion"  # <event>.blocked is recorded when it refuses
@@ -27,6 +31,19 @@ class _AliasMoveOperator(BaseOperator):
     def _blocked(self, context: Any, reason: str) -> AirflowFailException:
         common.record(context, f"{self.event}.blocked", {"reason": reason}, actor="promotion")
         return AirflowFailException(f"{self.event} blocked: {reason}")
+
+    def _signed(self, context: Any, store: ModelStore, model: str, version: str) -> dict[str, Any]:
+        """The version's signed provenance, checked against the files on disk; blocks otherwise."""
+        try:
+            keys = provenance.load_public_keys(settings.get("provenance_keys_path"))
+            statement = provenance.verify_model(store, model, version, keys)
+        except provenance.ProvenanceError as exc:
+            raise self._blocked(context, str(exc)) from exc
+        meta = statement["predicate"].get("runDetails", {}).get("metadata", {})
+        common.record(context, "provenance.verified", {
+            "model": model, "version": version, "files": len(statement["subject"]),
+            "invocation_id": meta.get("invocationId")}, actor="promotion")
+        return statement
 
     def _approval(self, context: Any) -> dict[str, Any]:
         try:
@@ -49,10 +66,48 @@ class PromoteModelOperator(_AliasMoveOperator):
     template_fields = ("alias",)
     ui_color = "#e6f4ea"
 
-    def __init__(self, *, alias: str | None = None, **kwargs: Any) -> None:
-        """``alias``: optionally name the alias this task means to move; it must be the approved one."""
+    def __init__(self, *, alias: str | None = None, vault_conn_id: str | None = None, **kwargs: Any) -> None:
+        """``alias``: optionally name the alias this task means to move; it must be the approved one.
+        ``vault_conn_id``: the Vault/OpenBao connection used to sign the provenance (workload identity,
+        role ``provenance``: sign only)."""
         super().__init__(**kwargs)
         self.alias = alias
+        self.vault_conn_id = vault_conn_id
+
+    def _sign(self, context: Any, store: ModelStore, tuned: dict[str, Any], approval: dict[str, Any],
+              evaluation: dict[str, Any]) -> None:
+        """Sign the in-toto provenance of the tuned version with OpenBao's transit key (first promotion of
+        these bytes), or check the signature it already has (a re-promotion)."""
+        model, version = tuned["model"], tuned["version"]
+        if (store.path(model, version) / provenance.ENVELOPE_FILE).exists():
+            self._signed(context, store, model, version)
+            return
+        from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+        from airflow_finetune_gov.vault.bootstrap import PROVENANCE_ROLE
+
+        ti = context["ti"]
+        started = common.run_events(context, "tuning.started")
+        statement = provenance.build_statement(
+            store=store, tuned=tuned, approval=approval, evaluation=evaluation, dag_id=ti.dag_id, run_id=ti.run_id,
+            conf=dict(getattr(context.get("dag_run"), "conf", None) or {}),
+            started_on=started[-1].created_at if started else None)
+        try:
+            client = GovernedLeaseHook(self.vault_conn_id).client(common.identity(context), role=PROVENANCE_ROLE,
+                                                                  purpose="provenance")
+            try:
+                envelope = provenance.sign(statement, provenance.transit_signer(
+                    client, settings.get("transit_mount"), settings.get("provenance_key")))
+            finally:
+                client.auth.token.revoke_self()
+        except Exception as exc:  # OpenBao down or refusing: no signature, no promotion
+            raise self._blocked(context, f"could not sign the provenance in OpenBao: {exc}") from exc
+        path = provenance.write(store, model, version, envelope)
+        common.record(context, "provenance.signed", {
+            "model": model, "version": version, "keyid": envelope["signatures"][0]["keyid"],
+            "files": len(statement["subject"]), "path": str(path),
+            "statement_sha256": hashlib.sha256(base64.b64decode(envelope["payload"])).hexdigest(),
+        }, actor="promotion")
+        self._signed(context, store, model, version)
 
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
@@ -73,6 +128,7 @@ class PromoteModelOperator(_AliasMoveOperator):
         if self.alias and self.alias != alias:
             raise self._blocked(context, f"alias {self.alias!r} is not the approved target environment {alias!r}: "
                                          f"the run was approved (tier {approval['tier']}) for {alias} only")
+        self._sign(context, store, t, approval, e)
         by = ",".join(approval["approvers"]) or "policy"
         move = store.set_alias(t["model"], alias, t["version"], by=by, run=f"{ti.dag_id}/{ti.run_id}")
         common.record(context, "promotion.completed", {
@@ -122,10 +178,12 @@ class RollbackCheckOperator(BaseOperator):
             problems = store.verify(self.model, self.to_version)
             if problems:
                 raise RegistryError(f"{self.model} {self.to_version} does not match its manifest: {problems}")
+            provenance.verify_model(store, self.model, self.to_version,
+                                    provenance.load_public_keys(settings.get("provenance_keys_path")))
             decision = common.policy().decide(ChangeRequest(
                 model=self.model, dataset="", target_environment=self.alias, requester=common.requester(context),
                 base_version=current, change="rollback", rollback_to=self.to_version))
-        except (RegistryError, PolicyError, FileNotFoundError) as exc:
+        except (RegistryError, PolicyError, FileNotFoundError, provenance.ProvenanceError) as exc:
             raise self._error(context, str(exc)) from exc
         record = {**decision.to_dict(), "dataset": None, "hyperparameters": None}
         common.record(context, "policy.decided", record, actor="policy")
@@ -156,6 +214,7 @@ class RollbackModelOperator(_AliasMoveOperator):
         problems = store.verify(model, version)
         if problems:
             raise self._blocked(context, f"{model} {version} does not match its manifest: {problems}")
+        self._signed(context, store, model, version)
         by = ",".join(approval["approvers"]) or "policy"
         move = store.set_alias(model, alias, version, by=by, run=f"{ti.dag_id}/{ti.run_id}")
         common.record(context, "rollback.completed", {

@@ -243,6 +243,8 @@ class Stack:
             default_ttl=f"{policy.lease['default_ttl_minutes']}m",
             max_ttl=f"{policy.lease['max_ttl_minutes']}m",
         ))
+        provenance_keys = self.dir / "provenance-keys.json"
+        self._write_json(provenance_keys, {"keys": summary.pop("provenance_public_keys")})
         log(f"openbao ready at {bao_addr}: {summary}")
 
         # Airflow
@@ -268,6 +270,9 @@ class Stack:
             "database_mount": "fgov-database",
             "handover_mount": summary["handover_mount"],
             "backends_mount": summary["backends_mount"],
+            "transit_mount": summary["transit_mount"],
+            "provenance_key": summary["provenance_key"],
+            "provenance_keys_path": str(provenance_keys),
             "policy_file": opts.policy_file or "",
             "model_store": str(self.dir / "models"),
             "lineage_url_template": airflow_url + "/dags/{dag_id}/runs/{run_id}",
@@ -293,6 +298,9 @@ class Stack:
             "scheduler": {"task_queued_timeout": "600"},
             "dag_processor": {"refresh_interval": "30"},
             "finetune_gov": fgov_conf,
+            # OpenLineage events (with the fgovGovernance facet) to a file next to the other logs
+            "openlineage": {"namespace": "fgov", "transport": json.dumps(
+                {"type": "file", "log_file_path": str(self.logs / "openlineage.jsonl"), "append": True})},
         })
         t = time.monotonic()
         af.migrate(home)
@@ -321,6 +329,7 @@ class Stack:
             "governance_db_url_file": str(self._write_secret_file("governance-db-url", governance_url)),
             "workload_identity_key": str(key_path),
             "model_store": fgov_conf["model_store"],
+            "provenance_keys": str(provenance_keys),
             "processes": [r.to_json() for r in started],
         }
 

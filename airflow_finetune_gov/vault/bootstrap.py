@@ -13,7 +13,9 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
   service roles (``inference``: evaluation reads its suites; ``catalog``: the policy check reads a
   dataset's row count and content hash, never its rows), and a revoker role; run identifiers from the claims become
   token metadata, so the audit log names the DAG run behind every request;
-- the policies those roles carry.
+- the policies those roles carry;
+- a transit engine with a non-exportable ed25519 key that signs promoted models' provenance; only the
+  ``provenance`` role (the promotion task) may use it, to sign; the public keys are returned.
 
 A lease cannot outlive the token that created it, so the ``lease-<ds>`` tokens live for the policy's
 maximum lease TTL; the lease itself is issued for the TTL derived from the job's expected duration
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import hvac
+import hvac.exceptions
 
 # The leased role only inherits SELECT from the dataset's NOLOGIN group role: it owns nothing, so
 # DROP ROLE never fails on owned objects, and VALID UNTIL bounds it even if revocation never runs.
@@ -60,6 +63,8 @@ class BootstrapSpec:
     jwt_mount: str = "fgov-jwt"
     handover_mount: str = "fgov-handover"
     backends_mount: str = "fgov-backends"  # KV v2: tuning backends' API keys, read by the tune roles
+    transit_mount: str = "fgov-transit"  # transit: the provenance signing key (never exported)
+    provenance_key: str = "fgov-provenance"
     # Short-lived service leases, name -> NOLOGIN group role, e.g. {"inference": "fgov_inference",
     # "catalog": "fgov_catalog"}. Each gets a database role, a policy and a JWT role of that name.
     service_roles: Mapping[str, str] = field(default_factory=dict)
@@ -91,6 +96,8 @@ def tune_policy_name(dataset: str) -> str:
 
 REVOKER_ROLE = "revoker"
 REVOKER_POLICY = "fgov-revoker"
+PROVENANCE_ROLE = "provenance"
+PROVENANCE_POLICY = "fgov-provenance"
 INFERENCE = "inference"
 CATALOG = "catalog"
 
@@ -145,6 +152,11 @@ def _revoker_policy(spec: BootstrapSpec) -> str:
     )
 
 
+def _provenance_policy(spec: BootstrapSpec) -> str:
+    # sign only: the key cannot be read out, exported, rotated or deleted by the promotion identity
+    return f'path "{spec.transit_mount}/sign/{spec.provenance_key}" {{ capabilities = ["update"] }}\n'
+
+
 def _write_jwt_role(client: hvac.Client, mount: str, name: str, **params: Any) -> None:
     # Written through the raw API: the request body mirrors the server's documented fields exactly.
     client.adapter.post(f"/v1/auth/{mount}/role/{name}", json=params)
@@ -159,6 +171,13 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         client.sys.enable_secrets_engine("kv", path=spec.handover_mount, options={"version": "2"})
     if f"{spec.backends_mount}/" not in mounts:
         client.sys.enable_secrets_engine("kv", path=spec.backends_mount, options={"version": "2"})
+    if f"{spec.transit_mount}/" not in mounts:
+        client.sys.enable_secrets_engine("transit", path=spec.transit_mount)
+    try:
+        client.secrets.transit.read_key(name=spec.provenance_key, mount_point=spec.transit_mount)
+    except hvac.exceptions.InvalidPath:
+        client.secrets.transit.create_key(name=spec.provenance_key, key_type="ed25519", exportable=False,
+                                          allow_plaintext_backup=False, mount_point=spec.transit_mount)
 
     db_roles = [db_role_name(d.name) for d in spec.datasets] + list(spec.service_roles)
     client.secrets.database.configure(
@@ -202,6 +221,7 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         client.sys.create_or_update_policy(name=tune_policy_name(ds.name),
                                            policy=_tune_policy(spec, ds.name, jwt_accessor))
     client.sys.create_or_update_policy(name=REVOKER_POLICY, policy=_revoker_policy(spec))
+    client.sys.create_or_update_policy(name=PROVENANCE_POLICY, policy=_provenance_policy(spec))
     for service in spec.service_roles:
         client.sys.create_or_update_policy(name=service_policy_name(service), policy=_service_policy(spec, service))
 
@@ -238,11 +258,17 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         role(tune_role_name(ds.name), {"dataset": ds.name, "purpose": "tune"},
              [tune_policy_name(ds.name)], "10m", "30m")
     role(REVOKER_ROLE, {"purpose": "revoke"}, [REVOKER_POLICY], "10m", "30m")
+    role(PROVENANCE_ROLE, {"purpose": "provenance"}, [PROVENANCE_POLICY], "5m", "10m")
     for service in spec.service_roles:
         role(service, {"purpose": service}, [service_policy_name(service)], "10m", "30m")
     jwt_roles = [lease_role_name(d.name) for d in spec.datasets] + [tune_role_name(d.name) for d in spec.datasets]
-    jwt_roles += [REVOKER_ROLE, *spec.service_roles]
+    jwt_roles += [REVOKER_ROLE, PROVENANCE_ROLE, *spec.service_roles]
+    from airflow_finetune_gov.registry.provenance import transit_public_keys
+
     return {
+        "transit_mount": spec.transit_mount,
+        "provenance_key": spec.provenance_key,
+        "provenance_public_keys": transit_public_keys(client, spec.transit_mount, spec.provenance_key),
         "database_mount": spec.database_mount,
         "handover_mount": spec.handover_mount,
         "backends_mount": spec.backends_mount,

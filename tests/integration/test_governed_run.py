@@ -13,6 +13,7 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from support import StackView
 
 from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
@@ -100,6 +101,13 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert {m: v["verdict"] for m, v in done["metrics"].items()} == dict.fromkeys(
         ("harmful_refusal", "jailbreak_refusal", "benign_compliance", "task_quality"), "pass")
     assert hashlib.sha256(Path(done["report_json"]).read_bytes()).hexdigest() == done["report_sha256"]
+    signed = next(e for e in events if e.event_type == "provenance.signed").payload_dict()
+    assert signed["keyid"] == "fgov-transit/fgov-provenance:v1" and signed["version"] == tuned["version"]
+    verified = next(e for e in events if e.event_type == "provenance.verified").payload_dict()
+    assert verified["invocation_id"] == f"{DEMO_DAG_ID}/{run['run_id']}"
+    assert fgov(["--state-dir", str(stack.dir), "models", "verify", "fgov-demo-tiny", tuned["version"]]) == 0
+    key = StackView(stack).bao().secrets.transit.read_key(name="fgov-provenance", mount_point="fgov-transit")
+    assert key["data"]["exportable"] is False and key["data"]["type"] == "ed25519"  # never leaves OpenBao
     leases = [e for e in events if e.event_type == "lease.issued"]
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
         ("policy_check", "catalog"), ("acquire_lease", "training"), ("evaluate", "inference")]
@@ -163,6 +171,8 @@ def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
         ti = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/{task}").json()
         haystacks[f"rendered {task}"] = json.dumps(ti.get("rendered_fields"))
     haystacks["lineage"] = json.dumps([e.to_dict() for e in lineage(stack, run_id)])
+    openlineage = stack.dir / "logs" / "openlineage.jsonl"
+    haystacks["openlineage"] = openlineage.read_text()
     assert len(haystacks) > 10
     leaks = [(kind, where, value[:3] + "…") for kind, values in secrets.items() for value in values
              for where, text in haystacks.items() if value in text]
@@ -291,3 +301,16 @@ def test_fgov_evidence_shows_every_control_met_for_the_approved_run(stack: Stack
     revocation = next(c for c in chain["controls"] if c["id"] == "revocation")
     assert revocation["detail"].startswith("3 of 3 lease(s) revoked and verified gone")  # catalog, training, inference
     assert (tmp_path / "evidence.html").read_text().count("<tr>") >= 10
+
+
+def test_openlineage_events_carry_the_governance_record(stack: Stack, approved_benign_run) -> None:
+    events = [json.loads(line) for line in (stack.dir / "logs" / "openlineage.jsonl").read_text().splitlines()
+              if approved_benign_run["run_id"] in line]
+    done = {e["job"]["name"].rpartition(".")[2]: e for e in events if e["eventType"] == "COMPLETE"}
+    assert {"policy_check", "tune", "evaluate", "promote"} <= done.keys(), sorted(done)
+    governance = done["promote"]["run"]["facets"]["fgovGovernance"]
+    assert governance["approval"]["approvers"] == ["approver1"] and governance["evaluation"]["verdict"] == "pass"
+    tuned = done["tune"]
+    assert [i["name"].rpartition(".")[2] for i in tuned["inputs"] if i["namespace"].startswith("postgres://")] == [
+        "benign"]
+    assert any(o["facets"]["fgovModel"]["version"] for o in tuned["outputs"])

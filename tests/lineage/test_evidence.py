@@ -23,7 +23,7 @@ def store(tmp_path) -> LineageStore:
 
 def governed_run(store: LineageStore, run: str = "r", *, responder: str = "approver1", trained_sha: str = SHA,
                  verified: bool = True, verdict: str = "pass", review: tuple[str, str] | None = None,
-                 promote: bool | None = None, group: str = "", map_index: int = -1) -> None:
+                 promote: bool | None = None, signed: bool = True, group: str = "", map_index: int = -1) -> None:
     def rec(task: str, kind: str, payload: dict[str, Any]) -> None:
         store.record(EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
 
@@ -44,6 +44,8 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
     if review:
         rec("evaluate", "evaluation.reviewed", {"evaluation_id": "e1", "responder": review[0], "outcome": review[1]})
     if promote if promote is not None else verdict == "pass":
+        if signed:
+            rec("promote", "provenance.verified", {"model": "m", "version": "v1", "invocation_id": f"d/{run}"})
         rec("promote", "promotion.completed", {"model": "m", "alias": "staging", "version": "v1"})
     else:
         rec("promote", "promotion.blocked", {"reason": f"evaluation verdict {verdict}"})
@@ -71,6 +73,7 @@ def test_a_governed_run_meets_every_control(store: LineageStore) -> None:
     ({"responder": "requester"}, "approval"),            # self-approval recorded
     ({"trained_sha": "cd" * 32}, "data_integrity"),       # trained on other content than approved
     ({"verified": False}, "revocation"),                  # revoked but never proven gone
+    ({"signed": False}, "promotion_gate"),                # promoted without verified provenance
 ])
 def test_each_broken_control_is_named(store: LineageStore, change: dict[str, Any], control: str) -> None:
     governed_run(store, **change)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from support import StackView
 
+from airflow_finetune_gov.registry import provenance
 from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.stack.manager import Stack
 
@@ -22,13 +23,27 @@ def view(stack: Stack) -> StackView:
     return StackView(stack)
 
 
+def sign_for_test(view: StackView, store: ModelStore, name: str, version: str) -> None:
+    """Test setup standing in for an earlier governed promotion: the same transit key signs a minimal
+    statement naming the version's files (as root; the product signs only as the provenance role)."""
+    statement = {"_type": provenance.STATEMENT_TYPE, "predicateType": provenance.PREDICATE_TYPE,
+                 "subject": [{"name": f"{name}/{version}/{f}", "digest": {"sha256": d}}
+                             for f, d in provenance.model_files(store, name, version).items()],
+                 "predicate": {"buildDefinition": {"buildType": "test-setup"}, "runDetails": {}}}
+    envelope = provenance.sign(statement, provenance.transit_signer(view.bao(), "fgov-transit", "fgov-provenance"))
+    provenance.write(store, name, version, envelope)
+
+
 @pytest.fixture
 def model(view: StackView) -> tuple[ModelStore, str, list[str]]:
-    """A model whose ``staging`` alias held v1, then v2 (registry state set up by the test, not approvals)."""
+    """A model whose ``staging`` alias held v1, then v2, all three versions signed (registry state set up by
+    the test, not approvals)."""
     store = ModelStore(view.stack.dir / "models")
     name = f"rollback-{uuid.uuid4().hex[:6]}"
     versions = [store.put(name, {"adapter.bin": f"weights {i}".encode()}, {"kind": "test"})["version"]
                 for i in (1, 2, 3)]
+    for version in versions:
+        sign_for_test(view, store, name, version)
     store.set_alias(name, "staging", versions[0], by="test-setup", run="-")
     store.set_alias(name, "staging", versions[1], by="test-setup", run="-")
     return store, name, versions
@@ -95,3 +110,40 @@ def test_fgov_models_rollback_asks_airflow_and_show_tells_the_story(view: StackV
     assert shown["aliases"]["staging"]["version"] == v1 and shown["aliases"]["staging"]["by"] == "approver1"
     assert [(h["from"], h["to"]) for h in shown["history"]][-1] == (v2, v1)
     assert main([*base, "show", "no-such-model"]) == 1
+
+
+def test_an_unsigned_version_is_refused_before_anyone_is_asked(view: StackView, model) -> None:
+    store, name, (_, v2, _) = model
+    unsigned = store.put(name, {"adapter.bin": b"weights never promoted"}, {"kind": "test"})["version"]
+    store.set_alias(name, "staging", unsigned, by="test-setup", run="-")
+    store.set_alias(name, "staging", v2, by="test-setup", run="-")
+    run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=unsigned)
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
+    error = view.events(run_id, "policy.error")[0].payload_dict()["error"]
+    assert f"{name} {unsigned} has no signed provenance" in error
+    assert not view.events(run_id, "approval.requested")
+
+
+def test_one_changed_byte_fails_verify_and_blocks_going_back_to_it(view: StackView, model,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from airflow_finetune_gov.cli.main import main
+
+    store, name, (v1, v2, _) = model
+    base = ["--state-dir", str(view.stack.dir), "models", "verify", name, v1]
+    assert main(base) == 0
+    assert f"{name} {v1}: provenance verified (signed by fgov-transit/fgov-provenance:v1)" in capsys.readouterr().out
+    folder = store.path(name, v1)
+    data = bytearray((folder / "adapter.bin").read_bytes())
+    data[0] ^= 1
+    (folder / "adapter.bin").write_bytes(bytes(data))
+    manifest = json.loads((folder / "manifest.json").read_text())  # a careful attacker fixes the manifest too
+    manifest["files"]["adapter.bin"] = provenance.file_sha256(folder / "adapter.bin")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert store.verify(name, v1) == []  # the manifest alone no longer notices
+    assert main(base) == 1
+    assert "adapter.bin: digest differs from the signed provenance" in capsys.readouterr().err
+    run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
+    assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
+    error = view.events(run_id, "policy.error")[0].payload_dict()["error"]
+    assert "does not match its signed provenance: adapter.bin: digest differs" in error
+    assert store.aliases(name)["staging"]["version"] == v2

@@ -1,0 +1,92 @@
+"""Provenance envelopes and their verification (pure logic: an in-process ed25519 key stands in for
+OpenBao's transit key here; the stack tests sign with the real transit engine)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from airflow_finetune_gov.registry import provenance
+from airflow_finetune_gov.registry.store import ModelStore
+
+KEYID = "fgov-transit/fgov-provenance:v1"
+
+
+def test_pae_matches_the_dsse_specification_example() -> None:
+    assert provenance.pae("http://example.com/HelloWorld", b"hello world") == \
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+@pytest.fixture
+def signed(tmp_path: Path) -> tuple[ModelStore, str, str, dict[str, str], Ed25519PrivateKey]:
+    key = Ed25519PrivateKey.generate()
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    store = ModelStore(tmp_path)
+    base = store.put("base", {"model.safetensors": b"base weights"}, {"kind": "base"})
+    m = store.put("m", {"adapter_model.safetensors": b"lora weights", "adapter_config.json": b"{}"},
+                  {"kind": "adapter"})
+    tuned = {"model": "m", "version": m["version"], "base_model": "base", "base_version": base["version"],
+             "content_sha256": "ab" * 32, "rows": 12, "dataset_uri": "postgresql://db/datasets.benign",
+             "backend": "local_peft", "hyperparameters": {"epochs": 10}}
+    approval = {"dataset": "benign", "target_environment": "staging", "policy_sha256": "f" * 64,
+                "approval_id": "a1", "tier": "single", "approvers": ["approver1"], "requester": "requester"}
+    statement = provenance.build_statement(store=store, tuned=tuned, approval=approval,
+                                           evaluation={"verdict": "pass", "evaluation_id": "e1"}, dag_id="d",
+                                           run_id="r1", conf={"dataset": "benign"})
+    envelope = provenance.sign(statement, lambda message: (KEYID, key.sign(message)))
+    provenance.write(store, "m", m["version"], envelope)
+    return store, "m", m["version"], {KEYID: pem}, key
+
+
+def test_a_signed_model_verifies_and_says_what_built_it(signed) -> None:
+    store, name, version, keys, _ = signed
+    statement = provenance.verify_model(store, name, version, keys)
+    assert {s["name"] for s in statement["subject"]} == {f"m/{version}/adapter_model.safetensors",
+                                                         f"m/{version}/adapter_config.json"}
+    build = statement["predicate"]["buildDefinition"]
+    assert build["externalParameters"]["hyperparameters"] == {"epochs": 10}
+    assert [d["uri"] for d in build["resolvedDependencies"]][1] == "postgresql://db/datasets.benign"
+    assert build["resolvedDependencies"][1]["digest"] == {"sha256": "ab" * 32}
+    assert statement["predicate"]["runDetails"]["metadata"]["invocationId"] == "d/r1"
+    assert build["internalParameters"]["approval"]["approvers"] == ["approver1"]
+
+
+@pytest.mark.parametrize(("tamper", "error"), [
+    (lambda f: (f / "adapter_model.safetensors").write_bytes(b"lora weightS"),
+     "adapter_model.safetensors: digest differs from the signed provenance"),
+    (lambda f: (f / "adapter_config.json").unlink(), "adapter_config.json: missing"),
+    (lambda f: (f / "extra.bin").write_bytes(b"x"), "extra.bin: not in the signed provenance"),
+    (lambda f: (f / provenance.ENVELOPE_FILE).unlink(), "has no signed provenance"),
+])
+def test_any_change_to_the_files_is_named(signed, tamper, error: str) -> None:
+    store, name, version, keys, _ = signed
+    tamper(store.path(name, version))
+    with pytest.raises(provenance.ProvenanceError, match=error):
+        provenance.verify_model(store, name, version, keys)
+
+
+def test_an_edited_statement_or_another_key_does_not_verify(signed) -> None:
+    store, name, version, keys, _ = signed
+    path = store.path(name, version) / provenance.ENVELOPE_FILE
+    envelope = json.loads(path.read_text())
+    statement = json.loads(base64.b64decode(envelope["payload"]))
+    statement["predicate"]["buildDefinition"]["internalParameters"]["approval"]["approvers"] = ["mallory"]
+    forged = {**envelope, "payload": base64.b64encode(json.dumps(statement).encode()).decode()}
+    path.write_text(json.dumps(forged))
+    with pytest.raises(provenance.ProvenanceError, match="does not verify: the statement was altered"):
+        provenance.verify_model(store, name, version, keys)
+    other = Ed25519PrivateKey.generate()
+    path.write_text(json.dumps(provenance.sign(statement, lambda m: ("someone-else:v1", other.sign(m)))))
+    with pytest.raises(provenance.ProvenanceError, match="no signature by a known key"):
+        provenance.verify_model(store, name, version, keys)
+
+
+def test_missing_public_keys_name_where_they_come_from(tmp_path: Path) -> None:
+    with pytest.raises(provenance.ProvenanceError, match="fgov vault bootstrap --provenance-keys-out"):
+        provenance.load_public_keys(tmp_path / "nope.json")
