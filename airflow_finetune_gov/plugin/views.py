@@ -1,0 +1,179 @@
+"""What the governance view shows, computed from lineage events (pure: no Airflow, no HTTP)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import quote
+
+from airflow_finetune_gov.lineage.store import LineageEvent
+
+E = html.escape
+
+
+def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
+    """One run's story: per governed chain, the decision, approval, leases, evaluation and promotion."""
+    chains: dict[tuple[str, int], list[LineageEvent]] = {}
+    for ev in events:
+        chains.setdefault(ev.chain, []).append(ev)
+    out = []
+    for (group, map_index), evs in chains.items():
+        def last(kind: str, evs: list[LineageEvent] = evs) -> dict[str, Any] | None:
+            found = [e.payload_dict() for e in evs if e.event_type == kind]
+            return found[-1] if found else None
+
+        decided = last("policy.decided")
+        request = (decided or {}).get("request") or {}
+        outcome = last("approval.decided")
+        granted = [e.payload_dict().get("responder") for e in evs if e.event_type == "approval.granted"]
+        if outcome:
+            approval = outcome.get("outcome", "?")
+        elif last("approval.requested"):
+            approval = "pending"
+        elif granted:
+            approval = "approved"
+        else:
+            approval = "-"
+        issued = {e.payload_dict()["lease_id"]: e.payload_dict() for e in evs if e.event_type == "lease.issued"}
+        verified = {e.payload_dict().get("lease_id") for e in evs if e.event_type == "lease.verified"}
+        revoked = {e.payload_dict().get("lease_id") for e in evs if e.event_type == "lease.revoked"}
+        leases = [{"lease_id": lid, "purpose": p.get("purpose"), "dataset": p.get("dataset"),
+                   "status": "revoked, verified gone" if lid in verified else "revoked" if lid in revoked
+                   else "live"} for lid, p in issued.items()]
+        evaluation = last("evaluation.completed")
+        review = last("evaluation.reviewed")
+        promoted, blocked = last("promotion.completed") or last("rollback.completed"), \
+            last("promotion.blocked") or last("rollback.blocked")
+        out.append({
+            "group": group, "map_index": map_index,
+            "change": request.get("change", "finetune") if decided else None,
+            "model": request.get("model"), "dataset": request.get("dataset"),
+            "target_environment": request.get("target_environment"), "requester": request.get("requester"),
+            "tier": (decided or {}).get("tier"), "reasons": (decided or {}).get("reasons") or [],
+            "approval": approval, "approvers": sorted({g for g in granted if g and g != "policy"}),
+            "leases": leases, "live_leases": sum(1 for lease in leases if lease["status"] == "live"),
+            "evaluation": None if evaluation is None else {
+                "verdict": evaluation["verdict"], "prompts": evaluation.get("prompts"),
+                "flipped": evaluation.get("flipped"), "metrics": evaluation.get("metrics") or {},
+                "report": evaluation.get("report"), "task_id": next(
+                    e.task_id for e in evs if e.event_type == "evaluation.completed"),
+                "review": None if review is None else {"outcome": review.get("outcome"),
+                                                        "responder": review.get("responder")}},
+            "promotion": None if promoted is None else {k: promoted.get(k) for k in ("model", "alias", "version",
+                                                                                        "previous")},
+            "blocked": None if blocked is None else blocked.get("reason"),
+        })
+    return {"chains": out, "events": len(events)}
+
+
+def status_of(summary: dict[str, Any]) -> str:
+    """One word for a run: promoted, blocked, pending approval, live lease, ..."""
+    chains = summary["chains"]
+    if any(c["approval"] == "pending" for c in chains):
+        return "awaiting approval"
+    if any(c["promotion"] for c in chains):
+        return "promoted"
+    if any(c["blocked"] or (c["evaluation"] or {}).get("verdict") == "fail" or c["approval"] == "rejected"
+           for c in chains):
+        return "blocked"
+    if any(c["live_leases"] for c in chains):
+        return "lease live"
+    return "recorded"
+
+
+STYLE = """<style>
+body{font:14px system-ui,sans-serif;margin:1.2em;color:#202124;background:#fff}
+h1{font-size:20px} h2{font-size:16px;margin-top:1.4em}
+table{border-collapse:collapse;width:100%;margin:.6em 0}
+td,th{border-bottom:1px solid #dadce0;padding:5px 8px;text-align:left;vertical-align:top;font-size:13px}
+th{background:#f8f9fa} code{font-size:12px}
+.pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;background:#e8eaed}
+.promoted,.pass,.approved,.verified{background:#e6f4ea;color:#137333}
+.blocked,.fail,.rejected,.live{background:#fce8e6;color:#a50e0e}
+.awaiting,.pending,.needs_review{background:#fef7e0;color:#b06000}
+a{color:#1a73e8}
+</style>"""
+
+
+def _pill(text: str) -> str:
+    cls = "verified" if "verified" in text else text.split()[0].replace(",", "") if text else ""
+    return f'<span class="pill {E(cls)}">{E(text)}</span>'
+
+
+def page(title: str, body: str) -> str:
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{E(title)}</title>{STYLE}</head>'
+            f"<body>{body}</body></html>")
+
+
+def runs_page(rows: list[dict[str, Any]], pending: list[dict[str, Any]], base: str) -> str:
+    """The run list: every governed run the caller may read, with its decision and outcome."""
+    trs = "".join(
+        f"<tr><td>{E(r['dag_id'])}</td><td><a target=\"_self\" href=\"{E(base)}runs/"
+        f"{E(quote(r['dag_id'], safe=''))}/{E(quote(r['run_id'], safe=''))}\">{E(r['run_id'])}</a></td>"
+        f"<td>{E(str(r['model'] or '-'))}</td>"
+        f"<td>{E(str(r['dataset'] or '-'))}</td><td>{E(str(r['target_environment'] or '-'))}</td>"
+        f"<td>{E(str(r['tier'] or '-'))}</td><td>{_pill(r['approval'])}</td>"
+        f"<td>{_pill(r['verdict'] or '-')}</td><td>{_pill(r['status'])}</td><td>{r['events']}</td></tr>"
+        for r in rows) or "<tr><td colspan=10>no governed runs recorded</td></tr>"
+    waiting = "".join(
+        f"<li>{E(p['dag_id'])} / {E(p['run_id'])}: {E(p['what'])} &mdash; "
+        f"<a target=\"_top\" href=\"{E(p['link'])}\">answer under Required Actions</a></li>" for p in pending)
+    return page("Fine-tune governance", f"""
+<h1>Fine-tune governance</h1>
+<p>Every governed run, from the lineage record (the source of truth). Pending approvals are answered in
+Airflow's Required Actions; this page changes nothing.</p>
+<h2>Pending approvals and reviews ({len(pending)})</h2><ul>{waiting or '<li>none</li>'}</ul>
+<h2>Runs ({len(rows)})</h2>
+<table><tr><th>DAG</th><th>run</th><th>model</th><th>dataset</th><th>environment</th><th>tier</th>
+<th>approval</th><th>evaluation</th><th>outcome</th><th>events</th></tr>{trs}</table>""")
+
+
+def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: dict[str, Any],
+             report_links: dict[str, str], chain_ok: bool) -> str:
+    """One run: each chain's decision, approval, leases, evaluation (with the report) and the timeline."""
+    parts = []
+    for c in summary["chains"]:
+        leases = "".join(
+            f"<tr><td><code>{E(str(lease['lease_id']))}</code></td><td>{E(str(lease['purpose']))}</td>"
+            f"<td>{E(str(lease['dataset'] or ''))}</td><td>{_pill(lease['status'])}</td></tr>"
+            for lease in c["leases"]) or "<tr><td colspan=4>none</td></tr>"
+        ev = c["evaluation"]
+        if ev:
+            metrics = "".join(
+                f"<tr><td>{E(name)}</td><td>{m.get('n')}</td><td>{m.get('baseline', 0):.1%}</td>"
+                f"<td>{m.get('candidate', 0):.1%}</td><td>[{m['difference_ci'][0]:+.1%}, "
+                f"{m['difference_ci'][1]:+.1%}]</td><td>{_pill(m.get('verdict', ''))}</td></tr>"
+                for name, m in ev["metrics"].items() if m.get("difference_ci"))
+            link = report_links.get(f"{c['group']}|{c['map_index']}")
+            review = ev.get("review")
+            evaluation = (
+                f"<p>Verdict {_pill(ev['verdict'])} on {ev['prompts']} prompts, {ev['flipped']} flipped"
+                + (f"; review {E(str(review['outcome']))} by {E(str(review['responder']))}" if review else "")
+                + (f' &mdash; <a target="_self" href="{E(link)}">report with the flipped prompts</a>' if link else "")
+                + "</p><table><tr><th>metric</th><th>prompts</th><th>baseline</th><th>candidate</th>"
+                  f"<th>difference (95% CI)</th><th>verdict</th></tr>{metrics}</table>")
+        else:
+            evaluation = "<p>no evaluation recorded</p>"
+        promotion = (f"{E(str(c['promotion']['model']))}:{E(str(c['promotion']['alias']))} &rarr; "
+                     f"{E(str(c['promotion']['version']))} (was {E(str(c['promotion']['previous'] or 'unset'))})"
+                     if c["promotion"] else (f"blocked: {E(c['blocked'])}" if c["blocked"] else "not promoted"))
+        title = (f"chain {E(c['group'] or '(top level)')}" + (f" [{c['map_index']}]" if c["map_index"] >= 0 else ""))
+        parts.append(f"""<h2>{title}</h2>
+<table><tr><th>change</th><td>{E(str(c['change']))} of {E(str(c['model']))} on {E(str(c['dataset']))} for
+{E(str(c['target_environment']))}, requested by {E(str(c['requester']))}</td></tr>
+<tr><th>policy</th><td>tier {E(str(c['tier']))}: {E('; '.join(c['reasons']))}</td></tr>
+<tr><th>approval</th><td>{_pill(c['approval'])} {E(', '.join(c['approvers']))}</td></tr>
+<tr><th>promotion</th><td>{promotion}</td></tr></table>
+<h3>Credentials</h3><table><tr><th>lease</th><th>purpose</th><th>dataset</th><th>status</th></tr>{leases}</table>
+<h3>Evaluation</h3>{evaluation}""")
+    timeline = "".join(
+        f"<tr><td>{e.id}</td><td>{E(e.created_at[:19])}</td><td>{E(e.task_id)}</td><td>{e.try_number}</td>"
+        f"<td>{E(e.event_type)}</td><td>{E(e.actor)}</td></tr>" for e in events)
+    integrity = _pill("verified" if chain_ok else "blocked") + (
+        " hash chain intact" if chain_ok else " hash chain BROKEN: run `fgov audit verify`")
+    return page(f"{dag_id} / {run_id}", f"""<h1>{E(dag_id)} / {E(run_id)}</h1>
+<p>{len(events)} lineage events; {integrity}</p>{''.join(parts)}
+<h2>Timeline</h2><table><tr><th>#</th><th>at (UTC)</th><th>task</th><th>try</th><th>event</th><th>by</th></tr>
+{timeline}</table>""")
+

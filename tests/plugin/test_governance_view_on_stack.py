@@ -1,0 +1,106 @@
+"""The governance view on the real api-server: its own authentication (Airflow does not authenticate
+plugin apps), the auditor reads everything and changes nothing, the JSON tells a run's story, and the
+pages in headless Chromium (Debian's package): the run list, a run's timeline, and the tab inside
+Airflow's DAG-run view. Screenshots are saved under the test's tmp_path."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from support import StackView
+
+from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def view(stack: Stack) -> StackView:
+    return StackView(stack)
+
+
+@pytest.fixture(scope="module")
+def run(view: StackView) -> str:
+    """An auto-approved demo run (public data into test: no human), evaluated and promoted."""
+    run_id, state, tasks = view.run(DEMO_DAG_ID, dataset="public_faq", target_environment="test")
+    assert state == "success", tasks
+    return run_id
+
+
+def fgov(view: StackView, user: str | None, method: str, path: str) -> requests.Response:
+    url = view.state["airflow"]["url"] + "/fgov" + path
+    if user is None:
+        return requests.request(method, url, timeout=30)
+    return view.client(user).session.request(method, url, timeout=30)
+
+
+@pytest.mark.parametrize("path", ["/api/runs", "/ui/", "/api/runs/governed_finetune_demo/x", "/ui/runs/d/r"])
+def test_no_token_no_read(view: StackView, path: str) -> None:
+    assert fgov(view, None, "GET", path).status_code == 401
+    forged = requests.get(view.state["airflow"]["url"] + "/fgov" + path, timeout=30,
+                          headers={"Authorization": "Bearer eyJhbGciOiJIUzUxMiJ9.e30.AAAA"})
+    assert forged.status_code in (401, 403)
+    assert fgov(view, None, "POST", "/api/lease-sweep").status_code == 401
+
+
+def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView, run: str) -> None:
+    listed = fgov(view, "auditor", "GET", "/api/runs")
+    assert listed.status_code == 200, listed.text
+    row = next(r for r in listed.json()["runs"] if r["run_id"] == run)
+    assert (row["tier"], row["approval"], row["verdict"], row["status"]) == ("auto", "approved", "pass", "promoted")
+    detail: dict[str, Any] = fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/{run}").json()
+    (chain,) = detail["chains"]
+    assert chain["promotion"]["alias"] == "test" and chain["live_leases"] == 0
+    assert {lease["purpose"] for lease in chain["leases"]} == {"catalog", "training", "inference"}
+    assert "promotion.completed" in [e["event_type"] for e in detail["timeline"]]
+    assert fgov(view, "auditor", "POST", "/api/lease-sweep").status_code == 403  # reads, never changes
+    assert fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/no-such-run").status_code == 404
+    swept = fgov(view, "requester", "POST", "/api/lease-sweep")  # a user who may trigger it
+    assert swept.status_code == 201, swept.text
+    assert swept.json()["dag_id"] == "fgov_lease_sweep" and swept.json()["triggered_by"] == "requester"
+    assert view.client("requester").wait_run("fgov_lease_sweep", swept.json()["run_id"], timeout=240) == "success"
+
+
+def test_pages_in_chromium_run_list_timeline_and_the_dag_run_tab(view: StackView, run: str, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: ./scripts/ensure-chromium installs it")
+    from playwright.sync_api import sync_playwright
+
+    url = view.state["airflow"]["url"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/auth/login?next=/")
+            page.get_by_label("Username").fill("auditor")
+            page.get_by_label("Password").fill(view.stack.airflow_password("auditor"))
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"{url}/**", timeout=60_000)
+            page.goto(f"{url}/fgov/ui/")  # the nav entry's page, authenticated by the UI's cookie
+            page.get_by_text(run).first.wait_for(timeout=60_000)
+            listing = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "governance-runs.png"), full_page=True)
+            page.get_by_role("link", name=run).first.click()
+            page.get_by_text("Timeline").first.wait_for(timeout=60_000)
+            story = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "governance-run.png"), full_page=True)
+            page.get_by_role("link", name="report with the flipped prompts").click()
+            page.get_by_text("Prompts whose behaviour flipped").wait_for(timeout=60_000)
+            # Airflow's own DAG-run page, with the plugin's tab (an iframe on the same origin)
+            page.goto(f"{url}/dags/{DEMO_DAG_ID}/runs/{run}/plugin/fgov_run")
+            frame = page.frame_locator("iframe").first
+            frame.get_by_text("Timeline").first.wait_for(timeout=60_000)
+            page.screenshot(path=str(tmp_path / "airflow-run-tab.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "governance-runs.png").stat().st_size > 10_000
+    for text in ("Fine-tune governance", "Pending approvals", "public_faq", "promoted"):
+        assert text in listing, f"{text!r} not in the run list"
+    for text in ("tier auto", "revoked, verified gone", "harmful_refusal", "fgov-demo-tiny:test", "hash chain intact",
+                 "promotion.completed"):
+        assert text in story, f"{text!r} not on the run page"
