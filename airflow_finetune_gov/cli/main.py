@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     rl = runs_sub.add_parser("list")
     rl.add_argument("--json", action="store_true")
     rl.add_argument("--limit", type=int, default=50,
-                    help="the N runs with the most recent events (default 50; 0: every run)")
+                    help="the N runs with the most recent events, newest first (default 50; 0: every run)")
     rl.add_argument("--db-url")
     rl.set_defaults(func=cmd_runs)
 

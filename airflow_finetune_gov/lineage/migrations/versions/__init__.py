@@ -1,0 +1,1 @@
+"""Lineage store revisions, oldest first (alembic skips this file)."""
