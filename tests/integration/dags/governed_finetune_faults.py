@@ -75,11 +75,12 @@ TRAINER = textwrap.dedent("""
 register_backend("fault", FaultBackend)
 
 def governed_chain(dag_id: str, params: dict[str, Param], policy_check: dict[str, Any], tune: dict[str, Any],
-                   **dag_kwargs: Any) -> DAG:
+                   max_active_runs: int = 4, **dag_kwargs: Any) -> DAG:
     """policy check -> approval -> lease (setup) -> tune -> tuned, with revocation as the teardown
     (the factory's chain without evaluation and promotion)."""
     with DAG(dag_id=dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
-             max_active_runs=4, tags=["finetune-gov", "test"], params=params, default_args={"retries": 0},
+             max_active_runs=max_active_runs, tags=["finetune-gov", "test"], params=params,
+             default_args={"retries": 0},
              **dag_kwargs) as dag:
         governed_finetune(
             dataset=policy_check["dataset"], target_environment=policy_check["target_environment"],
@@ -106,6 +107,17 @@ command_dag = governed_chain(
                   "tuning_method": "full"},
     tune={"backend": "command", "base_model": "external-base", "output_model": "command-model",
           "command": [sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"]},
+)
+
+# Many governed runs at once (tests/reliability): the command dag's chain, up to 20 runs in parallel.
+concurrency_dag = governed_chain(
+    "governed_finetune_concurrency",
+    params={"mode": Param("ok", enum=["ok"]), "marker": Param("", type="string")},
+    policy_check={"model": "external-base", "dataset": "public_faq", "target_environment": "test",
+                  "tuning_method": "full"},
+    tune={"backend": "command", "base_model": "external-base", "output_model": "concurrent-model",
+          "command": [sys.executable, "-c", TRAINER, "{{ params.marker }}", "{{ params.mode }}"]},
+    max_active_runs=20,
 )
 
 # Bad input, each caught with a clear error before any lease, or after it is revoked.
