@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hvac
 import psycopg
+import pytest
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.lineage.store import LineageStore
@@ -79,3 +83,29 @@ class StackView:
             "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
             json={"chosen_options": [option], "params_input": {"comment": comment}})
         assert resp.status_code == status, resp.text
+
+
+@contextmanager
+def signed_in_page(stack: Stack, user: str, next_path: str = "/") -> Iterator[Any]:
+    """A headless Chromium page (Debian's package, driven by Playwright) signed in to the stack's
+    Airflow as ``user``, at ``next_path``."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed: ./scripts/ensure-chromium installs it")
+    from playwright.sync_api import sync_playwright
+
+    state = stack.load()
+    assert state is not None
+    url = state["airflow"]["url"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{url}/auth/login?next={next_path}")
+            page.get_by_label("Username").fill(user)
+            page.get_by_label("Password").fill(stack.airflow_password(user))
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(f"**{next_path}**", timeout=60_000)
+            yield page
+        finally:
+            browser.close()

@@ -25,15 +25,20 @@ def _stack(args: argparse.Namespace) -> Any:
     return Stack(_state_dir(args))
 
 
-def _store_root(args: argparse.Namespace) -> Path:
-    if args.model_store:
-        return Path(args.model_store)
+def _path(given: str | None, args: argparse.Namespace, state_key: str, option: str) -> Path:
+    """An explicit ``--flag`` value, else the embedded stack's, else ``[finetune_gov] option``."""
+    if given:
+        return Path(given)
     state = _stack(args).load()
-    if state and state.get("model_store"):
-        return Path(state["model_store"])
+    if state and state.get(state_key):
+        return Path(state[state_key])
     from airflow_finetune_gov import settings
 
-    return Path(settings.get("model_store"))
+    return Path(settings.get(option))
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    return _path(args.model_store, args, "model_store", "model_store")
 
 
 def cmd_models_show(args: argparse.Namespace) -> int:
@@ -57,14 +62,7 @@ def cmd_models_show(args: argparse.Namespace) -> int:
 
 
 def _keys_path(args: argparse.Namespace) -> Path:
-    if args.keys:
-        return Path(args.keys)
-    state = _stack(args).load()
-    if state and state.get("provenance_keys"):
-        return Path(state["provenance_keys"])
-    from airflow_finetune_gov import settings
-
-    return Path(settings.get("provenance_keys_path"))
+    return _path(args.keys, args, "provenance_keys", "provenance_keys_path")
 
 
 def cmd_models_verify(args: argparse.Namespace) -> int:

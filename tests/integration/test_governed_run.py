@@ -33,6 +33,12 @@ def client(stack: Stack, user: str) -> AirflowClient:
     return AirflowClient(state["airflow"]["url"], user, stack.airflow_password(user))
 
 
+def state_of(stack: Stack) -> dict[str, Any]:
+    state = stack.load()
+    assert state is not None
+    return state
+
+
 def lineage(stack: Stack, run_id: str) -> list[Any]:
     state = stack.load()
     assert state is not None
@@ -105,7 +111,16 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert signed["keyid"] == "fgov-transit/fgov-provenance:v1" and signed["version"] == tuned["version"]
     verified = next(e for e in events if e.event_type == "provenance.verified").payload_dict()
     assert verified["invocation_id"] == f"{DEMO_DAG_ID}/{run['run_id']}"
-    assert fgov(["--state-dir", str(stack.dir), "models", "verify", "fgov-demo-tiny", tuned["version"]]) == 0
+    verify = ["--state-dir", str(stack.dir), "models", "verify", "fgov-demo-tiny", tuned["version"]]
+    assert fgov(verify) == 0
+    adapter = Path(state_of(stack)["model_store"]) / "fgov-demo-tiny" / tuned["version"] / "adapter_model.safetensors"
+    original = adapter.read_bytes()
+    try:
+        adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one byte of the promoted adapter
+        assert fgov(verify) == 1
+    finally:
+        adapter.write_bytes(original)  # later tests promote the same (deterministic) version again
+    assert fgov(verify) == 0
     key = StackView(stack).bao().secrets.transit.read_key(name="fgov-provenance", mount_point="fgov-transit")
     assert key["data"]["exportable"] is False and key["data"]["type"] == "ed25519"  # never leaves OpenBao
     leases = [e for e in events if e.event_type == "lease.issued"]

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
+from support import signed_in_page
 
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
@@ -15,11 +15,6 @@ pytestmark = pytest.mark.stack
 
 
 def test_pending_gate_is_on_the_required_actions_page(stack: Stack, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed: ./scripts/ensure-chromium installs it")
-    from playwright.sync_api import sync_playwright
-
     state = stack.load()
     assert state is not None
     url = state["airflow"]["url"]
@@ -30,26 +25,16 @@ def test_pending_gate_is_on_the_required_actions_page(stack: Stack, tmp_path: Pa
         requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
         subject = "Approve fine-tune of fgov-demo-tiny on dataset poisoned for staging"
         shot = tmp_path / "required-actions.png"  # pytest keeps the last three runs' tmp_path
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.goto(f"{url}/auth/login?next=/required_actions")
-                page.get_by_label("Username").fill("approver1")
-                page.get_by_label("Password").fill(stack.airflow_password("approver1"))
-                page.get_by_role("button", name="Sign in").click()
-                page.wait_for_url("**/required_actions**", timeout=60_000)
-                row = page.get_by_role("row").filter(has_text=run_id)
-                row.wait_for(timeout=60_000)
-                assert "Approval Required" in row.inner_text()
-                page.screenshot(path=str(shot), full_page=True)
-                # Open the request: the change summary is what the approver reads before deciding.
-                row.get_by_text("Approve fine-tune", exact=False).first.click()
-                page.get_by_text("Risk tier").first.wait_for(timeout=60_000)
-                body = page.inner_text("body")
-                page.screenshot(path=str(tmp_path / "request.png"), full_page=True)
-            finally:
-                browser.close()
+        with signed_in_page(stack, "approver1", "/required_actions") as page:
+            row = page.get_by_role("row").filter(has_text=run_id)
+            row.wait_for(timeout=60_000)
+            assert "Approval Required" in row.inner_text()
+            page.screenshot(path=str(shot), full_page=True)
+            # Open the request: the change summary is what the approver reads before deciding.
+            row.get_by_text("Approve fine-tune", exact=False).first.click()
+            page.get_by_text("Risk tier").first.wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "request.png"), full_page=True)
         assert shot.stat().st_size > 10_000
         for text in (subject, "Risk tier", "Requested by", "requester", "Eligible approvers", "Approve", "Reject"):
             assert text in body, f"{text!r} not shown to the approver"

@@ -5,13 +5,12 @@ Airflow's DAG-run view. Screenshots are saved under the test's tmp_path."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from support import StackView
+from support import StackView, signed_in_page
 
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
@@ -66,38 +65,23 @@ def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView,
 
 
 def test_pages_in_chromium_run_list_timeline_and_the_dag_run_tab(view: StackView, run: str, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.fail("Debian's chromium is not installed: ./scripts/ensure-chromium installs it")
-    from playwright.sync_api import sync_playwright
-
     url = view.state["airflow"]["url"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{url}/auth/login?next=/")
-            page.get_by_label("Username").fill("auditor")
-            page.get_by_label("Password").fill(view.stack.airflow_password("auditor"))
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(f"{url}/**", timeout=60_000)
-            page.goto(f"{url}/fgov/ui/")  # the nav entry's page, authenticated by the UI's cookie
-            page.get_by_text(run).first.wait_for(timeout=60_000)
-            listing = page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "governance-runs.png"), full_page=True)
-            page.get_by_role("link", name=run).first.click()
-            page.get_by_text("Timeline").first.wait_for(timeout=60_000)
-            story = page.inner_text("body")
-            page.screenshot(path=str(tmp_path / "governance-run.png"), full_page=True)
-            page.get_by_role("link", name="report with the flipped prompts").click()
-            page.get_by_text("Prompts whose behaviour flipped").wait_for(timeout=60_000)
-            # Airflow's own DAG-run page, with the plugin's tab (an iframe on the same origin)
-            page.goto(f"{url}/dags/{DEMO_DAG_ID}/runs/{run}/plugin/fgov_run")
-            frame = page.frame_locator("iframe").first
-            frame.get_by_text("Timeline").first.wait_for(timeout=60_000)
-            page.screenshot(path=str(tmp_path / "airflow-run-tab.png"), full_page=True)
-        finally:
-            browser.close()
+    with signed_in_page(view.stack, "auditor") as page:
+        page.goto(f"{url}/fgov/ui/")  # the nav entry's page, authenticated by the UI's cookie
+        page.get_by_text(run).first.wait_for(timeout=60_000)
+        listing = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "governance-runs.png"), full_page=True)
+        page.get_by_role("link", name=run).first.click()
+        page.get_by_text("Timeline").first.wait_for(timeout=60_000)
+        story = page.inner_text("body")
+        page.screenshot(path=str(tmp_path / "governance-run.png"), full_page=True)
+        page.get_by_role("link", name="report with the flipped prompts").click()
+        page.get_by_text("Prompts whose behaviour flipped").wait_for(timeout=60_000)
+        # Airflow's own DAG-run page, with the plugin's tab (an iframe on the same origin)
+        page.goto(f"{url}/dags/{DEMO_DAG_ID}/runs/{run}/plugin/fgov_run")
+        frame = page.frame_locator("iframe").first
+        frame.get_by_text("Timeline").first.wait_for(timeout=60_000)
+        page.screenshot(path=str(tmp_path / "airflow-run-tab.png"), full_page=True)
     assert (tmp_path / "governance-runs.png").stat().st_size > 10_000
     for text in ("Fine-tune governance", "Pending approvals", "public_faq", "promoted"):
         assert text in listing, f"{text!r} not in the run list"
