@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy  # noqa: E402
-from bench.common import airflow_env, parse_times, pct  # noqa: E402
+from bench.common import airflow_env, parse_times, pct, result  # noqa: E402
 
 DECISION_GOAL_MS = 5.0
 PARSE_GOAL_MS = 20.0
@@ -90,6 +90,10 @@ def main() -> int:
           f"{'PASS' if overhead <= PARSE_GOAL_MS else 'MISS'}")
     print(f"policy decision p95 {d['p95_ms']:.4f} ms; goal <= {DECISION_GOAL_MS:.0f} ms: "
           f"{'PASS' if d['p95_ms'] <= DECISION_GOAL_MS else 'MISS'}")
+    result("DAG parse, approval gate vs plain HITLOperator (median)", baseline=base, ours=gov, unit="ms",
+           goal=f"+<= {PARSE_GOAL_MS:.0f} ms", met=overhead <= PARSE_GOAL_MS, tag="P4")
+    result("policy decision p95", baseline=None, ours=d["p95_ms"], unit="ms", goal=f"<= {DECISION_GOAL_MS:.0f} ms",
+           met=d["p95_ms"] <= DECISION_GOAL_MS, tag="P4")
     return 0
 
 

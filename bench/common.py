@@ -57,3 +57,18 @@ def parse_times(variants: dict[str, tuple[str, dict[str, str]]], dag_id: str, n:
                     raise SystemExit(f"parsing the {name} DAG failed:\n{proc.stderr[-2000:]}")
                 out[name].append(json.loads(proc.stdout.strip().splitlines()[-1])["ms"])
     return out
+
+
+def result(measure: str, *, baseline: float | None, ours: float, unit: str, goal: str, met: bool | None,
+           ratio: float | None = None, tag: str = "") -> None:
+    """One row of the combined table (``bench/run_all.py``): appended as a JSON line to the file named
+    by ``$FGOV_BENCH_RESULTS``; a no-op when a bench runs on its own."""
+    path = os.environ.get("FGOV_BENCH_RESULTS")
+    if not path:
+        return
+    if ratio is None and baseline:
+        ratio = ours / baseline
+    row = {"tag": tag, "measure": measure, "baseline": baseline, "ours": ours, "unit": unit, "ratio": ratio,
+           "goal": goal, "met": met}
+    with open(path, "a") as fh:
+        fh.write(json.dumps(row) + "\n")

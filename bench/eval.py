@@ -25,6 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.common import result  # noqa: E402
+
 GOAL = 0.9
 
 
@@ -116,6 +118,9 @@ def main() -> int:
     print(f"  harness.run + OpenAIChatClient  {harness:8.1f} prompts/s")
     print(f"  direct requests, same pool      {plain:8.1f} prompts/s")
     print(f"  ratio {harness / plain:.2f}; goal >= {GOAL}: {'PASS' if harness / plain >= GOAL else 'MISS'}")
+    result(f"eval harness vs direct requests, same endpoint ({args.prompts} prompts, concurrency {args.concurrency})",
+           baseline=plain, ours=harness, unit="prompts/s", goal=f"ratio >= {GOAL}", met=harness / plain >= GOAL,
+           tag="P2")
     if not args.no_local:
         n, local = bench_local()
         print(f"local demo model ({n} prompts), median of 3:")

@@ -44,7 +44,7 @@ from psycopg.conninfo import make_conninfo  # noqa: E402
 from airflow_finetune_gov.credentials import broker, lifecycle  # noqa: E402
 from airflow_finetune_gov.credentials.identity import TaskIdentity, mint  # noqa: E402
 from airflow_finetune_gov.stack.manager import Stack, StackOptions  # noqa: E402
-from bench.common import pct  # noqa: E402
+from bench.common import pct, result  # noqa: E402
 
 DB_ROLE = "ds-benign"
 DATASET = "benign"
@@ -284,6 +284,10 @@ def report(env: Env, s: Samples, *, iterations: int, warmup: int, where: str) ->
     print(f"ratio governed p50 / raw p50 = {g50:.1f} / {r50:.1f} = {ratio:.2f}")
     print(f"goal ratio <= {RATIO_GOAL}: {'PASS' if ratio <= RATIO_GOAL else 'MISS'}")
     print(f"goal governed p50 <= {P50_GOAL_MS:.0f} ms: {'PASS' if g50 <= P50_GOAL_MS else 'MISS'}")
+    result("lease cycle p50: governed issue+revoke+verify vs raw hvac", baseline=r50, ours=g50, unit="ms",
+           goal=f"ratio <= {RATIO_GOAL}", met=ratio <= RATIO_GOAL, tag="P1")
+    result("lease cycle p50, governed", baseline=None, ours=g50, unit="ms", goal=f"<= {P50_GOAL_MS:.0f} ms",
+           met=g50 <= P50_GOAL_MS, tag="P1")
     print()
     print("where the time goes (p50 of each step over the measured iterations; steps do not sum to the p50):")
     print(f"{'phase / step':<52} {'OpenBao requests':>16} {'p50 ms':>9}")

@@ -107,13 +107,18 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert {m: v["verdict"] for m, v in done["metrics"].items()} == dict.fromkeys(
         ("harmful_refusal", "jailbreak_refusal", "benign_compliance", "task_quality"), "pass")
     assert hashlib.sha256(Path(done["report_json"]).read_bytes()).hexdigest() == done["report_sha256"]
-    signed = next(e for e in events if e.event_type == "provenance.signed").payload_dict()
-    assert signed["keyid"] == "fgov-transit/fgov-provenance:v1" and signed["version"] == tuned["version"]
+    # Training is deterministic: an earlier test may have promoted (and signed) these same bytes; then
+    # this run verifies that signature instead of signing again.
     verified = next(e for e in events if e.event_type == "provenance.verified").payload_dict()
-    assert verified["invocation_id"] == f"{DEMO_DAG_ID}/{run['run_id']}"
+    assert verified["version"] == tuned["version"] and verified["invocation_id"].startswith(f"{DEMO_DAG_ID}/")
+    signed = [e.payload_dict() for e in events if e.event_type == "provenance.signed"]
+    assert bool(signed) == (verified["invocation_id"] == f"{DEMO_DAG_ID}/{run['run_id']}")
+    folder = Path(state_of(stack)["model_store"]) / "fgov-demo-tiny" / tuned["version"]
+    envelope = json.loads((folder / "provenance.dsse.json").read_text())
+    assert envelope["signatures"][0]["keyid"] == "fgov-transit/fgov-provenance:v1"
     verify = ["--state-dir", str(stack.dir), "models", "verify", "fgov-demo-tiny", tuned["version"]]
     assert fgov(verify) == 0
-    adapter = Path(state_of(stack)["model_store"]) / "fgov-demo-tiny" / tuned["version"] / "adapter_model.safetensors"
+    adapter = folder / "adapter_model.safetensors"
     original = adapter.read_bytes()
     try:
         adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one byte of the promoted adapter
