@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow_finetune_gov.approval.verify import ApprovalMissing, EvaluationMissing, evaluation_outcome
-from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, check_no_secrets
+from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, by_chain, check_no_secrets
 
 REFERENCES: dict[str, list[str]] = {
     "policy": ["NIST CSF 2.0 GV.PO (policy)", "NIST AI RMF GOVERN"],
@@ -193,10 +193,7 @@ def evidence(events: Sequence[LineageEvent]) -> dict[str, Any]:
         Control("no_secrets", TITLES["no_secrets"], "not met" if leaks else "met",
                 "; ".join(leaks) or "no payload carries a secret-looking key", [], REFERENCES["no_secrets"]),
     ]
-    groups: dict[tuple[str, int], list[LineageEvent]] = {}
-    for ev in events:
-        groups.setdefault(ev.chain, []).append(ev)
-    judged = [(g, m, judge_chain(evs)) for (g, m), evs in sorted(groups.items())
+    judged = [(g, m, judge_chain(evs)) for (g, m), evs in sorted(by_chain(events).items())
               if any(e.event_type == "policy.decided" for e in evs)]
     statuses = [c.status for c in run_controls] + [c.status for _, _, cs in judged for c in cs]
     chains = [{"group": g or "(top level)", "map_index": m, "controls": [asdict(c) for c in cs]}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -133,6 +133,20 @@ def chain_of(task_id: str, map_index: int) -> tuple[str, int]:
     """Which governed chain a task belongs to: its task group and map index. Several chains may run in
     one DAG run (``governed_finetune`` groups side by side, or mapped); each reads only its own events."""
     return task_id.rpartition(".")[0], int(map_index)
+
+
+def by_chain(events: Iterable[LineageEvent]) -> dict[tuple[str, int], list[LineageEvent]]:
+    """A run's events grouped by governed chain (``chain_of``), each group in event order."""
+    groups: dict[tuple[str, int], list[LineageEvent]] = {}
+    for ev in events:
+        groups.setdefault(ev.chain, []).append(ev)
+    return groups
+
+
+def last_payload(events: Iterable[LineageEvent], *types: str) -> dict[str, Any] | None:
+    """The payload of the last event of one of ``types``, or ``None``."""
+    found = [e for e in events if e.event_type in types]
+    return found[-1].payload_dict() if found else None
 
 
 _HASHED = ("dag_id", "run_id", "task_id", "try_number", "map_index", "event_type", "actor", "created_at", "payload",

@@ -7,29 +7,22 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
-from airflow_finetune_gov.lineage.store import LineageEvent
+from airflow_finetune_gov.lineage.store import LineageEvent, by_chain, last_payload
 
 E = html.escape
 
 
 def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
     """One run's story: per governed chain, the decision, approval, leases, evaluation and promotion."""
-    chains: dict[tuple[str, int], list[LineageEvent]] = {}
-    for ev in events:
-        chains.setdefault(ev.chain, []).append(ev)
     out = []
-    for (group, map_index), evs in chains.items():
-        def last(kind: str, evs: list[LineageEvent] = evs) -> dict[str, Any] | None:
-            found = [e.payload_dict() for e in evs if e.event_type == kind]
-            return found[-1] if found else None
-
-        decided = last("policy.decided")
+    for (group, map_index), evs in by_chain(events).items():
+        decided = last_payload(evs, "policy.decided")
         request = (decided or {}).get("request") or {}
-        outcome = last("approval.decided")
+        outcome = last_payload(evs, "approval.decided")
         granted = [e.payload_dict().get("responder") for e in evs if e.event_type == "approval.granted"]
         if outcome:
             approval = outcome.get("outcome", "?")
-        elif last("approval.requested"):
+        elif last_payload(evs, "approval.requested"):
             approval = "pending"
         elif granted:
             approval = "approved"
@@ -41,10 +34,10 @@ def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
         leases = [{"lease_id": lid, "purpose": p.get("purpose"), "dataset": p.get("dataset"),
                    "status": "revoked, verified gone" if lid in verified else "revoked" if lid in revoked
                    else "live"} for lid, p in issued.items()]
-        evaluation = last("evaluation.completed")
-        review = last("evaluation.reviewed")
-        promoted, blocked = last("promotion.completed") or last("rollback.completed"), \
-            last("promotion.blocked") or last("rollback.blocked")
+        evaluation = last_payload(evs, "evaluation.completed")
+        review = last_payload(evs, "evaluation.reviewed")
+        promoted = last_payload(evs, "promotion.completed") or last_payload(evs, "rollback.completed")
+        blocked = last_payload(evs, "promotion.blocked") or last_payload(evs, "rollback.blocked")
         out.append({
             "group": group, "map_index": map_index,
             "change": request.get("change", "finetune") if decided else None,
