@@ -46,7 +46,7 @@ def evaluation_summary(stack: Stack, run_id: str) -> str:
     return "\n   ".join(lines)
 
 
-def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple[str, str, float]:
+def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple[str, str, float, str]:
     state = stack.load()
     assert state is not None
     url = state["airflow"]["url"]
@@ -78,8 +78,9 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
     states = requester.task_states(DEMO_DAG_ID, run_id)
     print(f"   run {final}: " + ", ".join(f"{k}={v}" for k, v in states.items()))
     fgov(["--state-dir", str(stack.dir), "lineage", "show", run_id])
-    print(f"   evaluation: {evaluation_summary(stack, run_id)}")
-    return run_id, final, machine
+    evaluation = evaluation_summary(stack, run_id)
+    print(f"   evaluation: {evaluation}")
+    return run_id, final, machine, evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("\n== summary")
     ok = True
-    for ds, _run_id, final, machine in outcomes:
+    for ds, _run_id, final, machine, evaluation in outcomes:
         good = final == EXPECTED[ds]
         ok &= good
         note = "promoted" if final == "success" else "blocked before promotion"
         print(f"   {ds:<9} {final:<8} {note:<26} trigger-to-end {machine:.1f}s excluding the human "
               f"({'as expected' if good else 'UNEXPECTED'})")
-        print(f"   {'':<9} evaluation: {evaluation_summary(stack, _run_id).splitlines()[0]}")
+        print(f"   {'':<9} evaluation: {evaluation.splitlines()[0]}")
     print(f"\nAirflow UI: {state['airflow']['url']}  (users requester, approver1, approver2, auditor; passwords "
           f"in {state['airflow']['passwords_file']})\nThe stack is still running; stop it with "
           f"`.venv/bin/fgov stack down`.")
