@@ -86,7 +86,7 @@ def _run_rows(user: Any, limit: int) -> tuple[list[dict[str, Any]], list[dict[st
     return rows, pending
 
 
-def _report_links(dag_id: str, run_id: str, summary: dict[str, Any], prefix: str) -> dict[str, str]:
+def _report_links(summary: dict[str, Any], prefix: str) -> dict[str, str]:
     return {f"{c['group']}|{c['map_index']}":
             f"{prefix}report/{quote(c['evaluation']['task_id'], safe='')}?map_index={c['map_index']}"
             for c in summary["chains"] if c["evaluation"] and c["evaluation"].get("report")}
@@ -144,7 +144,7 @@ def create_app() -> FastAPI:
         from airflow_finetune_gov.lineage.evidence import verify_run_chain
 
         events, summary = _run(user, dag_id, run_id)
-        links = _report_links(dag_id, run_id, summary, prefix=f"./{quote(run_id, safe='')}/")
+        links = _report_links(summary, prefix=f"./{quote(run_id, safe='')}/")
         return views.run_page(dag_id, run_id, events, summary, links, chain_ok=not verify_run_chain(events))
 
     @app.get("/ui/runs/{dag_id}/{run_id}/report/{task_id}", summary="The evaluation report (HTML)")
