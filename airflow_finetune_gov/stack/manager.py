@@ -133,6 +133,31 @@ class Stack:
             self._write_json(self.state_file, state)
         return stopped
 
+    def restart(self, component: str, log=print) -> ProcRecord:
+        """Stop one Airflow component (``scheduler``, ``triggerer``, ``dag-processor``, ``api-server``)
+        with its process tree, as ``down`` would, start it again, and wait until Airflow reports every
+        component healthy. Under the LocalExecutor, restarting the scheduler also ends the task
+        processes it runs: what a crashed scheduler does to a run."""
+        from airflow_finetune_gov.stack.procs import stop
+
+        if component not in af.COMPONENTS:
+            raise StackError(f"unknown Airflow component {component!r}: one of {', '.join(af.COMPONENTS)}")
+        state = self.load()
+        if state is None or not state.get("processes"):
+            raise StackError(f"no stack is running in {self.dir}: `fgov stack up` first")
+        name = f"airflow-{component}"
+        records = self.records(state)
+        old = next((r for r in records if r.name == name), None)
+        if old is not None:
+            stop(old)
+            log(f"stopped {name} (pid {old.pid})")
+        new = af.start_component(Path(state["airflow"]["home"]), component, self.logs)
+        state["processes"] = [r.to_json() for r in records if r.name != name] + [new.to_json()]
+        self._write_json(self.state_file, state)
+        af.wait_healthy(state["airflow"]["url"], [new])
+        log(f"started {name} (pid {new.pid})")
+        return new
+
     # --- up --------------------------------------------------------------------------------------
     def up(self, opts: StackOptions) -> dict[str, Any]:
         log = opts.log
@@ -207,8 +232,6 @@ class Stack:
         else:
             su_user, su_pw, pg_host = external["user"], external["password"], external["host"]
         role_pw = {role: self._secret(f"pg-{role}") for role in provision.LOGIN_ROLES}
-        root_token = "fgov-" + secrets.token_urlsafe(24)
-        self._write_secret_file("openbao-root-token", root_token)
         key_path = self.secrets / "workload-identity.pem"
         pubkey = _ensure_signing_key(key_path)
 
@@ -229,9 +252,11 @@ class Stack:
         log("postgres provisioned: roles, databases, demo datasets, lineage schema")
 
         # OpenBao
-        started.append(openbao.start(self.dir / "openbao", ports["openbao"], root_token, self.logs / "openbao.log",
-                                     raw_audit_log=opts.raw_audit_log))
+        bao_record, root_token = openbao.start(self.dir / "openbao", ports["openbao"], self.logs / "openbao.log",
+                                               raw_audit_log=opts.raw_audit_log)
+        started.append(bao_record)
         self._write_partial(ports, started)
+        self._write_secret_file("openbao-root-token", root_token)
         bao_addr = f"http://127.0.0.1:{ports['openbao']}"
         client = hvac.Client(url=bao_addr, token=root_token)
         summary = bootstrap(client, BootstrapSpec(
