@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -18,6 +18,7 @@ from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.credentials.identity import TaskIdentity
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
+from airflow_finetune_gov.lineage.store import LineageError
 from airflow_finetune_gov.vault.bootstrap import REVOKER_ROLE, db_role_name, lease_role_name
 
 LOGIN_ATTEMPTS = 3
@@ -157,19 +158,28 @@ def service_credentials(context: Any, service: str, *,
         yield creds
     finally:
         revoke_run_leases(context, reason=f"{service} lease done", vault_conn_id=vault_conn_id,
-                          purposes=(service,), lease_ids={issued.lease_id})
+                          purposes=(service,), lease_ids={issued.lease_id},
+                          fallback=[{**issued.public(), "dataset": SERVICE_SCOPES[service]}])
 
 
 def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None,
-                      purposes: tuple[str, ...] = ("training",),
-                      lease_ids: set[str] | None = None) -> list[dict[str, Any]]:
+                      purposes: tuple[str, ...] = ("training",), lease_ids: set[str] | None = None,
+                      fallback: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Revoke every lease of this run not yet verified gone; prove each on PostgreSQL; record all of it.
 
     ``purposes`` limits it to training leases by default: an evaluation task revokes its own
     inference lease, and the sweep catches any it could not. Raises if any lease could not be
     revoked and verified (the sweep finishes it later).
+
+    If the governance database cannot be read, the leases come from ``fallback`` (or the XCom of
+    this task's upstream lease tasks): they are revoked and proven gone all the same, and the task
+    fails, since the revocation could not be recorded (see ``_revoke_unrecorded``).
     """
-    states = lifecycle.lease_states(common.run_events(context, event_prefix="lease."))
+    try:
+        states = lifecycle.lease_states(common.run_events(context, event_prefix="lease."))
+    except LineageError as exc:
+        known = fallback if fallback is not None else _upstream_leases(context)
+        _revoke_unrecorded(context, known, exc, reason=reason, vault_conn_id=vault_conn_id)
     pending = [s for s in states.values() if not s.settled and s.purpose in purposes
                and (lease_ids is None or s.lease_id in lease_ids)]
     if not pending:
@@ -178,16 +188,7 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     def record(event_type: str, payload: dict[str, Any]) -> Any:
         return common.record(context, event_type, payload, actor="lease-broker")
 
-    hook = GovernedLeaseHook(vault_conn_id)
-    client = None
-    for attempt in range(1, LOGIN_ATTEMPTS + 1):
-        try:
-            client = hook.client(common.identity(context), role=REVOKER_ROLE, purpose="revoke")
-            break
-        except Exception as exc:  # OpenBao unreachable or refusing: retry, then record and leave it to the sweep
-            error = f"login: {exc}"[:500]
-            if attempt < LOGIN_ATTEMPTS:
-                time.sleep(2 ** (attempt - 1))
+    client, error = _revoker_client(context, vault_conn_id)
     if client is None:
         for lease in pending:
             record("lease.revoke_failed", {"lease_id": lease.lease_id, "db_role": lease.db_role,
@@ -206,6 +207,74 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
         raise AirflowException(f"{len(failed)} lease(s) not revoked and verified: "
                                f"{[r['lease_id'] for r in failed]}; see lineage, `fgov leases sweep` retries")
     return results
+
+
+def _revoker_client(context: Any, vault_conn_id: str | None) -> tuple[Any, str]:
+    """Log in as the revoker, retrying a few times; ``(None, error)`` if OpenBao never answered."""
+    hook = GovernedLeaseHook(vault_conn_id)
+    error = ""
+    for attempt in range(1, LOGIN_ATTEMPTS + 1):
+        try:
+            return hook.client(common.identity(context), role=REVOKER_ROLE, purpose="revoke"), ""
+        except Exception as exc:  # OpenBao unreachable or refusing: retry, then record and leave it to the sweep
+            error = f"login: {exc}"[:500]
+            if attempt < LOGIN_ATTEMPTS:
+                time.sleep(2 ** (attempt - 1))
+    return None, error
+
+
+def _upstream_leases(context: Any) -> list[dict[str, Any]]:
+    """The leases this task's upstream lease tasks returned (their XCom: ids and role names, no secret)."""
+    task = context["task"]
+    values = context["ti"].xcom_pull(task_ids=sorted(task.upstream_task_ids), key="return_value")
+    values = values if isinstance(values, list) else [values]
+    return [v for v in values if isinstance(v, dict) and {"lease_id", "db_role", "token_accessor"} <= set(v)]
+
+
+def _revoke_unrecorded(context: Any, leases: list[dict[str, Any]], error: LineageError, *, reason: str,
+                       vault_conn_id: str | None) -> NoReturn:
+    """The governance database is unavailable: a credential is never kept alive for want of a record.
+
+    Revoke the run's known leases (only dynamic database leases of the configured mount), prove on
+    PostgreSQL that their roles are gone, log each step, and fail: nothing about it could be recorded.
+    Once the database is back, ``fgov leases sweep`` (or the ``fgov_lease_sweep`` DAG) finds the leases
+    still unsettled in lineage, finds them already revoked, proves the roles gone and records it.
+    """
+    log = context["task"].log
+    prefix = f"{settings.get('database_mount')}/creds/"
+    leases = [lease for lease in leases if str(lease.get("lease_id", "")).startswith(prefix)]
+    cause = f"the governance database is unavailable ({error})"
+    if not leases:
+        raise AirflowException(f"{cause} and no lease of this run is known from XCom: nothing revoked here. "
+                               "Once the database is back, `fgov leases sweep` revokes whatever lineage "
+                               "records as unsettled")
+    client, login_error = _revoker_client(context, vault_conn_id)
+    if client is None:
+        raise AirflowException(f"{cause}, and OpenBao refused or did not answer the revoker ({login_error}): "
+                               f"leases {[lease['lease_id'] for lease in leases]} stay live until their TTL "
+                               "or `fgov leases sweep`")
+    ident = common.identity(context)
+    done = []
+    for lease in leases:
+        state = lifecycle.LeaseState(
+            lease_id=lease["lease_id"], dag_id=ident.dag_id, run_id=ident.run_id, dataset=str(lease.get("dataset")),
+            db_role=lease["db_role"], token_accessor=lease["token_accessor"], issued_at="",
+            expires_at=lease.get("expires_at"))
+        steps: list[str] = []
+
+        def unrecorded(event_type: str, payload: dict[str, Any], steps: list[str] = steps) -> None:
+            steps.append(event_type)
+
+        verified = lifecycle.revoke_and_verify(
+            client, state, monitor_url=settings.get("datasets_monitor_url"),
+            handover_mount=settings.get("handover_mount"), reason=f"{reason} (governance database unavailable)",
+            record=unrecorded)
+        log.warning("lease %s: %s, NOT recorded (the governance database is unavailable)", lease["lease_id"],
+                    " -> ".join(steps))
+        done.append(f"{lease['lease_id']} ({'verified gone' if verified else 'NOT verified gone'})")
+    raise AirflowException(f"{cause}: revoked the run's leases known from XCom without recording it: "
+                           f"{', '.join(done)}. The task fails, so nothing runs unrecorded; once the database is "
+                           "back, `fgov leases sweep` (or the fgov_lease_sweep DAG) records the revocation")
 
 
 class RevokeLeaseOperator(GovernedOpenLineageMixin, BaseOperator):

@@ -258,10 +258,15 @@ class LineageStore:
             stmt = stmt.where(LineageEvent.run_id == run_id)
         if event_type is not None:
             stmt = stmt.where(LineageEvent.event_type == event_type)
-        with Session(self.engine) as session:
-            rows = list(session.scalars(stmt))
-            session.expunge_all()
-            return rows
+        try:
+            with Session(self.engine) as session:
+                rows = list(session.scalars(stmt))
+                session.expunge_all()
+                return rows
+        except SQLAlchemyError as exc:
+            where = "/".join(x for x in (dag_id, run_id) if x) or "all runs"
+            raise LineageError(f"could not read lineage events of {where}: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0]}") from exc
 
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Runs with their event count and first/last event time, the run with the newest event first.
