@@ -108,16 +108,18 @@ class InlineJob:
             self._error = exc
 
     def poll(self) -> str:
+        if self._cancel.is_set():  # a job cancelled while it ran never counts as done, whatever it returned
+            return CANCELLED
         if self._result is not None:
             return SUCCEEDED
-        if self._cancel.is_set():
-            return CANCELLED
         return RUNNING if self._fn is not None else FAILED
 
     def cancel(self) -> None:
         self._cancel.set()
 
     def result(self) -> TuningResult:
+        if self._cancel.is_set():
+            raise TuningError("tuning was cancelled") from self._error
         if self._result is None:
             raise TuningError(f"tuning did not succeed: {self._error!r}") from self._error
         return self._result

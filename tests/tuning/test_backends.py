@@ -206,6 +206,17 @@ def test_inline_job_runs_in_the_callers_thread_and_can_be_cancelled() -> None:
     assert stopped.poll() == CANCELLED
     with pytest.raises(TuningError, match="cancelled"):
         stopped.result()
+
+    def ignores_cancel(cancel):  # a backend that returns anyway once told to stop
+        cancel.set()
+        return backends.TuningResult(metrics={"half": 1})
+
+    stubborn = backends.InlineJob(ignores_cancel)
+    stubborn.wait(0.1)
+    assert stubborn.poll() == CANCELLED  # never counted as done
+    with pytest.raises(TuningError, match="cancelled"):
+        stubborn.result()
+
     def boom(cancel):
         raise RuntimeError("no memory")
 
