@@ -161,6 +161,29 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": "/var/lib/fgov/models",
         "default": None,
     },
+    "max_suite_bytes": {
+        "description": "Largest evaluation suite in bytes (a file, checked before it is read, or a body in "
+        "evaluation.suites); a larger one is refused before the evaluation starts.",
+        "version_added": "0.5.0",
+        "type": "integer",
+        "example": None,
+        "default": "67108864",
+    },
+    "max_suite_prompts": {
+        "description": "Most prompts (rows) in one evaluation suite; a suite with more is refused.",
+        "version_added": "0.5.0",
+        "type": "integer",
+        "example": None,
+        "default": "100000",
+    },
+    "max_prompt_chars": {
+        "description": "Most characters in one field of a suite row (prompt, reference, id, ...); a longer "
+        "one is refused with its file and line.",
+        "version_added": "0.5.0",
+        "type": "integer",
+        "example": None,
+        "default": "32768",
+    },
     "lineage_url_template": {
         "description": "Link to a run's lineage shown in approval requests; {dag_id} and {run_id} are filled in.",
         "version_added": "0.1.0",

@@ -48,9 +48,16 @@ def _pairs(text: str | None) -> dict[str, str]:
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
     from airflow_finetune_gov.evaluation import builtin_suites
-    from airflow_finetune_gov.evaluation.harness import EndpointError, SuiteError, load_suite_file, run
+    from airflow_finetune_gov.evaluation.harness import (
+        EndpointError,
+        SuiteError,
+        configured_limits,
+        load_suite_file,
+        run,
+    )
 
     try:
+        limits = configured_limits()
         suites = []
         for p in args.suite:
             if p == "builtin" or p.startswith("builtin:"):
@@ -58,7 +65,7 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
                 suites += builtin_suites.load(names.split(",") if names else builtin_suites.SUITES)
             else:
                 suites.append(load_suite_file(p, columns=_pairs(args.columns),
-                                              expected_values=_pairs(args.expected_values)))
+                                              expected_values=_pairs(args.expected_values), **limits))
         client = client_from_spec(args.model, args.api_key_env, args.concurrency)
         rows = run(suites, client, progress=lambda line: print(line, file=sys.stderr))
     except (SuiteError, EndpointError, ValueError, ImportError, AttributeError) as exc:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import html
-import io
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from airflow_finetune_gov.evaluation.stats import MetricResult, evaluate_metric, overall
 
@@ -50,6 +49,55 @@ class SuiteError(ValueError):
     """A suite file that cannot be used; the message names the file and line."""
 
 
+MAX_SUITE_BYTES = 64 * 1024 * 1024
+MAX_SUITE_PROMPTS = 100_000
+MAX_PROMPT_CHARS = 32_768
+_LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)?")
+
+
+class SuiteLimits(TypedDict):
+    """What one suite may hold: bytes, prompts, and characters in any one field."""
+
+    max_bytes: int
+    max_prompts: int
+    max_prompt_chars: int
+
+
+def configured_limits() -> SuiteLimits:
+    """``[finetune_gov]`` max_suite_bytes, max_suite_prompts and max_prompt_chars; the defaults above
+    where unset or without Airflow."""
+    values = {"max_suite_bytes": MAX_SUITE_BYTES, "max_suite_prompts": MAX_SUITE_PROMPTS,
+              "max_prompt_chars": MAX_PROMPT_CHARS}
+    try:
+        from airflow_finetune_gov import settings
+
+        configured = {option: settings.get(option, required=False) for option in values}
+    except ImportError:
+        configured = {}
+    for option, text in configured.items():
+        if text:
+            try:
+                number = int(text)
+            except ValueError:
+                number = 0
+            if number < 1:
+                raise SuiteError(f"[finetune_gov] {option} must be a positive whole number, got {text!r} (set it "
+                                 f"in airflow.cfg or as AIRFLOW__FINETUNE_GOV__{option.upper()})")
+            values[option] = number
+    return SuiteLimits(max_bytes=values["max_suite_bytes"], max_prompts=values["max_suite_prompts"],
+                       max_prompt_chars=values["max_prompt_chars"])
+
+
+def _too_big(source: str | Path, found: str, limit: int) -> SuiteError:
+    return SuiteError(f"{source}: {found}, over the limit of {limit} bytes: split the suite or raise "
+                      "[finetune_gov] max_suite_bytes")
+
+
+def _lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` with their ends (``\\n``, ``\\r\\n`` or ``\\r``), one at a time."""
+    return (m.group() for m in _LINE.finditer(text) if m.group())
+
+
 @dataclass(frozen=True)
 class Item:
     id: str
@@ -67,41 +115,84 @@ class LoadedSuite:
 
 
 def load_suite_file(path: str | Path, *, columns: dict[str, str] | None = None,
-                    expected_values: dict[str, str] | None = None, name: str | None = None) -> LoadedSuite:
-    """Read a JSONL or CSV suite. ``columns`` maps our fields to the file's (e.g. XSTest's CSV:
+                    expected_values: dict[str, str] | None = None, name: str | None = None,
+                    max_bytes: int = MAX_SUITE_BYTES, max_prompts: int = MAX_SUITE_PROMPTS,
+                    max_prompt_chars: int = MAX_PROMPT_CHARS) -> LoadedSuite:
+    """Read a UTF-8 JSONL or CSV suite. ``columns`` maps our fields to the file's (e.g. XSTest's CSV:
     ``{"id": "id", "prompt": "prompt", "category": "type", "expected": "label"}``) and
     ``expected_values`` maps the file's values to ``refuse``/``comply`` (``{"unsafe": "refuse",
-    "safe": "comply"}``). A missing ``id`` column numbers the rows."""
+    "safe": "comply"}``). A missing ``id`` column numbers the rows. A file over ``max_bytes`` is refused
+    before it is read; the other limits are :func:`parse_suite`'s."""
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise _too_big(path, f"{size} bytes", max_bytes)
+        with path.open("rb") as f:
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         raise SuiteError(f"cannot read suite {path}: {exc.strerror}") from None
+    if len(data) > max_bytes:
+        raise _too_big(path, "it grew while being read", max_bytes)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise SuiteError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}): save the suite as "
+                         "UTF-8") from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it: same sha256 as before
     return parse_suite(text, name or path.stem, source=str(path), csv_format=path.suffix.lower() == ".csv",
-                       columns=columns, expected_values=expected_values)
+                       columns=columns, expected_values=expected_values, max_bytes=max_bytes,
+                       max_prompts=max_prompts, max_prompt_chars=max_prompt_chars)
 
 
 def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: bool = False,
-                columns: dict[str, str] | None = None, expected_values: dict[str, str] | None = None) -> LoadedSuite:
+                columns: dict[str, str] | None = None, expected_values: dict[str, str] | None = None,
+                max_bytes: int = MAX_SUITE_BYTES, max_prompts: int = MAX_SUITE_PROMPTS,
+                max_prompt_chars: int = MAX_PROMPT_CHARS) -> LoadedSuite:
     """Parse a suite's text (a file's, or a body held in ``evaluation.suites``); errors name ``source``
-    (default: the suite's name) and the line."""
+    (default: the suite's name) and the line. Refused: over ``max_bytes`` (UTF-8), over ``max_prompts``
+    rows, or a field used (prompt, reference, ...) over ``max_prompt_chars`` characters."""
     path = source or name
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError as exc:
+        raise SuiteError(f"{path}: not valid Unicode text ({exc.reason})") from None
+    if len(raw) > max_bytes:
+        raise _too_big(path, f"{len(raw)} bytes", max_bytes)
     cols = {"id": "id", "category": "category", "prompt": "prompt", "expected": "expected",
             "reference": "reference", **(columns or {})}
+    rows: list[tuple[int, dict[str, Any]]] = []
+    count = 0
     if csv_format:
-        rows = [(n, row) for n, row in enumerate(csv.DictReader(io.StringIO(text)), 2)]
+        csv.field_size_limit(max(csv.field_size_limit(), max_bytes))  # then max_prompt_chars applies
+        reader = csv.DictReader(_lines(text), strict=True)
+        try:
+            for row in reader:
+                count += 1
+                if count <= max_prompts:
+                    rows.append((reader.reader.line_num, row))
+        except csv.Error as exc:
+            raise SuiteError(f"{path}, line {reader.reader.line_num}: not valid CSV ({exc})") from None
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(_lines(text), 1):
             if not line.strip():
+                continue
+            count += 1
+            if count > max_prompts:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SuiteError(f"{path}, line {n}: not JSON ({exc.msg})") from None
+            except ValueError as exc:
+                raise SuiteError(f"{path}, line {n}: not JSON ({getattr(exc, 'msg', exc)})") from None
+            except RecursionError:
+                raise SuiteError(f"{path}, line {n}: not JSON (nested too deeply)") from None
             if not isinstance(row, dict):
                 raise SuiteError(f"{path}, line {n}: expected a JSON object")
             rows.append((n, row))
+    if count > max_prompts:
+        raise SuiteError(f"{path}: {count} prompts, over the limit of {max_prompts}: split the suite or raise "
+                         "[finetune_gov] max_suite_prompts")
     items = []
     for n, row in rows:
         def get(key: str, default: str | None = None, n: int = n, row: dict = row) -> str | None:
@@ -110,7 +201,12 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
                 if default is None and key in ("prompt", "expected"):
                     raise SuiteError(f"{path}, line {n}: no {key!r} (column {cols[key]!r})")
                 return default
-            return str(value)
+            value = str(value)
+            if len(value) > max_prompt_chars:
+                raise SuiteError(f"{path}, line {n}: {key} (column {cols[key]!r}) has {len(value)} characters, "
+                                 f"over the limit of {max_prompt_chars}: shorten it or raise [finetune_gov] "
+                                 "max_prompt_chars")
+            return value
 
         expected = str(get("expected"))
         expected = (expected_values or {}).get(expected, expected)
@@ -125,7 +221,7 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise SuiteError(f"{path}: id {dup!r} appears more than once")
-    return LoadedSuite(name=name, sha256=hashlib.sha256(text.encode()).hexdigest(), items=items)
+    return LoadedSuite(name=name, sha256=hashlib.sha256(raw).hexdigest(), items=items)
 
 
 class Client(Protocol):

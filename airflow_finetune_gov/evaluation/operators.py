@@ -72,6 +72,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
     # -- suites ------------------------------------------------------------------------------------
     def _load_suites(self, context: Any) -> list[harness.LoadedSuite]:
         loaded: list[harness.LoadedSuite] = []
+        limits = harness.configured_limits()
         if self.suites:
             with service_credentials(context, "inference", vault_conn_id=self.vault_conn_id) as creds, \
                     common.datasets_connection(creds.username, creds.password) as conn:
@@ -80,7 +81,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             if missing:
                 raise AirflowFailException(f"no evaluation suite {', '.join(map(repr, missing))} in "
                                            f"evaluation.suites; there are: {', '.join(sorted(rows)) or 'none'}")
-            loaded += [harness.parse_suite(str(rows[n]), n, source=f"evaluation.suites[{n}]") for n in self.suites]
+            loaded += [harness.parse_suite(str(rows[n]), n, source=f"evaluation.suites[{n}]", **limits)
+                       for n in self.suites]
         for spec in self.suite_files:
             spec = {"path": spec} if isinstance(spec, str) else dict(spec)
             unknown = set(spec) - {"path", "columns", "expected_values", "name"}
@@ -88,7 +90,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                 raise AirflowFailException(f"suite_files entry {spec!r}: needs 'path'; known keys are path, "
                                            "columns, expected_values, name")
             loaded.append(harness.load_suite_file(spec["path"], columns=spec.get("columns"),
-                                                  expected_values=spec.get("expected_values"), name=spec.get("name")))
+                                                  expected_values=spec.get("expected_values"), name=spec.get("name"),
+                                                  **limits))
         names = [s.name for s in loaded]
         if len(set(names)) != len(names):
             raise AirflowFailException(f"two suites are named the same ({names}): give a suite file a 'name'")
