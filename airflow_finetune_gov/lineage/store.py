@@ -282,18 +282,22 @@ class LineageStore:
             .group_by(LineageEvent.dag_id, LineageEvent.run_id)
             .order_by(func.max(LineageEvent.id).desc())
         )
-        with Session(self.engine) as session:
-            wanted: set[tuple[str, str]] | None = None
-            if limit is not None and limit > 0:
-                wanted = self._recent_runs(session, limit)
-                if not wanted:
-                    return []
-                stmt = stmt.where(LineageEvent.run_id.in_(sorted({r for _, r in wanted})))
-            return [
-                {"dag_id": d, "run_id": r, "events": n, "first": first, "last": last}
-                for d, r, n, first, last in session.execute(stmt)
-                if wanted is None or (d, r) in wanted
-            ]
+        try:
+            with Session(self.engine) as session:
+                wanted: set[tuple[str, str]] | None = None
+                if limit is not None and limit > 0:
+                    wanted = self._recent_runs(session, limit)
+                    if not wanted:
+                        return []
+                    stmt = stmt.where(LineageEvent.run_id.in_(sorted({r for _, r in wanted})))
+                return [
+                    {"dag_id": d, "run_id": r, "events": n, "first": first, "last": last}
+                    for d, r, n, first, last in session.execute(stmt)
+                    if wanted is None or (d, r) in wanted
+                ]
+        except SQLAlchemyError as exc:
+            raise LineageError(f"could not list the runs in lineage: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0]}") from exc
 
     @staticmethod
     def _recent_runs(session: Session, limit: int) -> set[tuple[str, str]]:

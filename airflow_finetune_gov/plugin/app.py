@@ -11,16 +11,19 @@ from the lineage record, never from XCom or task state.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Query
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from airflow_finetune_gov import settings
+from airflow_finetune_gov.lineage.store import LineageError
 from airflow_finetune_gov.plugin import views
 
+log = logging.getLogger(__name__)
 SWEEP_DAG = "fgov_lease_sweep"
 RUNS_LIMIT = 100
 
@@ -101,9 +104,17 @@ def create_app() -> FastAPI:
         rows, pending = _run_rows(user, limit)
         return {"runs": rows, "pending": pending}
 
+    @app.exception_handler(LineageError)
+    def _lineage_unavailable(request: Request, exc: LineageError) -> JSONResponse:
+        log.warning("governance view: %s", exc)
+        return JSONResponse(status_code=503, content={"detail": "the governance database cannot be read now; "
+                                                      "try again (the api-server log has the cause)"})
+
     def _run(user: Any, dag_id: str, run_id: str) -> tuple[list[Any], dict[str, Any]]:
         if not _may_read(user, dag_id):
             raise HTTPException(status_code=403, detail=f"no read access to the runs of DAG {dag_id!r}")
+        if "\x00" in dag_id or "\x00" in run_id:  # no id holds one (PostgreSQL text cannot)
+            raise HTTPException(status_code=404, detail="no lineage recorded for that run")
         events = _store().events(dag_id=dag_id, run_id=run_id)
         if not events:
             raise HTTPException(status_code=404, detail=f"no lineage recorded for {dag_id} / {run_id}")
@@ -147,7 +158,8 @@ def create_app() -> FastAPI:
         links = _report_links(summary, prefix=f"./{quote(run_id, safe='')}/")
         return views.run_page(dag_id, run_id, events, summary, links, chain_ok=not verify_run_chain(events))
 
-    @app.get("/ui/runs/{dag_id}/{run_id}/report/{task_id}", summary="The evaluation report (HTML)")
+    @app.get("/ui/runs/{dag_id}/{run_id}/report/{task_id}", response_class=HTMLResponse,
+             summary="The evaluation report (HTML)")
     def ui_report(user: User, dag_id: str, run_id: str, task_id: str, map_index: int = -1) -> FileResponse:
         _events, summary = _run(user, dag_id, run_id)
         for c in summary["chains"]:
