@@ -54,6 +54,13 @@ def cmd_stack(args: argparse.Namespace) -> int:
         stopped = stack.down()
         print(f"stack down: stopped {len(stopped)} process(es)")
         return 0
+    if args.action == "restart":
+        if not args.component:
+            print("fgov stack restart: name the component: openbao, api-server, scheduler, dag-processor or "
+                  "triggerer", file=sys.stderr)
+            return 2
+        stack.restart(args.component)
+        return 0
     status = stack.status()
     if args.json:
         _print(status, True)
@@ -294,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     stack = sub.add_parser("stack", help="the embedded PostgreSQL + OpenBao + Airflow stack")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("action", choices=["up", "down", "status", "restart"])
+    stack.add_argument("component", nargs="?", help="restart: openbao, api-server, scheduler, dag-processor or "
+                       "triggerer (OpenBao comes back unsealed, with its leases)")
     stack.add_argument("--dags-folder", default="dags")
     stack.add_argument("--postgres-port", type=int)
     stack.add_argument("--postgres-url", help="use this existing server (a superuser URL) instead of the embedded one")

@@ -133,28 +133,40 @@ class Stack:
             self._write_json(self.state_file, state)
         return stopped
 
-    def restart(self, component: str, log=print) -> ProcRecord:
-        """Stop one Airflow component (``scheduler``, ``triggerer``, ``dag-processor``, ``api-server``)
-        with its process tree, as ``down`` would, start it again, and wait until Airflow reports every
-        component healthy. Under the LocalExecutor, restarting the scheduler also ends the task
-        processes it runs: what a crashed scheduler does to a run."""
+    def stop_component(self, component: str, log=print) -> None:
+        """Stop one component (``openbao`` or an Airflow one) with its process tree, as ``down`` would."""
         from airflow_finetune_gov.stack.procs import stop
 
-        if component not in af.COMPONENTS:
-            raise StackError(f"unknown Airflow component {component!r}: one of {', '.join(af.COMPONENTS)}")
+        if component != "openbao" and component not in af.COMPONENTS:
+            raise StackError(f"unknown component {component!r}: openbao or one of {', '.join(af.COMPONENTS)}")
         state = self.load()
         if state is None or not state.get("processes"):
             raise StackError(f"no stack is running in {self.dir}: `fgov stack up` first")
-        name = f"airflow-{component}"
-        records = self.records(state)
-        old = next((r for r in records if r.name == name), None)
-        if old is not None:
-            stop(old)
-            log(f"stopped {name} (pid {old.pid})")
-        new = af.start_component(Path(state["airflow"]["home"]), component, self.logs)
-        state["processes"] = [r.to_json() for r in records if r.name != name] + [new.to_json()]
+        name = component if component == "openbao" else f"airflow-{component}"
+        for record in self.records(state):
+            if record.name == name and record.alive():
+                stop(record)
+                log(f"stopped {name} (pid {record.pid})")
+
+    def restart(self, component: str, log=print) -> ProcRecord:
+        """Stop one component (``openbao``, or an Airflow one: ``scheduler``, ``triggerer``,
+        ``dag-processor``, ``api-server``) if it runs, start it again and wait until it is healthy.
+        OpenBao comes back on its storage, unsealed, with its leases. Under the LocalExecutor,
+        restarting the scheduler also ends the task processes it runs: what a crashed scheduler does."""
+        self.stop_component(component, log=log)
+        state = self.load()
+        assert state is not None
+        if component == "openbao":
+            name = "openbao"
+            new = openbao.restart(self.dir / "openbao", int(state["openbao"]["addr"].rsplit(":", 1)[1]),
+                                  self.logs / "openbao.log", (self.secrets / "openbao-unseal-key").read_text(),
+                                  raw_audit_log=Path(raw) if (raw := state["openbao"].get("raw_audit_log")) else None)
+        else:
+            name = f"airflow-{component}"
+            new = af.start_component(Path(state["airflow"]["home"]), component, self.logs)
+            af.wait_healthy(state["airflow"]["url"], [new])
+        state["processes"] = [r.to_json() for r in self.records(state) if r.name != name] + [new.to_json()]
         self._write_json(self.state_file, state)
-        af.wait_healthy(state["airflow"]["url"], [new])
         log(f"started {name} (pid {new.pid})")
         return new
 
@@ -190,16 +202,22 @@ class Stack:
                                     ("airflow", opts.airflow_port, "FGOV_AIRFLOW_PORT")):
             wanted = _default_port(env, explicit)
             if wanted is not None:
-                if not port_free(wanted) or tcp_open(wanted):
-                    raise StackError(f"port {wanted} for {name} is already in use on 127.0.0.1: free it, or "
-                                     f"choose another with --{name}-port (or {env}); nothing was started")
+                # OpenBao's cluster listener (its integrated storage) takes the next port up
+                for port in (wanted, wanted + 1) if name == "openbao" else (wanted,):
+                    if not port_free(port) or tcp_open(port):
+                        raise StackError(f"port {port} for {name} is already in use on 127.0.0.1: free it, or "
+                                         f"choose another with --{name}-port (or {env}); nothing was started")
                 ports[name] = wanted
-                taken.add(wanted)
+                taken.update({wanted, wanted + 1} if name == "openbao" else {wanted})
         if external is not None:
             ports["postgres"] = external["port"]
         for name in ("postgres", "openbao", "airflow"):
-            if name not in ports:
-                ports[name] = pick_free_port(taken)
+            while name not in ports:
+                port = pick_free_port(taken)
+                taken.add(port)
+                if name != "openbao" or (port + 1 not in taken and port_free(port + 1)):
+                    ports[name] = port
+                    taken.add(port + 1)
         log(f"binaries: postgres {pg_bin}, bao {bao_bin}; ports {ports}")
 
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -252,11 +270,12 @@ class Stack:
         log("postgres provisioned: roles, databases, demo datasets, lineage schema")
 
         # OpenBao
-        bao_record, root_token = openbao.start(self.dir / "openbao", ports["openbao"], self.logs / "openbao.log",
-                                               raw_audit_log=opts.raw_audit_log)
+        bao_record, root_token, unseal_key = openbao.start(self.dir / "openbao", ports["openbao"],
+                                                           self.logs / "openbao.log", raw_audit_log=opts.raw_audit_log)
         started.append(bao_record)
         self._write_partial(ports, started)
         self._write_secret_file("openbao-root-token", root_token)
+        self._write_secret_file("openbao-unseal-key", unseal_key)
         bao_addr = f"http://127.0.0.1:{ports['openbao']}"
         client = hvac.Client(url=bao_addr, token=root_token)
         summary = bootstrap(client, BootstrapSpec(
@@ -346,6 +365,7 @@ class Stack:
                          if external is None else None,
                          "databases": ["airflow", provision.GOVERNANCE_DB, provision.DATASETS_DB]},
             "openbao": {"addr": bao_addr, "root_token_file": str(self.secrets / "openbao-root-token"),
+                        "raw_audit_log": str(opts.raw_audit_log) if opts.raw_audit_log else None,
                         "audit_log": str(self.dir / "openbao" / "audit.log"),
                         "jwt_mount": summary["jwt_mount"], "database_mount": summary["database_mount"]},
             "airflow": {"url": airflow_url, "home": str(home), "config": str(home / "airflow.cfg"),

@@ -81,3 +81,27 @@ def test_failure_half_way_stops_what_was_started(tmp_path, monkeypatch) -> None:
     assert [r.name for r in started] == ["postgres"], "PostgreSQL should have started before the failure"
     assert not started[0].alive()
     assert descendants() - before == set()
+
+
+def test_openbao_port_whose_cluster_port_is_taken(tmp_path, capsys) -> None:
+    from airflow_finetune_gov.stack.procs import port_free
+
+    with socket.socket() as s:  # OpenBao's cluster listener needs the port after the one asked for
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        if not port_free(taken - 1):
+            pytest.skip(f"port {taken - 1} is busy on this machine")
+        rc = fgov(["--state-dir", str(tmp_path), "stack", "up", "--openbao-port", str(taken - 1),
+                   "--dags-folder", str(REPO / "dags")])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"port {taken} for openbao is already in use" in err, err
+
+
+def test_restart_names_what_is_wrong(tmp_path, capsys) -> None:
+    assert fgov(["--state-dir", str(tmp_path), "stack", "restart"]) == 2
+    assert "name the component: openbao, api-server, scheduler" in capsys.readouterr().err
+    assert fgov(["--state-dir", str(tmp_path), "stack", "restart", "sched"]) == 2
+    assert "unknown component 'sched'" in capsys.readouterr().err
+    assert fgov(["--state-dir", str(tmp_path), "stack", "restart", "scheduler"]) == 2
+    assert "no stack is running" in capsys.readouterr().err
