@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -105,7 +107,44 @@ def signed_in_page(stack: Stack, user: str, next_path: str = "/") -> Iterator[An
             page.get_by_label("Username").fill(user)
             page.get_by_label("Password").fill(stack.airflow_password(user))
             page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(f"**{next_path}**", timeout=60_000)
+            # Signed in means the UI's token cookie is set: waiting for the URL alone is not enough,
+            # since "**/**" also matches the login page itself (a loaded machine lost that race in CI).
+            deadline = time.monotonic() + 60
+            while not any(c["name"] == "_token" for c in page.context.cookies()):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{user} was not signed in: {page.url}\n{page.inner_text('body')[:500]}")
+                page.wait_for_timeout(200)
+            page.wait_for_url(lambda u: "/auth/login" not in u, timeout=60_000)
             yield page
         finally:
             browser.close()
+
+
+def issued_secrets(raw_audit_log: Path) -> dict[str, list[str]]:
+    """Every password, wrapping token and client token OpenBao issued, from the test-only raw audit
+    device (the stack's real audit log stores them HMAC-ed)."""
+    found: dict[str, list[str]] = {"password": [], "wrap token": [], "client token": []}
+    for line in raw_audit_log.read_text().splitlines():
+        entry = json.loads(line)
+        if entry.get("type") != "response":
+            continue
+        response = entry.get("response") or {}
+        if entry["request"]["path"].startswith("fgov-database/creds/") and (response.get("data") or {}).get(
+                "password"):
+            found["password"].append(response["data"]["password"])
+        if entry["request"]["path"] == "sys/wrapping/wrap" and response.get("wrap_info"):
+            found["wrap token"].append(response["wrap_info"]["token"])
+        if (response.get("auth") or {}).get("client_token"):
+            found["client token"].append(response["auth"]["client_token"])
+    return found
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def with_claims(token: str, **changes: object) -> str:
+    """The same JWT with some payload claims changed and the original signature kept."""
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return ".".join([header, b64(json.dumps({**claims, **changes}).encode()), signature])

@@ -13,7 +13,7 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
-from support import StackView
+from support import StackView, issued_secrets
 
 from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
@@ -168,51 +168,6 @@ def test_lease_is_revoked_and_its_postgres_role_is_gone(stack: Stack, approved_b
     assert state is not None
     audit = Path(state["openbao"]["audit_log"]).read_text()
     assert approved_benign_run["run_id"] in audit
-
-
-def test_no_issued_secret_leaks(stack: Stack, approved_benign_run) -> None:
-    state = stack.load()
-    assert state is not None
-    raw = Path(state["openbao"]["audit_log"]).parent / "audit-raw.log"
-    secrets = issued_secrets(raw)
-    assert secrets["password"] and secrets["wrap token"], "the raw test audit device recorded no secret"
-    run_id = approved_benign_run["run_id"]
-    haystacks: dict[str, str] = {}
-    for path in [*stack.dir.rglob("*.log"), stack.dir / "stack.json"]:
-        if path != raw:
-            haystacks[str(path)] = path.read_text(errors="replace")
-    auditor = client(stack, "auditor")
-    xcoms = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/~/xcomEntries").json()
-    for entry in xcoms["xcom_entries"]:
-        value = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/{entry['task_id']}"
-                                f"/xcomEntries/{entry['key']}").json()
-        haystacks[f"xcom {entry['task_id']}"] = json.dumps(value)
-    for task in DAG_TASKS:
-        ti = auditor.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}/taskInstances/{task}").json()
-        haystacks[f"rendered {task}"] = json.dumps(ti.get("rendered_fields"))
-    haystacks["lineage"] = json.dumps([e.to_dict() for e in lineage(stack, run_id)])
-    openlineage = stack.dir / "logs" / "openlineage.jsonl"
-    haystacks["openlineage"] = openlineage.read_text()
-    assert len(haystacks) > 10
-    leaks = [(kind, where, value[:3] + "…") for kind, values in secrets.items() for value in values
-             for where, text in haystacks.items() if value in text]
-    assert leaks == []
-
-
-def issued_secrets(raw_audit_log: Path) -> dict[str, list[str]]:
-    """Every password and wrapping token OpenBao issued, from the test-only raw audit device."""
-    found: dict[str, list[str]] = {"password": [], "wrap token": []}
-    for line in raw_audit_log.read_text().splitlines():
-        entry = json.loads(line)
-        if entry.get("type") != "response":
-            continue
-        response = entry.get("response") or {}
-        if entry["request"]["path"].startswith("fgov-database/creds/") and (response.get("data") or {}).get(
-                "password"):
-            found["password"].append(response["data"]["password"])
-        if entry["request"]["path"] == "sys/wrapping/wrap" and response.get("wrap_info"):
-            found["wrap token"].append(response["wrap_info"]["token"])
-    return found
 
 
 def test_wrapping_token_is_single_use_and_not_in_xcom(stack: Stack, approved_benign_run) -> None:

@@ -1,0 +1,69 @@
+"""After a full demo run (the benign tune approved and promoted, the poisoned one blocked), on a stack
+that has run every earlier test of the session, no secret OpenBao issued in the whole session is
+readable anywhere: not in any file the stack wrote (process logs, task logs, OpenBao's audit log,
+OpenLineage events, the model store with its reports and provenance, the state file), and not in the
+Airflow or governance databases (dumped whole: XCom, rendered fields, HITL answers, run conf, lineage).
+
+The secrets come from a test-only raw audit device (conftest): every database password, wrapping
+token and client token OpenBao handed out, and the root token itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from support import issued_secrets
+
+from airflow_finetune_gov.demo import run_one
+from airflow_finetune_gov.stack import postgres
+from airflow_finetune_gov.stack.manager import Stack
+from airflow_finetune_gov.stack.provision import DATASETS_DB, GOVERNANCE_DB
+
+pytestmark = pytest.mark.stack
+
+
+def database_dump(stack: Stack, state: dict, db: str) -> bytes:
+    env = {**os.environ, "PGPASSWORD": Path(state["postgres"]["superuser_password_file"]).read_text()}
+    done = subprocess.run([str(postgres.bin_dir() / "pg_dump"), "--data-only", "-h", "127.0.0.1", "-p",
+                           str(state["postgres"]["port"]), "-U", "postgres", db],
+                          env=env, capture_output=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert len(done.stdout) > 1000
+    return done.stdout
+
+
+def test_no_issued_secret_is_readable_anywhere_after_a_full_demo_run(stack: Stack) -> None:
+    outcomes = {ds: run_one(stack, ds, "staging", manual=False) for ds in ("benign", "poisoned")}
+    assert {ds: o[1] for ds, o in outcomes.items()} == {"benign": "success", "poisoned": "failed"}
+    state = stack.load()
+    assert state is not None
+    raw = Path(state["openbao"]["audit_log"]).parent / "audit-raw.log"
+    secrets = issued_secrets(raw)
+    secrets["root token"] = [Path(state["openbao"]["root_token_file"]).read_text()]
+    assert len(secrets["password"]) >= 6 and secrets["wrap token"] and len(secrets["client token"]) >= 20, {
+        k: len(v) for k, v in secrets.items()}
+
+    haystacks: dict[str, bytes] = {}
+    skip = [stack.dir / "secrets", stack.dir / "postgres"]  # where secrets are kept on purpose; the DB is dumped
+    for path in stack.dir.rglob("*"):
+        if path.is_file() and path != raw and not any(path.is_relative_to(s) for s in skip):
+            haystacks[str(path.relative_to(stack.dir))] = path.read_bytes()
+    for must in ("logs/openbao.log", "openbao/audit.log", "logs/openlineage.jsonl", "logs/airflow-scheduler.log"):
+        assert must in haystacks, f"{must} was not scanned"
+    for run_id, *_ in outcomes.values():  # the demo runs' task logs are among them
+        assert sum(1 for name in haystacks if f"run_id={run_id}/" in name) >= 6, run_id
+    for db in ("airflow", GOVERNANCE_DB, DATASETS_DB):
+        haystacks[f"database {db}"] = database_dump(stack, state, db)
+    leaks = [(kind, where, value[:4] + "…") for kind, values in secrets.items() for value in values
+             for where, text in haystacks.items() if value.encode() in text]
+    assert leaks == []
+
+    # OpenBao's own audit log saw every one of those responses, and kept the secret fields HMAC-ed
+    audited = [json.loads(line) for line in Path(state["openbao"]["audit_log"]).read_text().splitlines()]
+    passwords = [e["response"]["data"]["password"] for e in audited if e.get("type") == "response"
+                 and e["request"]["path"].startswith("fgov-database/creds/") and (e.get("response") or {}).get("data")]
+    assert len(passwords) == len(secrets["password"])
+    assert all(p.startswith("hmac-sha256:") for p in passwords)
