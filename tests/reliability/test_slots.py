@@ -4,9 +4,12 @@ slot taken by either: measured from the real scheduler's pool counters on the st
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from fake_openai import FakeFineTuningAPI
@@ -40,6 +43,8 @@ def test_a_pending_approval_and_a_deferred_remote_job_hold_no_worker_slot(stack:
                           requester.task_states(OPENAI_DAG, remote)["tune"])
                 samples.append((pool["running_slots"], pool["queued_slots"], pool["deferred_slots"], states))
                 time.sleep(1)
+            if os.environ.get("FGOV_SLOT_SAMPLES"):  # bench/slots.py reports them (P5 in bench/RESULTS.md)
+                Path(os.environ["FGOV_SLOT_SAMPLES"]).write_text(json.dumps(samples))
             assert all(states == ("awaiting_input", "deferred") for *_, states in samples), samples
             assert all(running == 0 and queued == 0 for running, queued, _, _ in samples), samples
         finally:
