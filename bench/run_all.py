@@ -43,6 +43,8 @@ def machine() -> str:
 def fmt(value: float | None) -> str:
     if value is None:
         return "-"
+    if value == int(value) and abs(value) < 1000:
+        return f"{int(value)}"
     return f"{value:,.4f}" if abs(value) < 0.1 else f"{value:,.1f}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
