@@ -245,7 +245,7 @@ def _revoke_unrecorded(context: Any, leases: list[dict[str, Any]], error: Lineag
     leases = [lease for lease in leases if str(lease.get("lease_id", "")).startswith(prefix)]
     cause = f"the governance database is unavailable ({error})"
     if not leases:
-        raise AirflowException(f"{cause} and no lease of this run is known from XCom: nothing revoked here. "
+        raise AirflowException(f"{cause} and this task knows no lease of the run: nothing revoked here. "
                                "Once the database is back, `fgov leases sweep` revokes whatever lineage "
                                "records as unsettled")
     client, login_error = _revoker_client(context, vault_conn_id)
@@ -272,7 +272,7 @@ def _revoke_unrecorded(context: Any, leases: list[dict[str, Any]], error: Lineag
         log.warning("lease %s: %s, NOT recorded (the governance database is unavailable)", lease["lease_id"],
                     " -> ".join(steps))
         done.append(f"{lease['lease_id']} ({'verified gone' if verified else 'NOT verified gone'})")
-    raise AirflowException(f"{cause}: revoked the run's leases known from XCom without recording it: "
+    raise AirflowException(f"{cause}: revoked the leases this task knows without recording it: "
                            f"{', '.join(done)}. The task fails, so nothing runs unrecorded; once the database is "
                            "back, `fgov leases sweep` (or the fgov_lease_sweep DAG) records the revocation")
 
