@@ -63,7 +63,8 @@ def test_no_issued_secret_is_readable_anywhere_after_a_full_demo_run(stack: Stac
 
     # OpenBao's own audit log saw every one of those responses, and kept the secret fields HMAC-ed
     audited = [json.loads(line) for line in Path(state["openbao"]["audit_log"]).read_text().splitlines()]
-    passwords = [e["response"]["data"]["password"] for e in audited if e.get("type") == "response"
-                 and e["request"]["path"].startswith("fgov-database/creds/") and (e.get("response") or {}).get("data")]
+    passwords = [data["password"] for e in audited if e.get("type") == "response"
+                 and e["request"]["path"].startswith("fgov-database/creds/")
+                 and "password" in (data := (e.get("response") or {}).get("data") or {})]
     assert len(passwords) == len(secrets["password"])
     assert all(p.startswith("hmac-sha256:") for p in passwords)
