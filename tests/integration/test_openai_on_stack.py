@@ -75,7 +75,10 @@ def test_remote_tune_defers_and_records_the_remote_model(view: StackView,
     wait_for(lambda: fake.jobs[job_id]["polls"] >= polls + 2, what="the trigger to poll the held job")
     assert requester.task_states(DAG_ID, run_id)["tune"] == "deferred"
     fake.release()
-    assert requester.wait_run(DAG_ID, run_id, timeout=240) == "success"
+    final = requester.wait_run(DAG_ID, run_id, timeout=240)
+    assert final == "success", (requester.task_states(DAG_ID, run_id),  # seen failing once in a full run
+                                [(e.task_id, e.event_type) for e in view.events(run_id)],
+                                view.task_log(DAG_ID, run_id, "tune")[-3000:])
 
     done = view.events(run_id, "tuning.completed")[0].payload_dict()
     job = fake.jobs[job_id]
