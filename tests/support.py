@@ -59,6 +59,27 @@ class StackView:
         assert logs, f"no log for {task_id}"
         return "\n".join(p.read_text(errors="replace") for p in logs)
 
+    def role_and_sessions(self, role: str) -> tuple[int, int]:
+        """How many PostgreSQL roles named ``role`` exist, and how many sessions it has open."""
+        with self.superuser() as conn:
+            roles = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
+            sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
+        assert roles is not None and sessions is not None
+        return int(roles[0]), int(sessions[0])
+
+    def approved_run(self, dag_id: str, marker: Path, mode: str) -> str:
+        """Trigger a run of a fault DAG (``mode``, ``marker``) and approve it as ``approver1``."""
+        run_id = self.trigger(dag_id, mode=mode, marker=str(marker))
+        self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        time.sleep(SETTLE_SECONDS)
+        self.answer(dag_id, run_id, "approver1", "Approve")
+        return run_id
+
+    def training_lease(self, run_id: str) -> dict[str, Any]:
+        """The training lease (the policy check's catalog lease is issued and revoked before it)."""
+        return next(e.payload_dict() for e in self.events(run_id)
+                    if e.event_type == "lease.issued" and e.task_id == "acquire_lease")
+
     def role_count(self, role: str) -> int:
         with self.superuser() as conn:
             row = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
@@ -85,6 +106,15 @@ class StackView:
             "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/-1/hitlDetails",
             json={"chosen_options": [option], "params_input": {"comment": comment}})
         assert resp.status_code == status, resp.text
+
+
+def wait_for_pid(marker: Path, timeout: float = 300) -> int:
+    """The pid a fault DAG's tuning backend writes to ``marker`` once the tuning task runs."""
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text().strip()):
+        assert time.monotonic() < deadline, f"the tuning task never started (no {marker})"
+        time.sleep(0.2)
+    return int(marker.read_text())
 
 
 @contextmanager

@@ -9,14 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import StackView
+from support import StackView, wait_for_pid
 
-from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.stack.manager import Stack
 
 pytestmark = pytest.mark.stack
@@ -24,26 +21,6 @@ DAG_ID = "governed_finetune_faults"
 
 
 class Gov(StackView):
-    def role_and_sessions(self, role: str) -> tuple[int, int]:
-        with self.superuser() as conn:
-            roles = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-            sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
-        assert roles is not None and sessions is not None
-        return int(roles[0]), int(sessions[0])
-
-    def approved_run(self, mode: str, marker: Path) -> str:
-        run_id = self.trigger(DAG_ID, mode=mode, marker=str(marker))
-        self.client("requester").wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
-        time.sleep(SETTLE_SECONDS)
-        resp = self.client("approver1").answer(DAG_ID, run_id, "approval_gate", "Approve")
-        assert resp.status_code == 200, resp.text
-        return run_id
-
-    def lease_of(self, run_id: str) -> dict[str, Any]:
-        """The training lease (the policy check's catalog lease is issued and revoked before it)."""
-        return next(e.payload_dict() for e in self.events(run_id)
-                    if e.event_type == "lease.issued" and e.task_id == "acquire_lease")
-
     def openbao_pid(self) -> int:
         return next(r.pid for r in self.stack.records() if r.name == "openbao")
 
@@ -53,21 +30,12 @@ def gov(stack: Stack) -> Gov:
     return Gov(stack)
 
 
-def wait_for_pid(marker: Path, timeout: float = 120) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if marker.exists() and marker.read_text().strip():
-            return int(marker.read_text())
-        time.sleep(0.2)
-    raise AssertionError(f"the tuning task never started (no {marker})")
-
-
 def test_failed_tuning_task_still_ends_with_the_role_gone(gov: Gov, tmp_path: Path) -> None:
-    run_id = gov.approved_run("fail", tmp_path / "tune.pid")
+    run_id = gov.approved_run(DAG_ID, tmp_path / "tune.pid", "fail")
     assert gov.client("requester").wait_run(DAG_ID, run_id, timeout=300) == "failed"
     tasks = gov.client("requester").task_states(DAG_ID, run_id)
     assert tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
-    lease = gov.lease_of(run_id)
+    lease = gov.training_lease(run_id)
     kinds = [e.event_type for e in gov.events(run_id) if e.task_id in ("acquire_lease", "tune", "revoke_lease")]
     assert kinds.index("lease.verified") > kinds.index("lease.revoked") > kinds.index("lease.issued")
     assert "tuning.completed" not in kinds
@@ -76,10 +44,10 @@ def test_failed_tuning_task_still_ends_with_the_role_gone(gov: Gov, tmp_path: Pa
 
 def test_sigkill_of_the_tuning_process_still_ends_with_the_role_gone(gov: Gov, tmp_path: Path) -> None:
     marker = tmp_path / "tune.pid"
-    run_id = gov.approved_run("hold", marker)
-    pid = wait_for_pid(marker)
+    run_id = gov.approved_run(DAG_ID, marker, "hold")
+    pid = wait_for_pid(marker, timeout=120)
     try:
-        lease = gov.lease_of(run_id)
+        lease = gov.training_lease(run_id)
         assert gov.role_and_sessions(lease["db_role"])[0] == 1  # live while the job runs
         os.kill(pid, signal.SIGKILL)  # no on_kill, no finally: only the teardown can clean up
     finally:
@@ -93,9 +61,9 @@ def test_sigkill_of_the_tuning_process_still_ends_with_the_role_gone(gov: Gov, t
 
 def test_openbao_unreachable_during_revocation_then_the_sweep_finishes(gov: Gov, tmp_path: Path) -> None:
     marker = tmp_path / "tune.pid"
-    run_id = gov.approved_run("hold", marker)
-    wait_for_pid(marker)
-    lease = gov.lease_of(run_id)
+    run_id = gov.approved_run(DAG_ID, marker, "hold")
+    wait_for_pid(marker, timeout=120)
+    lease = gov.training_lease(run_id)
     bao = gov.openbao_pid()
     os.kill(bao, signal.SIGSTOP)  # OpenBao hangs: connections open, nothing answers
     try:

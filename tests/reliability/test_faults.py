@@ -12,10 +12,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
-from support import StackView
+from support import StackView, wait_for_pid
 
 from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.demo import SETTLE_SECONDS
@@ -29,34 +28,6 @@ DAG_ID = "governed_finetune_faults"
 @pytest.fixture(scope="module")
 def view(stack: Stack) -> StackView:
     return StackView(stack)
-
-
-def approved_run(view: StackView, mode: str, marker: Path) -> str:
-    run_id = view.trigger(DAG_ID, mode=mode, marker=str(marker))
-    view.client("requester").wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
-    time.sleep(SETTLE_SECONDS)
-    view.answer(DAG_ID, run_id, "approver1", "Approve")
-    return run_id
-
-
-def training_lease(view: StackView, run_id: str) -> dict[str, Any]:
-    return next(e.payload_dict() for e in view.events(run_id)
-                if e.event_type == "lease.issued" and e.task_id == "acquire_lease")
-
-
-def role_and_sessions(view: StackView, role: str) -> tuple[int, int]:
-    with view.superuser() as conn:
-        roles = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
-        sessions = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (role,)).fetchone()
-    assert roles is not None and sessions is not None
-    return int(roles[0]), int(sessions[0])
-
-
-def wait_for_file(path: Path, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and path.read_text().strip()):
-        assert time.monotonic() < deadline, f"the tuning task never started (no {path})"
-        time.sleep(0.2)
 
 
 @contextmanager
@@ -75,10 +46,10 @@ def governance_db_down(view: StackView) -> Iterator[None]:
 
 def test_governance_db_down_fails_the_task_and_the_lease_is_revoked_anyway(view: StackView, tmp_path: Path) -> None:
     marker = tmp_path / "tune.pid"
-    run_id = approved_run(view, "hold", marker)
-    wait_for_file(marker)
-    lease = training_lease(view, run_id)
-    assert role_and_sessions(view, lease["db_role"])[0] == 1
+    run_id = view.approved_run(DAG_ID, marker, "hold")
+    wait_for_pid(marker)
+    lease = view.training_lease(run_id)
+    assert view.role_and_sessions(lease["db_role"])[0] == 1
     recorded = [(e.id, e.task_id, e.event_type) for e in view.events(run_id)]
     requester = view.client("requester")
     with governance_db_down(view):
@@ -92,7 +63,7 @@ def test_governance_db_down_fails_the_task_and_the_lease_is_revoked_anyway(view:
         assert "the governance database is unavailable" in teardown
         assert f"{lease['lease_id']} (verified gone)" in teardown
         assert "lease.revoked -> lease.verified, NOT recorded" in teardown
-        assert role_and_sessions(view, lease["db_role"]) == (0, 0)
+        assert view.role_and_sessions(lease["db_role"]) == (0, 0)
         # the governance view says so, instead of a server error
         unavailable = view.client("auditor").session.get(f"{view.state['airflow']['url']}/fgov/api/runs", timeout=30)
         assert unavailable.status_code == 503 and "cannot be read now" in unavailable.text, unavailable.text
@@ -123,11 +94,11 @@ def test_a_pending_approval_survives_a_scheduler_and_triggerer_restart(view: Sta
     assert kinds.count("approval.requested") == 1 and kinds.count("approval.granted") == 1, kinds
     granted = view.events(run_id, "approval.granted")[0].payload_dict()
     assert (granted["responder"], granted["comment"]) == ("approver1", "after the restart")
-    lease = training_lease(view, run_id)
+    lease = view.training_lease(run_id)
     steps = [(e.task_id, e.event_type) for e in view.events(run_id)]
     assert steps.index(("acquire_lease", "lease.issued")) > steps.index(("approval_gate", "approval.granted"))
     assert steps[-2:] == [("revoke_lease", "lease.revoked"), ("revoke_lease", "lease.verified")], steps
-    assert role_and_sessions(view, lease["db_role"]) == (0, 0)
+    assert view.role_and_sessions(lease["db_role"]) == (0, 0)
 
 
 def training_lease_events(view: StackView, run_id: str) -> list[str]:
@@ -137,9 +108,9 @@ def training_lease_events(view: StackView, run_id: str) -> list[str]:
 
 def test_a_scheduler_restart_during_tuning_ends_with_the_lease_revoked(view: StackView, tmp_path: Path) -> None:
     marker = tmp_path / "tune.pid"
-    run_id = approved_run(view, "hold", marker)
-    wait_for_file(marker)
-    lease = training_lease(view, run_id)
+    run_id = view.approved_run(DAG_ID, marker, "hold")
+    wait_for_pid(marker)
+    lease = view.training_lease(run_id)
     view.stack.restart("scheduler", log=lambda *_: None)  # under the LocalExecutor, the task goes with it
     requester = view.client("requester")
     final = requester.wait_run(DAG_ID, run_id, timeout=600)
@@ -156,15 +127,15 @@ def test_a_scheduler_restart_during_tuning_ends_with_the_lease_revoked(view: Sta
     settled = [e.event_type for e in events if e.event_type in ("lease.revoked", "lease.verified")
                and e.payload_dict()["lease_id"] == lease["lease_id"]]
     assert settled == ["lease.revoked", "lease.verified"], steps
-    assert role_and_sessions(view, lease["db_role"]) == (0, 0)
+    assert view.role_and_sessions(lease["db_role"]) == (0, 0)
 
 
 def test_openbao_down_during_revocation_and_restarted_then_the_sweep_finishes(view: StackView,
                                                                               tmp_path: Path) -> None:
     marker = tmp_path / "tune.pid"
-    run_id = approved_run(view, "hold", marker)
-    wait_for_file(marker)
-    lease = training_lease(view, run_id)
+    run_id = view.approved_run(DAG_ID, marker, "hold")
+    wait_for_pid(marker)
+    lease = view.training_lease(run_id)
     requester = view.client("requester")
     view.stack.stop_component("openbao", log=lambda *_: None)
     try:
@@ -174,7 +145,7 @@ def test_openbao_down_during_revocation_and_restarted_then_the_sweep_finishes(vi
         mine = [e for e in view.events(run_id) if e.payload_dict().get("lease_id") == lease["lease_id"]]
         assert [e.event_type for e in mine][-1] == "lease.revoke_failed", [e.event_type for e in mine]
         assert "lease.revoked" not in [e.event_type for e in mine]  # nothing reported revoked that is not
-        assert role_and_sessions(view, lease["db_role"])[0] == 1
+        assert view.role_and_sessions(lease["db_role"])[0] == 1
     finally:
         view.stack.restart("openbao", log=lambda *_: None)  # back on its storage, unsealed, leases and all
     sweep = requester.trigger("fgov_lease_sweep", {})
@@ -182,5 +153,5 @@ def test_openbao_down_during_revocation_and_restarted_then_the_sweep_finishes(vi
     ended = view.events(run_id, "lease.revoked") + view.events(run_id, "lease.verified")
     settled = [(e.actor, e.event_type) for e in ended if e.payload_dict()["lease_id"] == lease["lease_id"]]
     assert settled == [("lease-sweep", "lease.revoked"), ("lease-sweep", "lease.verified")]
-    assert role_and_sessions(view, lease["db_role"]) == (0, 0)
+    assert view.role_and_sessions(lease["db_role"]) == (0, 0)
     assert fgov(["--state-dir", str(view.stack.dir), "audit", "verify"]) == 0
