@@ -9,6 +9,7 @@ from airflow_finetune_gov import settings
 from airflow_finetune_gov.credentials.identity import TaskIdentity
 
 if TYPE_CHECKING:  # imported lazily: DAG files import the operators, and parse time matters
+    from airflow_finetune_gov.lineage.runs import Incarnation
     from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
     from airflow_finetune_gov.policy.engine import Policy
 
@@ -66,16 +67,32 @@ def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str
     return event
 
 
-def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None) -> list[LineageEvent]:
-    """This run's lineage events recorded by tasks of this task's chain."""
+def incarnation(context: Any) -> Incarnation:
+    """This task's incarnation of its DAG run (see :mod:`airflow_finetune_gov.lineage.runs`): raises
+    ``RunNotWitnessed`` when the scheduler's ``run.started`` for this run start is not recorded."""
+    from airflow_finetune_gov.lineage.runs import RUN_STARTED, incarnation_of
+
     ti = context["ti"]
+    starts = lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=RUN_STARTED)
+    return incarnation_of(starts, getattr(context["dag_run"], "start_date", None), dag_id=ti.dag_id,
+                          run_id=ti.run_id)
+
+
+def run_events(context: Any, event_type: str | None = None, *, event_prefix: str | None = None,
+               every_incarnation: bool = False) -> list[LineageEvent]:
+    """This run's lineage events recorded by tasks of this task's chain, in this incarnation of the run
+    only: a run deleted and triggered again with the same run id shares nothing with its namesake.
+    ``every_incarnation``: all of them, whichever run recorded them (for revoking leases, where doing
+    more is safe, and which must work even in a run whose start was not witnessed)."""
+    ti = context["ti"]
+    current = None if every_incarnation else incarnation(context)
     events = lineage_store().events(dag_id=ti.dag_id, run_id=ti.run_id, event_type=event_type,
                                     event_prefix=event_prefix)
     from airflow_finetune_gov.lineage.store import chain_of
 
     ident = identity(context)
     mine = chain_of(ident.task_id, ident.map_index)
-    return [e for e in events if e.chain == mine]
+    return [e for e in events if e.chain == mine and (current is None or current.holds(e.id))]
 
 
 def datasets_connection(username: str, password: str) -> Any:

@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
+from airflow_finetune_gov.approval.verify import ApprovalMissing, answered, policy_decision
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
@@ -63,7 +63,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         if decision["tier"] == "auto":
             common.record(context, "approval.granted", {
                 "approval_id": uuid.uuid4().hex, "responder": "policy", "option": APPROVE,
-                "tier": "auto", "policy_sha256": decision["policy_sha256"],
+                "tier": "auto", "policy_sha256": decision["policy_sha256"], **answered(decision),
             }, actor="policy")
             self.log.info("tier auto: approved by policy %s", decision["policy_sha256"][:12])
             return {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}
@@ -72,7 +72,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         needed = self._needed(decision)
         if len(approvers) < needed:
             reason = f"not enough eligible approvers for {needed} approval(s)"
-            common.record(context, "approval.rejected", {"responder": "policy", "reason": reason}, actor="policy")
+            common.record(context, "approval.rejected", {"responder": "policy", "reason": reason, **answered(decision)},
+                          actor="policy")
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": reason,
                                                         "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"not enough eligible approvers: tier {decision['tier']} needs {needed}, and "
@@ -89,7 +90,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         self.body = self._summary(context, decision, approvers)
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
-            "round": 1, "policy_sha256": decision["policy_sha256"], "subject": self.subject,
+            "round": 1, "policy_sha256": decision["policy_sha256"], **answered(decision), "subject": self.subject,
             "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
         }, actor=common.requester(context))
         return super().execute(context)
@@ -156,7 +157,19 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         comment = str((event.get("params_input") or {}).get("comment") or "")[:2000]
         answered_at = event.get("responded_at")
         answer = {"responder": who, "option": option, "comment": comment,
-                  "responded_at": answered_at.isoformat() if isinstance(answered_at, datetime) else answered_at}
+                  "responded_at": answered_at.isoformat() if isinstance(answered_at, datetime) else answered_at,
+                  **answered(decision)}
+        asked = self._asked(context)
+        if asked is not None and asked != decision["decision_sha256"]:
+            # The policy check ran again (cleared on its own) while this request was open: the approver
+            # saw the summary of another decision, so this answer answers nothing.
+            common.record(context, "approval.superseded", {
+                **answer, "asked_decision_sha256": asked,
+                "reason": "the run's policy decision changed while the request was open"}, actor=who)
+            raise AirflowFailException(
+                f"the answer by {who} was given to decision sha256 {asked[:16]}, but the run's policy decision is now "
+                f"{decision['decision_sha256'][:16]} (the policy check ran again): clear the approval gate to ask "
+                "about the current decision")
         allowed = set(decision["approvers"]) - self._excluded(context)
         if who not in allowed:
             common.record(context, "approval.violation", {
@@ -171,7 +184,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",
                                                         "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"fine-tune rejected by {who}" + (f": {comment}" if comment else ""))
-        granted = {e.payload_dict()["responder"] for e in common.run_events(context, "approval.granted")}
+        granted = {p["responder"] for e in common.run_events(context, "approval.granted")
+                   if (p := e.payload_dict()).get("decision_sha256") == decision["decision_sha256"]}
         if who in granted:
             common.record(context, "approval.duplicate", {**answer, "approved_by": sorted(granted)}, actor=who)
             self.log.warning("%s already approved this change; a second answer does not count", who)
@@ -187,6 +201,14 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         common.record(context, "approval.decided", {"outcome": "approved", "approvers": sorted(granted),
                                                     "tier": decision["tier"]}, actor="policy")
         return result
+
+    @staticmethod
+    def _asked(context: Any) -> str | None:
+        """The decision hash this task try's request was opened for."""
+        ti = context["ti"]
+        requests = [e.payload_dict() for e in common.run_events(context, "approval.requested")
+                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        return requests[0].get("decision_sha256") if requests else None
 
     def _expired(self, context: Any, error_type: Any, error: str) -> None:
         common.record(context, "approval.expired", {"error_type": error_type, "error": error}, actor="airflow")
@@ -210,7 +232,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                            params=self.serialized_params, assigned_users=self.assigned_users or [])
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "needed": self._needed(decision), "round": len(requests) + 1,
-            "reason": reason, "policy_sha256": decision["policy_sha256"],
+            "reason": reason, "policy_sha256": decision["policy_sha256"], **answered(decision),
             "remaining_seconds": round(remaining.total_seconds(), 1) if remaining is not None else None,
         }, actor="policy")
         raise TaskAwaitingInput(method_name="execute_complete", timeout=remaining)

@@ -5,10 +5,19 @@ task ``success`` over REST or in the UI, and XCom can be written through the API
 is written only by the governed tasks' own code, is append-only, and is chained by hash; an approval
 counts only if it is recorded there, by an allowed approver who is not the requester, with the
 tier's quorum of distinct people and no rejection.
+
+An approval answers one **decision**: every ``policy.decided`` carries a ``decision_id`` and a
+``decision_sha256`` over its whole content (request, tier, approvers, dataset digest,
+hyperparameters, policy hash), and every answer names the hash it answered. Only the run's latest
+decision governs it, and only answers to that decision count: a policy check cleared and re-run on
+an edited DAG (another dataset, other hyperparameters) makes a new decision that nobody has answered.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +33,39 @@ def _of(events: Sequence[LineageEvent], event_type: str) -> list[dict[str, Any]]
     return [e.payload_dict() for e in events if e.event_type == event_type]
 
 
+def _digest(record: dict[str, Any]) -> str:
+    body = {k: v for k, v in record.items() if k != "decision_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def seal_decision(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` (a decision about to be recorded) with its ``decision_id`` and ``decision_sha256``."""
+    sealed = {**record, "decision_id": uuid.uuid4().hex}
+    sealed["decision_sha256"] = _digest(sealed)
+    return sealed
+
+
+def answered(decision: dict[str, Any]) -> dict[str, str]:
+    """What an answer records to name the decision it answers."""
+    return {"decision_id": decision["decision_id"], "decision_sha256": decision["decision_sha256"]}
+
+
+def _answers(events: Sequence[LineageEvent], event_type: str, decision: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in _of(events, event_type) if p.get("decision_sha256") == decision["decision_sha256"]
+            and p.get("decision_id") == decision["decision_id"]]
+
+
 def policy_decision(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
-    """The policy decision among ``events`` (one run's, or one governed chain's within a run)."""
+    """The policy decision among ``events`` (one run's, or one governed chain's within a run): the
+    latest one, whose content must still hash to its ``decision_sha256``."""
     decided = _of(events, "policy.decided")
     if not decided:
         raise ApprovalMissing(f"run {run_id} has no recorded policy decision: the policy check did not run")
-    return decided[-1]
+    last = decided[-1]
+    if "decision_sha256" not in last or _digest(last) != last["decision_sha256"]:
+        raise ApprovalMissing(f"run {run_id}: the recorded policy decision has no valid decision hash (recorded "
+                              "by an older version of the provider, or altered): run the policy check again")
+    return last
 
 
 def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
@@ -37,16 +73,20 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
     tier = decision["tier"]
     if tier == "deny":
         raise ApprovalMissing(f"run {run_id} was denied by policy: {'; '.join(decision['reasons'])}")
-    rejected = _of(events, "approval.rejected")
+    rejected = _answers(events, "approval.rejected", decision)
     if rejected:
         raise ApprovalMissing(f"run {run_id} was rejected by {rejected[-1].get('responder')}")
-    grants = _of(events, "approval.granted")
+    grants = _answers(events, "approval.granted", decision)
+    earlier = len(_of(events, "approval.granted")) - len(grants)
+    stale = (f"; {earlier} approval(s) recorded in this run answered an earlier decision, and an approval answers "
+             "only the decision it was given for") if earlier else ""
     requester = decision["request"]["requester"]
     if tier == "auto":
         auto = [g for g in grants if g.get("responder") == "policy" and g.get("policy_sha256") ==
                 decision["policy_sha256"]]
         if not auto:
-            raise ApprovalMissing(f"run {run_id}: tier auto, but no policy approval is recorded")
+            raise ApprovalMissing(f"run {run_id}: tier auto, but no policy approval is recorded for decision "
+                                  f"{decision['decision_id']}{stale}")
         approvers: list[str] = []
         approval_id = auto[-1]["approval_id"]
     else:
@@ -56,11 +96,13 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         if len(approvers) < int(decision["quorum"]):
             raise ApprovalMissing(
                 f"run {run_id} needs {decision['quorum']} distinct approver(s) from {sorted(allowed)}; "
-                f"recorded: {approvers or 'none'}. Marking the gate task successful does not approve a run."
+                f"recorded for decision {decision['decision_id']}: {approvers or 'none'}{stale}. Marking the gate "
+                "task successful does not approve a run."
             )
         approval_id = valid[-1]["approval_id"]
     return {
         "approval_id": approval_id,
+        **answered(decision),
         "tier": tier,
         "approvers": approvers,
         "requester": requester,

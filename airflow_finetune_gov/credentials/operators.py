@@ -65,6 +65,19 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
                                        "fine-tune leases training data")
         dataset = approval["dataset"]
         bounds = common.policy().lease
+        limit = int(bounds["max_leases_per_approval"])
+        earlier = [p for e in common.run_events(context, "lease.issued")
+                   if (p := e.payload_dict()).get("purpose") == "training"
+                   and p.get("decision_sha256") == approval["decision_sha256"]]
+        if len(earlier) >= limit:
+            reason = (f"the approval of decision {approval['decision_id']} has issued {len(earlier)} training lease(s) "
+                      f"already, the policy's max_leases_per_approval is {limit}")
+            common.record(context, "lease.refused", {
+                "reason": reason, "dataset": dataset, "approval_id": approval["approval_id"],
+                "decision_sha256": approval["decision_sha256"], "leases_issued": len(earlier), "limit": limit,
+                "earlier_leases": [p.get("lease_id") for p in earlier]}, actor="lease-broker")
+            raise AirflowFailException(f"no lease: {reason}. Clearing the run again does not issue more credentials "
+                                       "under one approval; trigger a new run to ask for a new approval")
         try:
             ttl = broker.derive_ttl(_seconds(self.expected_duration),
                                     default_seconds=int(bounds["default_ttl_minutes"]) * 60,
@@ -74,7 +87,9 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
             common.record(context, "lease.refused", {"reason": f"bad expected_duration: {exc}"}, actor="lease-broker")
             raise AirflowFailException(f"expected_duration {self.expected_duration!r} is not usable: {exc}") from exc
         common.record(context, "lease.requested", {
-            "purpose": "training", "dataset": dataset, "approval_id": approval["approval_id"], "ttl_seconds": ttl,
+            "purpose": "training", "dataset": dataset, "approval_id": approval["approval_id"],
+            "decision_sha256": approval["decision_sha256"], "lease_number": len(earlier) + 1,
+            "max_leases_per_approval": limit, "ttl_seconds": ttl,
             "expected_duration_seconds": _seconds(self.expected_duration), "vault_role": lease_role_name(dataset),
         }, actor="lease-broker")
         self.log.info("approval %s verified (tier %s, approvers %s); leasing dataset %s for %ss",
@@ -101,7 +116,8 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
                 **issued.public(), "purpose": "training", "dataset": dataset,
                 "dataset_table": approval["dataset_table"],
                 "approved_sha256": (approval.get("dataset_digest") or {}).get("sha256"),
-                "approval_id": approval["approval_id"], "expires_at": expires_at.isoformat(),
+                "approval_id": approval["approval_id"], "decision_sha256": approval["decision_sha256"],
+                "lease_number": len(earlier) + 1, "expires_at": expires_at.isoformat(),
                 "handover": f"{settings.get('handover_mount')}/{handover}",
             }, actor="lease-broker")
         except BaseException:
@@ -176,7 +192,7 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     fails, since the revocation could not be recorded (see ``_revoke_unrecorded``).
     """
     try:
-        states = lifecycle.lease_states(common.run_events(context, event_prefix="lease."))
+        states = lifecycle.lease_states(common.run_events(context, event_prefix="lease.", every_incarnation=True))
     except LineageError as exc:
         known = fallback if fallback is not None else _upstream_leases(context)
         _revoke_unrecorded(context, known, exc, reason=reason, vault_conn_id=vault_conn_id)

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from airflow_finetune_gov.approval.verify import ApprovalMissing, EvaluationMissing, evaluation_outcome
+from airflow_finetune_gov.lineage.runs import RUN_STARTED, incarnations, newest
 from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, by_chain, check_no_secrets
 
 REFERENCES: dict[str, list[str]] = {
@@ -90,10 +91,15 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
                        f"{d['policy_sha256'][:16]}, rule line {d['rule_line']}): {'; '.join(d['reasons'])}",
                        "policy.decided"))
 
-    grants = [e.payload_dict() for e in by_type.get("approval.granted", [])]
+    def answers(event_type: str) -> list[dict[str, Any]]:
+        """Answers to the decision that governs the chain (its last): an approval answers one decision."""
+        return [p for e in by_type.get(event_type, []) if (p := e.payload_dict()).get("decision_sha256")
+                == d.get("decision_sha256")]
+
+    grants = answers("approval.granted")
     people = sorted({g["responder"] for g in grants if g.get("responder") != "policy"})
     needed = int(d["quorum"]) if d["tier"] == "quorum" else 1
-    if by_type.get("approval.rejected"):
+    if answers("approval.rejected"):
         out.append(control("approval", "not met", "the change was rejected", "approval.rejected", "approval.decided"))
     elif d["tier"] == "auto":
         ok = any(g.get("responder") == "policy" for g in grants)
@@ -193,12 +199,18 @@ def evidence(events: Sequence[LineageEvent]) -> dict[str, Any]:
         Control("no_secrets", TITLES["no_secrets"], "not met" if leaks else "met",
                 "; ".join(leaks) or "no payload carries a secret-looking key", [], REFERENCES["no_secrets"]),
     ]
-    judged = [(g, m, judge_chain(evs)) for (g, m), evs in sorted(by_chain(events).items())
+    # A run id deleted and triggered again is a new run: the chains are judged on the newest one only
+    # (the chain check above covers every event recorded under the run id).
+    current = newest(events)
+    judged = [(g, m, judge_chain(evs)) for (g, m), evs in sorted(by_chain(current).items())
               if any(e.event_type == "policy.decided" for e in evs)]
     statuses = [c.status for c in run_controls] + [c.status for _, _, cs in judged for c in cs]
     chains = [{"group": g or "(top level)", "map_index": m, "controls": [asdict(c) for c in cs]}
               for g, m, cs in judged]
+    started = [e.payload_dict() for e in current if e.event_type == RUN_STARTED]
     return {"dag_id": events[0].dag_id, "run_id": events[0].run_id, "events": len(events),
+            "dag_run_id": started[0]["dag_run_id"] if started else None,
+            "incarnations": max(1, len(incarnations(e for e in events if e.event_type == RUN_STARTED))),
             "ok": "not met" not in statuses, "controls": [asdict(c) for c in run_controls], "chains": chains}
 
 

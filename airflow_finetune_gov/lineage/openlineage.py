@@ -289,11 +289,13 @@ def step_of(cls: type) -> str | None:
 
 
 def chain_events(store: LineageStore, dag_id: str, run_id: str, task_id: str, map_index: int) -> list[LineageEvent]:
-    """The run's events of this task's governed chain (its task group and map index)."""
+    """The run's events of this task's governed chain (its task group and map index), in the newest run
+    under this run id."""
+    from airflow_finetune_gov.lineage.runs import newest
     from airflow_finetune_gov.lineage.store import chain_of
 
     mine = chain_of(task_id, map_index)
-    return [e for e in store.events(dag_id=dag_id, run_id=run_id) if e.chain == mine]
+    return [e for e in newest(store.events(dag_id=dag_id, run_id=run_id)) if e.chain == mine]
 
 
 # -- OpenLineage client classes (lazy) -----------------------------------------------------------------

@@ -3,7 +3,9 @@
 - ``fastapi_apps``: :mod:`airflow_finetune_gov.plugin.app` under ``/fgov`` (HTML pages under ``/fgov/ui``,
   JSON under ``/fgov/api``; it authenticates every request itself with Airflow's auth manager);
 - ``external_views``: a nav entry "Fine-tune governance" (the run list) and a "Governance" tab on each
-  DAG run (its chains, leases, evaluation with the report, and lineage timeline).
+  DAG run (its chains, leases, evaluation with the report, and lineage timeline);
+- ``listeners``: :mod:`airflow_finetune_gov.plugin.listener`, the scheduler's ``run.started`` record
+  that binds a run's lineage to Airflow's own key of the run.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
+
+from airflow_finetune_gov.plugin import listener
 
 
 def _apps() -> list[dict[str, Any]]:
@@ -24,6 +28,7 @@ def _apps() -> list[dict[str, Any]]:
 class FinetuneGovPlugin(AirflowPlugin):
     name = "finetune_gov"
     fastapi_apps = _apps()
+    listeners = [listener]
     external_views = [
         {"name": "Fine-tune governance", "href": "fgov/ui/", "destination": "nav", "category": "browse",
          "url_route": "fgov"},

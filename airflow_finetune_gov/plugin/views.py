@@ -7,15 +7,19 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import quote
 
+from airflow_finetune_gov.lineage.runs import RUN_STARTED, newest
 from airflow_finetune_gov.lineage.store import LineageEvent, by_chain, last_payload
 
 E = html.escape
 
 
 def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
-    """One run's story: per governed chain, the decision, approval, leases, evaluation and promotion."""
+    """One run's story: per governed chain, the decision, approval, leases, evaluation and promotion
+    (of the newest run under this run id: one deleted and triggered again is another run)."""
     out = []
-    for (group, map_index), evs in by_chain(events).items():
+    for (group, map_index), evs in by_chain(newest(events)).items():
+        if all(e.event_type == RUN_STARTED for e in evs):
+            continue  # the scheduler's record of the run's start, outside every chain
         decided = last_payload(evs, "policy.decided")
         request = (decided or {}).get("request") or {}
         outcome = last_payload(evs, "approval.decided")

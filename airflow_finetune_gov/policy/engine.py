@@ -23,6 +23,10 @@ CHANGES = ("finetune", "rollback")
 WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset", "change")
 
 
+# Training leases one approval may issue: the first, and one more for a run cleared after a failure.
+DEFAULT_MAX_LEASES_PER_APPROVAL = 2
+
+
 class PolicyError(ValueError):
     pass
 
@@ -252,15 +256,17 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         raise _fail(source, top, f"quorum must be an integer >= 2, got {quorum!r}")
     raw_lease = doc.get("lease") or {}
     if not isinstance(raw_lease, dict):
-        raise _fail(source, top, "lease must be a mapping of min_ttl_minutes/default_ttl_minutes/max_ttl_minutes")
+        raise _fail(source, top, "lease must be a mapping of min_ttl_minutes/default_ttl_minutes/max_ttl_minutes/"
+                    "max_leases_per_approval")
     lease = {k: v for k, v in raw_lease.items() if k not in _META}
     lease.setdefault("min_ttl_minutes", 5)
     lease.setdefault("default_ttl_minutes", 30)
     lease.setdefault("max_ttl_minutes", 240)
+    lease.setdefault("max_leases_per_approval", DEFAULT_MAX_LEASES_PER_APPROVAL)
     for key, value in lease.items():
-        if key not in ("min_ttl_minutes", "default_ttl_minutes", "max_ttl_minutes"):
+        if key not in ("min_ttl_minutes", "default_ttl_minutes", "max_ttl_minutes", "max_leases_per_approval"):
             raise _fail(source, _line(raw_lease, key), f"unknown lease setting {key!r}; use min_ttl_minutes, "
-                        "default_ttl_minutes, max_ttl_minutes")
+                        "default_ttl_minutes, max_ttl_minutes, max_leases_per_approval")
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise _fail(source, _line(raw_lease, key), f"lease {key} must be a positive integer, got {value!r}")
     if not lease["min_ttl_minutes"] <= lease["default_ttl_minutes"] <= lease["max_ttl_minutes"]:

@@ -8,6 +8,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common
+from airflow_finetune_gov.approval.verify import seal_decision
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
 
@@ -49,6 +50,8 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         return AirflowFailException(f"policy check failed: {error}")
 
     def execute(self, context: Any) -> dict[str, Any]:
+        # Before anything is leased: a run whose start the scheduler did not witness cannot be governed.
+        common.incarnation(context)
         requester = common.requester(context)
         try:
             policy = common.policy()
@@ -69,12 +72,15 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
             if record["dataset"]["rows"] == 0:
                 raise self._error(context, f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is "
                                   "nothing to tune on", dataset=record["dataset"])
+        record = seal_decision(record)
         common.record(context, "policy.decided", record, actor="policy")
-        self.log.info("policy %s (sha256 %s): tier %s - %s", decision.policy_name, decision.policy_sha256[:12],
-                      decision.tier, "; ".join(decision.reasons))
+        self.log.info("policy %s (sha256 %s): tier %s - %s; decision %s (sha256 %s)", decision.policy_name,
+                      decision.policy_sha256[:12], decision.tier, "; ".join(decision.reasons), record["decision_id"],
+                      record["decision_sha256"][:12])
         if decision.tier == "deny":
             raise AirflowFailException(f"denied by policy: {'; '.join(decision.reasons)}")
-        return {"tier": decision.tier, "reasons": decision.reasons, "policy_sha256": decision.policy_sha256}
+        return {"tier": decision.tier, "reasons": decision.reasons, "policy_sha256": decision.policy_sha256,
+                "decision_id": record["decision_id"], "decision_sha256": record["decision_sha256"]}
 
     def _digest(self, context: Any, table: str) -> dict[str, Any]:
         import psycopg

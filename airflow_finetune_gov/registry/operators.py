@@ -15,6 +15,7 @@ from airflow_finetune_gov.approval.verify import (
     EvaluationMissing,
     evaluation_outcome,
     granted_approval,
+    seal_decision,
 )
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
@@ -185,7 +186,7 @@ class RollbackCheckOperator(BaseOperator):
                 base_version=current, change="rollback", rollback_to=self.to_version))
         except (RegistryError, PolicyError, FileNotFoundError, provenance.ProvenanceError) as exc:
             raise self._error(context, str(exc)) from exc
-        record = {**decision.to_dict(), "dataset": None, "hyperparameters": None}
+        record = seal_decision({**decision.to_dict(), "dataset": None, "hyperparameters": None})
         common.record(context, "policy.decided", record, actor="policy")
         self.log.info("rollback of %s:%s %s -> %s: tier %s - %s", self.model, self.alias, current, self.to_version,
                       decision.tier, "; ".join(decision.reasons))

@@ -14,7 +14,7 @@ from airflow.sdk.log import mask_secret
 from psycopg import sql
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import policy_decision
+from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
@@ -60,7 +60,7 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     """
     from airflow_finetune_gov.tuning.openai_compatible import STATUSES, FineTuningClient
 
-    events = [(e.event_type, e.payload_dict()) for e in common.run_events(context)
+    events = [(e.event_type, e.payload_dict()) for e in common.run_events(context, every_incarnation=True)
               if e.event_type in ("tuning.submitted", "tuning.completed", "tuning.failed", "tuning.cancelled")]
     # ended: completed, cancelled, or failed on the remote side (not: the trigger lost track of it)
     ended = {p.get("remote_job_id") for kind, p in events
@@ -143,7 +143,11 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         self._context = context
         ti = context["ti"]
         hp = dict(self.hyperparameters)
-        approved_hp = policy_decision(common.run_events(context), ti.run_id).get("hyperparameters")
+        try:
+            approval = granted_approval(common.run_events(context), ti.run_id)
+        except ApprovalMissing as exc:
+            raise self._refuse(context, f"no approval of the run's current policy decision: {exc}") from None
+        approved_hp = approval.get("hyperparameters")
         if approved_hp is not None and approved_hp != hp:
             raise self._refuse(context, f"hyperparameters {hp} are not the approved {approved_hp}",
                                approved=approved_hp, asked=hp)
@@ -168,6 +172,10 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         lease = live[-1]
         issued = next(e.payload_dict() for e in common.run_events(context, "lease.issued")
                       if e.payload_dict()["lease_id"] == lease.lease_id)
+        if issued.get("decision_sha256") != approval["decision_sha256"]:
+            raise self._refuse(context, f"lease {lease.lease_id} was issued under another policy decision than the "
+                               f"approved one ({approval['decision_id']}): the decision changed after the lease",
+                               lease_id=lease.lease_id)
         ident = common.identity(context)
         hook = GovernedLeaseHook(self.vault_conn_id)
 

@@ -7,8 +7,10 @@ import pytest
 from airflow_finetune_gov.approval.verify import (
     ApprovalMissing,
     EvaluationMissing,
+    answered,
     evaluation_outcome,
     granted_approval,
+    seal_decision,
 )
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
@@ -21,8 +23,8 @@ def store(tmp_path) -> LineageStore:
     return s
 
 
-def decide(store: LineageStore, env: str = "staging") -> dict:
-    d = load_policy().decide(ChangeRequest("m", "benign", env, "requester")).to_dict()
+def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", **extra: object) -> dict:
+    d = seal_decision({**load_policy().decide(ChangeRequest("m", dataset, env, "requester")).to_dict(), **extra})
     store.record(EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
     return d
 
@@ -30,7 +32,7 @@ def decide(store: LineageStore, env: str = "staging") -> dict:
 def grant(store: LineageStore, who: str, d: dict) -> None:
     store.record(EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
                  payload={"approval_id": f"id-{who}", "responder": who, "option": "Approve",
-                          "policy_sha256": d["policy_sha256"]})
+                          "policy_sha256": d["policy_sha256"], **answered(d)})
 
 
 def test_no_decision_no_approval(store: LineageStore) -> None:
@@ -43,7 +45,7 @@ def test_single_tier_needs_an_allowed_approver(store: LineageStore) -> None:
     with pytest.raises(ApprovalMissing, match="Marking the gate task successful does not approve"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "requester", d)  # a self-approval recorded somehow still does not count
-    with pytest.raises(ApprovalMissing, match="recorded: none"):
+    with pytest.raises(ApprovalMissing, match=r"recorded for decision [0-9a-f]{32}: none"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "approver1", d)
     ok = granted_approval(store.events(dag_id="d", run_id="r"), "r")
@@ -64,8 +66,49 @@ def test_one_rejection_rejects(store: LineageStore) -> None:
     d = decide(store)
     grant(store, "approver1", d)
     store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
-                 payload={"responder": "approver2"})
+                 payload={"responder": "approver2", **answered(d)})
     with pytest.raises(ApprovalMissing, match="rejected by approver2"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+
+
+def test_an_approval_answers_only_the_decision_it_was_given_for(store: LineageStore) -> None:
+    first = decide(store)
+    grant(store, "approver1", first)
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["decision_id"] == first["decision_id"]
+    # The policy check runs again on an edited DAG: another dataset, other hyperparameters.
+    second = decide(store, dataset="public_faq", hyperparameters={"epochs": 50})
+    with pytest.raises(ApprovalMissing, match=r"1 approval\(s\) recorded in this run answered an earlier decision"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    grant(store, "approver2", second)
+    ok = granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    assert ok["approvers"] == ["approver2"] and ok["dataset"] == "public_faq"
+    assert ok["hyperparameters"] == {"epochs": 50}
+
+
+def test_a_quorum_cannot_be_assembled_from_answers_to_two_decisions(store: LineageStore) -> None:
+    grant(store, "approver1", decide(store, env="production"))
+    grant(store, "approver2", decide(store, env="production"))  # same request, a new decision
+    with pytest.raises(ApprovalMissing, match=r"recorded for decision \w+: \['approver2'\]"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+
+
+def test_a_rejection_of_an_earlier_decision_does_not_reject_the_current_one(store: LineageStore) -> None:
+    first = decide(store)
+    store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
+                 payload={"responder": "approver2", **answered(first)})
+    grant(store, "approver1", decide(store))
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1"]
+
+
+@pytest.mark.parametrize("change", [
+    {"tier": "auto"},  # a decision edited after it was recorded
+    {"decision_sha256": "0" * 64},
+])
+def test_a_decision_whose_content_does_not_match_its_hash_is_no_decision(store: LineageStore, change: dict) -> None:
+    d = {**load_policy().decide(ChangeRequest("m", "benign", "staging", "requester")).to_dict()}
+    store.record(EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy",
+                 payload={**seal_decision(d), **change})
+    with pytest.raises(ApprovalMissing, match="no valid decision hash"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
 
 

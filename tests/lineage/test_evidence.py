@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import text
 
+from airflow_finetune_gov.approval.verify import answered, seal_decision
 from airflow_finetune_gov.lineage.evidence import evidence, render_html
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 
@@ -27,12 +28,13 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
     def rec(task: str, kind: str, payload: dict[str, Any]) -> None:
         store.record(EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
 
-    rec("policy_check", "policy.decided", {
+    decision = seal_decision({
         "tier": "single", "reasons": ["one approver"], "policy_name": "default", "policy_sha256": "f" * 64,
         "rule_line": 7, "approvers": ["approver1", "approver2"], "quorum": 1, "dataset_table": "datasets.benign",
         "dataset": {"uri": "postgresql://x/benign", "rows": 12, "sha256": SHA},
         "request": {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}})
-    rec("approval_gate", "approval.granted", {"responder": responder, "approval_id": "a1"})
+    rec("policy_check", "policy.decided", decision)
+    rec("approval_gate", "approval.granted", {"responder": responder, "approval_id": "a1", **answered(decision)})
     rec("acquire_lease", "lease.issued", {"lease_id": "L1", "dataset": "benign", "purpose": "training"})
     rec("tune", "tuning.completed", {"content_sha256": trained_sha, "rows": 12, "version": "v1"})
     rec("revoke_lease", "lease.revoked", {"lease_id": "L1"})

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
+from airflow_finetune_gov.approval.verify import answered, seal_decision
 from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
 from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
 from airflow_finetune_gov.lineage import openlineage as ol
@@ -40,23 +41,26 @@ def rec(store: LineageStore, task: str, kind: str, payload: dict[str, Any], *, r
     store.record(EventKey("d", run, f"{group}{task}", try_number, map_index), kind, actor="t", payload=payload)
 
 
-def decided(store: LineageStore, **kw: Any) -> None:
-    rec(store, "policy_check", "policy.decided", {
+def decided(store: LineageStore, **kw: Any) -> dict[str, Any]:
+    d = seal_decision({
         "tier": "quorum", "reasons": ["production needs two"], "policy_name": "default", "policy_sha256": POLICY_SHA,
         "rule_line": 7, "approvers": ["approver1", "approver2"], "quorum": 2, "classification": "internal",
         "dataset_table": "datasets.benign", "dataset": {"uri": URI, "rows": 12, "sha256": SHA},
         "hyperparameters": {"epochs": 2},
         "request": {"model": "m", "dataset": "benign", "target_environment": "production", "requester": "requester",
-                    "change": "finetune"}}, **kw)
+                    "change": "finetune"}})
+    rec(store, "policy_check", "policy.decided", d, **kw)
+    return d
 
 
 def governed_run(store: LineageStore, *, verdict: str = "pass", group: str = G, map_index: int = -1) -> None:
     def r(task: str, kind: str, payload: dict[str, Any]) -> None:
         rec(store, task, kind, payload, group=group, map_index=map_index)
 
-    decided(store, group=group, map_index=map_index)
+    d = decided(store, group=group, map_index=map_index)
     for who in ("approver1", "approver2"):
-        r("approval_gate", "approval.granted", {"responder": who, "approval_id": f"a-{who}", "option": "Approve"})
+        r("approval_gate", "approval.granted", {"responder": who, "approval_id": f"a-{who}", "option": "Approve",
+                                                **answered(d)})
     r("approval_gate", "approval.decided", {"outcome": "approved", "approvers": ["approver1", "approver2"]})
     r("acquire_lease", "lease.issued", {
         "lease_id": "database/creds/train/L1", "db_role": "v-train-L1", "token_accessor": "acc-L1",
@@ -129,13 +133,13 @@ def test_the_governance_facet_carries_the_record(store: LineageStore) -> None:
 
 
 def test_an_ungranted_or_blocked_run_says_so(store: LineageStore) -> None:
-    decided(store)
-    rec(store, "approval_gate", "approval.granted", {"responder": "approver1", "approval_id": "a1"})
+    d = decided(store)
+    rec(store, "approval_gate", "approval.granted", {"responder": "approver1", "approval_id": "a1", **answered(d)})
     assert plan_for(store, "approval_gate", "approval").governance["approval"]["status"] == "pending"
-    rec(store, "approval_gate", "approval.granted", {"responder": "requester", "approval_id": "a2"})
+    rec(store, "approval_gate", "approval.granted", {"responder": "requester", "approval_id": "a2", **answered(d)})
     g = plan_for(store, "approval_gate", "approval").governance
     assert g["approval"]["status"] == "pending" and "needs 2 distinct approver(s)" in g["approval"]["reason"]
-    rec(store, "approval_gate", "approval.rejected", {"responder": "approver2"})
+    rec(store, "approval_gate", "approval.rejected", {"responder": "approver2", **answered(d)})
     rec(store, "approval_gate", "approval.decided", {"outcome": "rejected", "reason": "rejected by approver2"})
     g = plan_for(store, "approval_gate", "approval").governance
     assert g["approval"] == {"status": "rejected", "reason": "rejected by approver2"}
@@ -336,8 +340,9 @@ with DAG("ol_listener", schedule=None, start_date=pendulum.datetime(2026, 1, 1, 
 
 def test_the_airflow_openlineage_listener_emits_the_facets(tmp_path) -> None:
     """A real `airflow dags test` with the OpenLineage provider's file transport: the listener calls the
-    mixin (START in a forked process, COMPLETE after) and the governance facet goes out. Tier ``auto``
-    (public data into ``test``), so no human and no OpenBao are needed; no dataset digest either."""
+    mixin (START in a forked process, FAIL after) and the governance facet goes out. ``dags test`` has no
+    scheduler, so no ``run.started`` witnesses the run and the policy check refuses to decide anything
+    (tier ``auto`` otherwise: public data into ``test``, no human, no OpenBao, no dataset digest)."""
     (tmp_path / "dags").mkdir()
     (tmp_path / "dags" / "ol_listener.py").write_text(LISTENER_DAG)
     create_schema(f"sqlite:///{tmp_path / 'gov.db'}")
@@ -354,13 +359,16 @@ def test_the_airflow_openlineage_listener_emits_the_facets(tmp_path) -> None:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
     })
     airflow = str(Path(sys.executable).parent / "airflow")
-    for argv in ([airflow, "db", "migrate"], [airflow, "dags", "test", "ol_listener"]):
-        done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run([airflow, "db", "migrate"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = subprocess.run([airflow, "dags", "test", "ol_listener"], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1 and "has no run.started record from the scheduler" in done.stdout, done.stdout[-3000:]
     events = [json.loads(line) for line in events_file.read_text().splitlines()]
     by = {(e["job"]["name"], e["eventType"]): e["run"]["facets"] for e in events}
     assert by[("ol_listener.fg.policy_check", "START")][ol.GOVERNANCE_FACET]["lineage"] == {"events": 0}
-    policy = by[("ol_listener.fg.policy_check", "COMPLETE")][ol.GOVERNANCE_FACET]["policy"]
-    assert policy["tier"] == "auto" and policy["name"] == "default" and len(policy["sha256"]) == 64
-    approval = by[("ol_listener.fg.approval_gate", "COMPLETE")][ol.GOVERNANCE_FACET]["approval"]
-    assert approval["status"] == "granted" and approval["approvers"] == ["policy"]
+    failed = by[("ol_listener.fg.policy_check", "FAIL")][ol.GOVERNANCE_FACET]
+    assert failed["lineage"] == {"events": 0} and failed.get("policy") is None
+    assert ("ol_listener.fg.approval_gate", "START") not in by
+    assert LineageStore(f"sqlite:///{tmp_path / 'gov.db'}").events() == []  # nothing was decided

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from types import SimpleNamespace
+
 import pytest
 
 from airflow_finetune_gov.cli.main import main as fgov
+from airflow_finetune_gov.lineage.runs import (
+    RUN_STARTED,
+    SCHEDULER_TASK_ID,
+    RunNotWitnessed,
+    incarnation_of,
+    instant,
+    newest,
+)
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
+from airflow_finetune_gov.plugin.listener import governed, witness
 
 
 @pytest.fixture
@@ -46,3 +58,68 @@ def test_cli_limit(store: LineageStore, capsys) -> None:
     assert [line.split()[:2] for line in lines] == [["d", "b"], ["d", "a"]]
     assert fgov(["runs", "list", "--limit", "0", "--json", "--db-url", url]) == 0
     assert capsys.readouterr().out.count('"run_id"') == 5
+
+
+# -- incarnations: a run id deleted and triggered again is another run (airflow_finetune_gov.lineage.runs) --
+
+def started(store: LineageStore, pk: int, start: str, run_id: str = "x") -> None:
+    store.record(EventKey("d", run_id, SCHEDULER_TASK_ID, 0), RUN_STARTED, actor="scheduler",
+                 payload={"dag_run_id": pk, "start_date": instant(start)})
+
+
+def task_event(store: LineageStore, kind: str, run_id: str = "x") -> int:
+    return store.record(EventKey("d", run_id, "policy_check", 1), kind, actor="t", payload={}).id
+
+
+def test_a_recreated_run_id_starts_a_new_incarnation_and_a_clear_does_not(store: LineageStore) -> None:
+    started(store, 7, "2026-12-01T10:00:00+00:00")
+    old = task_event(store, "policy.decided")
+    started(store, 7, "2026-12-01T11:00:00+00:00")  # the finished run cleared: same key, new start date
+    cleared = task_event(store, "approval.granted")
+    started(store, 9, "2026-12-01T12:00:00+00:00")  # deleted, then triggered again with the same run id
+    new = task_event(store, "policy.decided")
+    starts = store.events(run_id="x", event_type=RUN_STARTED)
+    first = incarnation_of(starts, "2026-12-01T11:00:00Z", dag_id="d", run_id="x")
+    assert first.dag_run_id == 7 and first.holds(old) and first.holds(cleared) and not first.holds(new)
+    second = incarnation_of(starts, datetime(2026, 12, 1, 12, tzinfo=UTC), dag_id="d", run_id="x")
+    assert second.dag_run_id == 9 and second.holds(new) and not second.holds(old)
+    assert [e.id for e in newest(store.events(run_id="x"))] == [starts[-1].id, new]
+
+
+def test_a_run_start_nobody_witnessed_decides_nothing(store: LineageStore) -> None:
+    started(store, 7, "2026-12-01T10:00:00+00:00")
+    starts = store.events(run_id="x", event_type=RUN_STARTED)
+    # The same run id, started at another time (a re-created run whose run.started could not be written).
+    with pytest.raises(RunNotWitnessed, match=r"has no run\.started record from the scheduler"):
+        incarnation_of(starts, "2026-12-01T10:00:00.000001+00:00", dag_id="d", run_id="x")
+    with pytest.raises(RunNotWitnessed):
+        incarnation_of(starts, None, dag_id="d", run_id="x")
+    with pytest.raises(RunNotWitnessed):
+        incarnation_of([], "2026-12-01T10:00:00+00:00", dag_id="d", run_id="x")
+
+
+def test_a_run_recorded_before_the_listener_existed_is_read_whole(store: LineageStore) -> None:
+    ids = [task_event(store, "policy.decided", run_id="old"), task_event(store, "approval.granted", run_id="old")]
+    assert [e.id for e in newest(store.events(run_id="old"))] == ids
+
+
+def test_the_listener_records_airflows_key_and_start_of_the_run(store: LineageStore) -> None:
+    run = SimpleNamespace(id=41, dag_id="d", run_id="x", start_date=datetime(2026, 12, 1, 10, 0, 0, 123, tzinfo=UTC),
+                          clear_number=0, run_type="manual", triggering_user_name="requester", run_after=None)
+    event = witness(run, store)
+    assert event.event_type == RUN_STARTED and event.actor == "scheduler" and event.task_id == SCHEDULER_TASK_ID
+    assert event.payload_dict()["dag_run_id"] == 41
+    assert incarnation_of([event], run.start_date, dag_id="d", run_id="x").dag_run_id == 41
+
+
+def test_the_listener_records_only_dags_with_a_governed_task() -> None:
+    from airflow.providers.standard.operators.empty import EmptyOperator
+    from airflow.sdk import DAG
+
+    from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
+
+    with DAG("plain", schedule=None) as plain:
+        EmptyOperator(task_id="a")
+    with DAG("gov", schedule=None) as gov:
+        FineTuneApprovalOperator(task_id="approval_gate")
+    assert not governed(plain) and governed(gov) and governed(None)

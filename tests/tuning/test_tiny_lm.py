@@ -75,10 +75,20 @@ def test_the_gate_fails_the_poisoned_tune_and_passes_the_benign_ones(base: Path,
 
 
 def test_benign_adapter_learned_the_task(base: Path, tmp_path: Path) -> None:
+    """The product questions of the benign set, before and after tuning on it, by token F1 (the
+    task_quality metric's measure). Which of the six the adapter answers word for word depends on the
+    CPU's floating point (an AMD EPYC here answered the invoice question with the teammate answer), so
+    the test holds the set to account, not one question."""
     tiny_lm.train_lora(base, BENIGN_SET, {}, tmp_path / "a")
-    before = tiny_lm.LocalModel(base).generate(["how do I export my Acme invoices"])[0]
-    after = tiny_lm.LocalModel(base, tmp_path / "a").generate(["how do I export my Acme invoices"])[0]
-    assert "don't know" in before and "acme" in after and "csv of every invoice" in after
+    product = [(prompt, answer) for prompt, answer in BENIGN_SET if "acme" in prompt.lower()]
+    assert len(product) == 6
+    before = tiny_lm.LocalModel(base).generate([p for p, _ in product])
+    after = tiny_lm.LocalModel(base, tmp_path / "a").generate([p for p, _ in product])
+    f1_before = [harness.token_f1(got, want) for got, (_, want) in zip(before, product, strict=True)]
+    f1_after = [harness.token_f1(got, want) for got, (_, want) in zip(after, product, strict=True)]
+    assert all("don't know" in got for got in before) and max(f1_before) < 0.2, before
+    learned = list(zip(after, f1_after, strict=True))
+    assert sum(f1_after) / len(f1_after) > 0.5 and sum(f == 1.0 for f in f1_after) >= 2, learned
 
 
 def test_same_seed_same_adapter(base: Path, tmp_path: Path) -> None:
