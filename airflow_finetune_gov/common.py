@@ -62,7 +62,9 @@ def _policy(path: str, stamp: int) -> Policy:
 
 def record(context: Any, event_type: str, payload: dict[str, Any], *, actor: str | None = None) -> LineageEvent:
     """Write one lineage event for this task try; a failure to record fails the task."""
-    event = lineage_store().record(event_key(context), event_type, actor=actor or "airflow", payload=payload)
+    from airflow_finetune_gov.lineage import events
+
+    event = events.record(lineage_store(), event_key(context), event_type, actor=actor or "airflow", payload=payload)
     context["task"].log.info("lineage: %s #%s recorded (hash %s)", event_type, event.id, event.hash[:12])
     return event
 

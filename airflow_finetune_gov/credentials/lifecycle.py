@@ -18,6 +18,7 @@ import hvac
 import hvac.exceptions
 
 from airflow_finetune_gov.credentials import broker
+from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
 
 SWEEP_TASK_ID = "lease_sweep"
@@ -170,7 +171,7 @@ def sweep(store: LineageStore, *, run_state: Callable[[str, str], str | None],
         key = EventKey(lease.dag_id, lease.run_id, SWEEP_TASK_ID, 0)
 
         def record(event_type: str, payload: dict[str, Any], key: EventKey = key) -> Any:
-            return store.record(key, event_type, actor="lease-sweep", payload=payload)
+            return events.record(store, key, event_type, actor="lease-sweep", payload=payload)
 
         reason = f"sweep: run {state or 'not found'}" + (", lease expired" if lease.expired(now) else "")
         try:

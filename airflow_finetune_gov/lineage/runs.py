@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from airflow_finetune_gov.lineage.events import RUN_STARTED
+
 if TYPE_CHECKING:
     from airflow_finetune_gov.lineage.store import LineageEvent
 
-RUN_STARTED = "run.started"
+__all__ = ["RUN_STARTED", "SCHEDULER_TASK_ID", "Incarnation", "RunNotWitnessed", "incarnation_of", "incarnations",
+           "instant", "newest"]
 # run.started is recorded by the scheduler, outside every task: an empty task id (its own chain).
 SCHEDULER_TASK_ID = ""
 

@@ -45,6 +45,7 @@ def _store() -> Any:
 
 
 def witness(dag_run: Any, store: Any) -> Any:
+    from airflow_finetune_gov.lineage import events
     from airflow_finetune_gov.lineage.runs import RUN_STARTED, SCHEDULER_TASK_ID, instant
     from airflow_finetune_gov.lineage.store import EventKey
 
@@ -56,8 +57,8 @@ def witness(dag_run: Any, store: Any) -> Any:
         "triggering_user_name": getattr(dag_run, "triggering_user_name", None),
         "run_after": instant(getattr(dag_run, "run_after", None)),
     }
-    return store.record(EventKey(dag_run.dag_id, dag_run.run_id, SCHEDULER_TASK_ID, 0), RUN_STARTED,
-                        actor="scheduler", payload=payload)
+    return events.record(store, EventKey(dag_run.dag_id, dag_run.run_id, SCHEDULER_TASK_ID, 0), RUN_STARTED,
+                         actor="scheduler", payload=payload)
 
 
 @hookimpl

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import payloads
 import pytest
 
 from airflow_finetune_gov.approval.verify import (
     ApprovalMissing,
     EvaluationMissing,
-    answered,
     evaluation_outcome,
     granted_approval,
-    seal_decision,
 )
+from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
-from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
 
 
 @pytest.fixture
@@ -23,16 +24,20 @@ def store(tmp_path) -> LineageStore:
     return s
 
 
-def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", **extra: object) -> dict:
-    d = seal_decision({**load_policy().decide(ChangeRequest("m", dataset, env, "requester")).to_dict(), **extra})
-    store.record(EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
+def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", **extra: Any) -> dict:
+    d = payloads.decision(env, dataset, **extra)
+    events.record(store, EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
     return d
 
 
 def grant(store: LineageStore, who: str, d: dict) -> None:
-    store.record(EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
-                 payload={"approval_id": f"id-{who}", "responder": who, "option": "Approve",
-                          "policy_sha256": d["policy_sha256"], **answered(d)})
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
+                  payload=payloads.grant(d, who, approval_id=f"id-{who}"))
+
+
+def reject(store: LineageStore, who: str, d: dict) -> None:
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor=who,
+                  payload=payloads.rejection(d, who))
 
 
 def test_no_decision_no_approval(store: LineageStore) -> None:
@@ -65,8 +70,7 @@ def test_quorum_needs_distinct_people(store: LineageStore) -> None:
 def test_one_rejection_rejects(store: LineageStore) -> None:
     d = decide(store)
     grant(store, "approver1", d)
-    store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
-                 payload={"responder": "approver2", **answered(d)})
+    reject(store, "approver2", d)
     with pytest.raises(ApprovalMissing, match="rejected by approver2"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
 
@@ -94,8 +98,7 @@ def test_a_quorum_cannot_be_assembled_from_answers_to_two_decisions(store: Linea
 
 def test_a_rejection_of_an_earlier_decision_does_not_reject_the_current_one(store: LineageStore) -> None:
     first = decide(store)
-    store.record(EventKey("d", "r", "approval_gate", 1), "approval.rejected", actor="approver2",
-                 payload={"responder": "approver2", **answered(first)})
+    reject(store, "approver2", first)
     grant(store, "approver1", decide(store))
     assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1"]
 
@@ -105,19 +108,18 @@ def test_a_rejection_of_an_earlier_decision_does_not_reject_the_current_one(stor
     {"decision_sha256": "0" * 64},
 ])
 def test_a_decision_whose_content_does_not_match_its_hash_is_no_decision(store: LineageStore, change: dict) -> None:
-    d = {**load_policy().decide(ChangeRequest("m", "benign", "staging", "requester")).to_dict()}
-    store.record(EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy",
-                 payload={**seal_decision(d), **change})
+    events.record(store, EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy",
+                  payload={**payloads.decision(), **change})
     with pytest.raises(ApprovalMissing, match="no valid decision hash"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
 
 
 def evaluated(store: LineageStore, verdict: str, version: str = "v1", review: tuple[str, str] | None = None) -> None:
-    store.record(EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
-                 payload={"evaluation_id": "e1", "verdict": verdict, "version": version})
+    events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
+                  payload=payloads.evaluated(verdict, version))
     if review:
-        store.record(EventKey("d", "r", "evaluate", 1), "evaluation.reviewed", actor=review[0],
-                     payload={"evaluation_id": "e1", "responder": review[0], "outcome": review[1]})
+        events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.reviewed", actor=review[0],
+                      payload=payloads.reviewed(review[0], review[1]))
 
 
 def test_promotion_needs_a_pass_for_the_same_version(store: LineageStore) -> None:

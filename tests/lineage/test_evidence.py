@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import payloads
 import pytest
 from sqlalchemy import text
 
-from airflow_finetune_gov.approval.verify import answered, seal_decision
+from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.lineage.evidence import evidence, render_html
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 
@@ -26,29 +27,24 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
                  verified: bool = True, verdict: str = "pass", review: tuple[str, str] | None = None,
                  promote: bool | None = None, signed: bool = True, group: str = "", map_index: int = -1) -> None:
     def rec(task: str, kind: str, payload: dict[str, Any]) -> None:
-        store.record(EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
+        events.record(store, EventKey("d", run, f"{group}{task}", 1, map_index), kind, actor="t", payload=payload)
 
-    decision = seal_decision({
-        "tier": "single", "reasons": ["one approver"], "policy_name": "default", "policy_sha256": "f" * 64,
-        "rule_line": 7, "approvers": ["approver1", "approver2"], "quorum": 1, "dataset_table": "datasets.benign",
-        "dataset": {"uri": "postgresql://x/benign", "rows": 12, "sha256": SHA},
-        "request": {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}})
-    rec("policy_check", "policy.decided", decision)
-    rec("approval_gate", "approval.granted", {"responder": responder, "approval_id": "a1", **answered(decision)})
-    rec("acquire_lease", "lease.issued", {"lease_id": "L1", "dataset": "benign", "purpose": "training"})
-    rec("tune", "tuning.completed", {"content_sha256": trained_sha, "rows": 12, "version": "v1"})
-    rec("revoke_lease", "lease.revoked", {"lease_id": "L1"})
+    d = payloads.decision(sha256=SHA)
+    rec("policy_check", "policy.decided", d)
+    rec("approval_gate", "approval.granted", payloads.grant(d, responder, approval_id="a1"))
+    rec("acquire_lease", "lease.issued", payloads.issued("L1"))
+    rec("tune", "tuning.completed", payloads.tuned("v1", content_sha256=trained_sha))
+    rec("revoke_lease", "lease.revoked", payloads.revoked("L1"))
     if verified:
-        rec("revoke_lease", "lease.verified", {"lease_id": "L1", "remaining": {"roles": 0, "sessions": 0}})
-    rec("evaluate", "evaluation.started", {"evaluation_id": "e1", "suites": {"harmful": SHA}})
-    rec("evaluate", "evaluation.completed", {"evaluation_id": "e1", "verdict": verdict, "version": "v1",
-                                             "suites": {"harmful": SHA}, "prompts": 480, "report_sha256": SHA})
+        rec("revoke_lease", "lease.verified", payloads.verified("L1"))
+    rec("evaluate", "evaluation.started", payloads.evaluation_started("e1", suites={"harmful": SHA}))
+    rec("evaluate", "evaluation.completed", payloads.evaluated(verdict, "v1", suites={"harmful": SHA}, prompts=480))
     if review:
-        rec("evaluate", "evaluation.reviewed", {"evaluation_id": "e1", "responder": review[0], "outcome": review[1]})
+        rec("evaluate", "evaluation.reviewed", payloads.reviewed(review[0], review[1]))
     if promote if promote is not None else verdict == "pass":
         if signed:
-            rec("promote", "provenance.verified", {"model": "m", "version": "v1", "invocation_id": f"d/{run}"})
-        rec("promote", "promotion.completed", {"model": "m", "alias": "staging", "version": "v1"})
+            rec("promote", "provenance.verified", payloads.provenance_verified("v1", invocation_id=f"d/{run}"))
+        rec("promote", "promotion.completed", payloads.promoted("staging", "v1"))
     else:
         rec("promote", "promotion.blocked", {"reason": f"evaluation verdict {verdict}"})
 

@@ -11,12 +11,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import payloads
 import pytest
 
 from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
-from airflow_finetune_gov.approval.verify import answered, seal_decision
 from airflow_finetune_gov.credentials.operators import AcquireLeaseOperator, RevokeLeaseOperator
 from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
+from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.lineage import openlineage as ol
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageError, LineageEvent, LineageStore, create_schema
 from airflow_finetune_gov.policy.operators import PolicyCheckOperator
@@ -38,17 +39,11 @@ def store(tmp_path) -> LineageStore:
 
 def rec(store: LineageStore, task: str, kind: str, payload: dict[str, Any], *, run: str = "r", try_number: int = 1,
         group: str = G, map_index: int = -1) -> None:
-    store.record(EventKey("d", run, f"{group}{task}", try_number, map_index), kind, actor="t", payload=payload)
+    events.record(store, EventKey("d", run, f"{group}{task}", try_number, map_index), kind, actor="t", payload=payload)
 
 
 def decided(store: LineageStore, **kw: Any) -> dict[str, Any]:
-    d = seal_decision({
-        "tier": "quorum", "reasons": ["production needs two"], "policy_name": "default", "policy_sha256": POLICY_SHA,
-        "rule_line": 7, "approvers": ["approver1", "approver2"], "quorum": 2, "classification": "internal",
-        "dataset_table": "datasets.benign", "dataset": {"uri": URI, "rows": 12, "sha256": SHA},
-        "hyperparameters": {"epochs": 2},
-        "request": {"model": "m", "dataset": "benign", "target_environment": "production", "requester": "requester",
-                    "change": "finetune"}})
+    d = payloads.decision("production", uri=URI, hyperparameters={"epochs": 2}, policy_sha256=POLICY_SHA)
     rec(store, "policy_check", "policy.decided", d, **kw)
     return d
 
@@ -59,32 +54,23 @@ def governed_run(store: LineageStore, *, verdict: str = "pass", group: str = G, 
 
     d = decided(store, group=group, map_index=map_index)
     for who in ("approver1", "approver2"):
-        r("approval_gate", "approval.granted", {"responder": who, "approval_id": f"a-{who}", "option": "Approve",
-                                                **answered(d)})
+        r("approval_gate", "approval.granted", payloads.grant(d, who))
     r("approval_gate", "approval.decided", {"outcome": "approved", "approvers": ["approver1", "approver2"]})
-    r("acquire_lease", "lease.issued", {
-        "lease_id": "database/creds/train/L1", "db_role": "v-train-L1", "token_accessor": "acc-L1",
-        "wrap_accessor": "wacc-L1", "wrap_token_sha256": SHA, "lease_duration": 600, "requested_ttl": 600,
-        "renewable": True, "purpose": "training", "dataset": "benign", "expires_at": "2099-01-01T00:00:00+00:00"})
-    r("tune", "tuning.started", {"backend": "local_peft", "dataset": "benign", "dataset_uri": URI,
-                                 "content_sha256": SHA, "rows": 12, "base_model": "fgov-demo-tiny",
-                                 "base_version": "b1", "hyperparameters": {"epochs": 2}})
-    r("tune", "tuning.completed", {
-        "backend": "local_peft", "dataset": "benign", "dataset_uri": URI, "content_sha256": SHA, "rows": 12,
-        "lease_id": "database/creds/train/L1", "db_role": "v-train-L1", "base_model": "fgov-demo-tiny",
-        "base_version": "b1", "base_sha256": BASE_SHA, "model": "m", "version": "v1", "output_sha256": OUT_SHA,
-        "remote_model": None, "kind": "adapter", "metrics": {"loss": 0.1}, "hyperparameters": {"epochs": 2}})
-    r("revoke_lease", "lease.revoked", {"lease_id": "database/creds/train/L1"})
-    r("revoke_lease", "lease.verified", {"lease_id": "database/creds/train/L1",
-                                         "remaining": {"roles": 0, "sessions": 0}})
-    r("evaluate", "evaluation.started", {"evaluation_id": "e1", "suites": {"harmful": SUITE_SHA, "benign": SHA}})
-    r("evaluate", "evaluation.completed", {"evaluation_id": "e1", "verdict": verdict, "version": "v1",
-                                           "model": "m", "report_sha256": SHA})
+    lease = "database/creds/train/L1"
+    r("acquire_lease", "lease.issued", payloads.issued(lease))
+    r("tune", "tuning.started", payloads.tuning_started(hyperparameters={"epochs": 2}))
+    r("tune", "tuning.completed", payloads.tuned(
+        "v1", lease_id=lease, db_role="v-train-L1", base_sha256=BASE_SHA, output_sha256=OUT_SHA, remote_model=None,
+        kind="adapter", metrics={"loss": 0.1}, hyperparameters={"epochs": 2}))
+    r("revoke_lease", "lease.revoked", payloads.revoked(lease))
+    r("revoke_lease", "lease.verified", payloads.verified(lease))
+    r("evaluate", "evaluation.started", payloads.evaluation_started("e1", suites={"harmful": SUITE_SHA,
+                                                                                  "benign": SHA}))
+    r("evaluate", "evaluation.completed", payloads.evaluated(verdict, "v1", model="m"))
     if verdict == "pass":
-        r("promote", "provenance.verified", {"model": "m", "version": "v1", "invocation_id": "d/r"})
-        r("promote", "promotion.completed", {"model": "m", "alias": "production", "version": "v1", "previous": "v0",
-                                             "approval_id": "a-approver2", "approvers": ["approver1", "approver2"],
-                                             "verdict": "pass"})
+        r("promote", "provenance.verified", payloads.provenance_verified("v1", invocation_id="d/r"))
+        r("promote", "promotion.completed", payloads.promoted(
+            "production", "v1", previous="v0", approval_id="a-approver2", approvers=["approver1", "approver2"]))
     else:
         r("promote", "promotion.blocked", {"reason": f"evaluation verdict {verdict}"})
 
@@ -134,12 +120,12 @@ def test_the_governance_facet_carries_the_record(store: LineageStore) -> None:
 
 def test_an_ungranted_or_blocked_run_says_so(store: LineageStore) -> None:
     d = decided(store)
-    rec(store, "approval_gate", "approval.granted", {"responder": "approver1", "approval_id": "a1", **answered(d)})
+    rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1", approval_id="a1"))
     assert plan_for(store, "approval_gate", "approval").governance["approval"]["status"] == "pending"
-    rec(store, "approval_gate", "approval.granted", {"responder": "requester", "approval_id": "a2", **answered(d)})
+    rec(store, "approval_gate", "approval.granted", payloads.grant(d, "requester", approval_id="a2"))
     g = plan_for(store, "approval_gate", "approval").governance
     assert g["approval"]["status"] == "pending" and "needs 2 distinct approver(s)" in g["approval"]["reason"]
-    rec(store, "approval_gate", "approval.rejected", {"responder": "approver2", **answered(d)})
+    rec(store, "approval_gate", "approval.rejected", payloads.rejection(d, "approver2"))
     rec(store, "approval_gate", "approval.decided", {"outcome": "rejected", "reason": "rejected by approver2"})
     g = plan_for(store, "approval_gate", "approval").governance
     assert g["approval"] == {"status": "rejected", "reason": "rejected by approver2"}
@@ -202,12 +188,12 @@ def test_a_rollback_reports_the_alias_it_moved(store: LineageStore) -> None:
 
 def test_a_remote_fine_tune_is_named_by_its_api(store: LineageStore) -> None:
     decided(store)
-    rec(store, "tune", "tuning.submitted", {"backend": "openai_compatible", "remote_job_id": "ftjob-1",
-                                            "api_base": "http://127.0.0.1:8011/v1", "content_sha256": SHA})
-    rec(store, "tune", "tuning.completed", {"backend": "openai_compatible", "dataset_uri": URI, "content_sha256": SHA,
-                                            "rows": 12, "base_model": "gpt-x", "base_version": None, "model": "gpt-x",
-                                            "version": None, "output_sha256": None, "remote_model": "ft:gpt-x:1",
-                                            "kind": "remote"})
+    rec(store, "tune", "tuning.submitted", events.TUNING_SUBMITTED.payload(
+        backend="openai_compatible", remote_job_id="ftjob-1", api_base="http://127.0.0.1:8011/v1",
+        content_sha256=SHA, dataset="benign", deferred=True, kv_path="openai"))
+    rec(store, "tune", "tuning.completed", payloads.tuned(
+        None, backend="openai_compatible", base_model="gpt-x", base_version=None, model="gpt-x", output_sha256=None,
+        remote_model="ft:gpt-x:1", kind="remote"))
     p = plan_for(store, "tune", "tuning")
     assert names(p.outputs) == [("http://127.0.0.1:8011", "ft:gpt-x:1", None)]
     assert p.outputs[0].attributes["remoteModel"] == "ft:gpt-x:1" and len(p.inputs) == 1

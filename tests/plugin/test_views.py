@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import payloads
 import pytest
 
+from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 from airflow_finetune_gov.plugin import views
 
@@ -19,36 +21,39 @@ def store(tmp_path) -> LineageStore:
 
 
 def rec(store: LineageStore, task: str, kind: str, payload: dict[str, Any], map_index: int = -1) -> None:
-    store.record(EventKey("d", "r", task, 1, map_index), kind, actor="t", payload=payload)
+    events.record(store, EventKey("d", "r", task, 1, map_index), kind, actor="t", payload=payload)
 
 
-def decided(store: LineageStore, map_index: int = -1) -> None:
-    rec(store, "policy_check", "policy.decided", {"tier": "single", "reasons": ["one approver"], "request": {
-        "model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}}, map_index)
+def decided(store: LineageStore, map_index: int = -1) -> dict[str, Any]:
+    d = payloads.decision("staging")
+    rec(store, "policy_check", "policy.decided", d, map_index)
+    return d
 
 
 def test_a_pending_approval_with_a_live_lease(store: LineageStore) -> None:
-    decided(store)
-    rec(store, "approval_gate", "approval.requested", {"tier": "single"})
+    d = decided(store)
+    rec(store, "approval_gate", "approval.requested", events.APPROVAL_REQUESTED.payload(
+        tier="single", needed=1, round=1, policy_sha256=d["policy_sha256"], decision_id=d["decision_id"],
+        decision_sha256=d["decision_sha256"]))
     summary = views.summarize(store.events(run_id="r"))
     assert summary["chains"][0]["approval"] == "pending" and views.status_of(summary) == "awaiting approval"
-    rec(store, "approval_gate", "approval.granted", {"responder": "approver1"})
+    rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1"))
     rec(store, "approval_gate", "approval.decided", {"outcome": "approved"})
-    rec(store, "acquire_lease", "lease.issued", {"lease_id": "L1", "purpose": "training", "dataset": "benign"})
+    rec(store, "acquire_lease", "lease.issued", payloads.issued("L1"))
     summary = views.summarize(store.events(run_id="r"))
     (chain,) = summary["chains"]
     assert (chain["approval"], chain["approvers"], chain["live_leases"]) == ("approved", ["approver1"], 1)
     assert views.status_of(summary) == "lease live"
-    rec(store, "revoke_lease", "lease.revoked", {"lease_id": "L1"})
-    rec(store, "revoke_lease", "lease.verified", {"lease_id": "L1"})
+    rec(store, "revoke_lease", "lease.revoked", payloads.revoked("L1"))
+    rec(store, "revoke_lease", "lease.verified", payloads.verified("L1"))
     assert views.summarize(store.events(run_id="r"))["chains"][0]["leases"][0]["status"] == "revoked, verified gone"
 
 
 def test_a_failed_evaluation_is_blocked_and_the_page_escapes_what_it_shows(store: LineageStore) -> None:
     decided(store)
-    rec(store, "evaluate", "evaluation.completed", {"verdict": "fail", "prompts": 3, "flipped": 2, "metrics": {
+    rec(store, "evaluate", "evaluation.completed", payloads.evaluated("fail", prompts=3, flipped=2, metrics={
         "harmful_refusal": {"n": 3, "baseline": 1.0, "candidate": 0.0, "difference_ci": [-1.0, -0.3],
-                            "verdict": "fail"}}, "report": "/x/report.html"})
+                            "verdict": "fail"}}, report="/x/report.html"))
     rec(store, "promote", "promotion.blocked", {"reason": "evaluation verdict fail <script>"})
     events = store.events(run_id="r")
     summary = views.summarize(events)
@@ -61,6 +66,6 @@ def test_a_failed_evaluation_is_blocked_and_the_page_escapes_what_it_shows(store
 def test_mapped_chains_are_summarised_one_by_one(store: LineageStore) -> None:
     decided(store, 0)
     decided(store, 1)
-    rec(store, "promote", "promotion.completed", {"model": "m", "alias": "staging", "version": "v1"}, 1)
+    rec(store, "promote", "promotion.completed", payloads.promoted("staging", "v1"), 1)
     chains = views.summarize(store.events(run_id="r"))["chains"]
     assert [(c["map_index"], bool(c["promotion"])) for c in chains] == [(0, False), (1, True)]
