@@ -19,6 +19,7 @@ from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.evaluation import builtin_suites
+from airflow_finetune_gov.lineage.runs import RUN_STARTED
 from airflow_finetune_gov.lineage.store import LineageStore
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
@@ -84,7 +85,11 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     run = approved_benign_run
     assert run["answer"].status_code == 200, run["answer"].text
     assert run["final"] == "success", run["tasks"]
-    events = lineage(stack, run["run_id"])
+    recorded = lineage(stack, run["run_id"])
+    # The scheduler's record of the run start comes first, outside every task; then every task's events.
+    (started, *events) = recorded
+    assert (started.event_type, started.task_id, started.actor) == (RUN_STARTED, "", "scheduler")
+    assert started.payload_dict()["dag_run_id"] > 0 and not any(e.event_type == RUN_STARTED for e in events)
     assert {e.task_id for e in events} == DAG_TASKS
     assert all(e.dag_id == DEMO_DAG_ID and e.try_number >= 1 and e.map_index == -1 for e in events)
     kinds = [e.event_type for e in events]
