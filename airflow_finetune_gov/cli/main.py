@@ -118,8 +118,16 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     if args.json:
         _print([e.to_dict() for e in events], True)
         return 0
-    print(f"lineage of {events[0].dag_id} / {args.run_id}: {len(events)} event(s)")
+    from airflow_finetune_gov.lineage.runs import RUN_STARTED, incarnations
+
+    runs = incarnations(e for e in events if e.event_type == RUN_STARTED)
+    print(f"lineage of {events[0].dag_id} / {args.run_id}: {len(events)} event(s)"
+          + (f", {len(runs)} runs under this run id (deleted and triggered again)" if len(runs) > 1 else ""))
     for e in events:
+        begins = next((r for r in runs if r.first_event_id == e.id), None)
+        if begins is not None:
+            print(f"  -- run dag_run.id {begins.dag_run_id} ({runs.index(begins) + 1} of {len(runs)}): its governed "
+                  "tasks read only the events from here" + (" to the next run" if begins.next_event_id else ""))
         payload = e.payload_dict()
         summary = ", ".join(f"{k}={_short(v)}" for k, v in payload.items() if k in _SUMMARY_KEYS)
         print(f"  #{e.id:<5} {e.created_at[:19]}  {e.task_id:<16} try {e.try_number}  {e.event_type:<24} "
@@ -127,9 +135,10 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     return 0
 
 
-_SUMMARY_KEYS = ("tier", "option", "responder", "purpose", "lease_id", "db_role", "dataset", "ttl_seconds",
-                 "lease_duration", "rows", "content_sha256", "version", "verdict", "alias", "reason", "error",
-                 "prompts", "detector", "flipped", "outcome", "reviewed_by")
+_SUMMARY_KEYS = ("dag_run_id", "start_date", "tier", "option", "responder", "purpose", "lease_id", "db_role",
+                 "dataset", "ttl_seconds", "lease_duration", "rows", "content_sha256", "version", "verdict", "alias",
+                 "reason", "error", "prompts", "detector", "flipped", "outcome", "reviewed_by", "lease_number",
+                 "limit")
 
 
 def _short(value: Any) -> str:

@@ -123,3 +123,17 @@ def test_the_listener_records_only_dags_with_a_governed_task() -> None:
     with DAG("gov", schedule=None) as gov:
         FineTuneApprovalOperator(task_id="approval_gate")
     assert not governed(plain) and governed(gov) and governed(None)
+
+
+def test_lineage_show_marks_each_run_under_one_run_id(store: LineageStore, capsys) -> None:
+    started(store, 7, "2026-12-01T10:00:00+00:00")
+    task_event(store, "policy.decided")
+    started(store, 9, "2026-12-01T12:00:00+00:00")
+    task_event(store, "policy.decided")
+    url = str(store.engine.url)
+    assert fgov(["lineage", "show", "x", "--db-url", url]) == 0
+    out = capsys.readouterr().out
+    assert "4 event(s), 2 runs under this run id (deleted and triggered again)" in out
+    assert "-- run dag_run.id 7 (1 of 2): its governed tasks read only the events from here to the next run" in out
+    assert "-- run dag_run.id 9 (2 of 2): its governed tasks read only the events from here\n" in out
+    assert out.index("dag_run.id 7") < out.index("dag_run_id=7") < out.index("dag_run.id 9")
