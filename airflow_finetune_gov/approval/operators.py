@@ -12,7 +12,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ApprovalMissing, answered, policy_decision
+from airflow_finetune_gov.approval.verify import ApprovalMissing, answered, answers_to, policy_decision
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
@@ -184,8 +184,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",
                                                         "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"fine-tune rejected by {who}" + (f": {comment}" if comment else ""))
-        granted = {p["responder"] for e in common.run_events(context, "approval.granted")
-                   if (p := e.payload_dict()).get("decision_sha256") == decision["decision_sha256"]}
+        granted = {p["responder"] for p in answers_to(common.run_events(context, "approval.granted"),
+                                                      "approval.granted", decision)}
         if who in granted:
             common.record(context, "approval.duplicate", {**answer, "approved_by": sorted(granted)}, actor=who)
             self.log.warning("%s already approved this change; a second answer does not count", who)

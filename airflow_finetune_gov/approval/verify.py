@@ -50,9 +50,10 @@ def answered(decision: dict[str, Any]) -> dict[str, str]:
     return {"decision_id": decision["decision_id"], "decision_sha256": decision["decision_sha256"]}
 
 
-def _answers(events: Sequence[LineageEvent], event_type: str, decision: dict[str, Any]) -> list[dict[str, Any]]:
-    return [p for p in _of(events, event_type) if p.get("decision_sha256") == decision["decision_sha256"]
-            and p.get("decision_id") == decision["decision_id"]]
+def answers_to(events: Sequence[LineageEvent], event_type: str, decision: dict[str, Any]) -> list[dict[str, Any]]:
+    """The payloads of ``event_type`` (grants, rejections) that answer ``decision`` (its id and hash)."""
+    return [p for p in _of(events, event_type) if p.get("decision_sha256") == decision.get("decision_sha256")
+            and p.get("decision_id") == decision.get("decision_id")]
 
 
 def policy_decision(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
@@ -73,10 +74,10 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
     tier = decision["tier"]
     if tier == "deny":
         raise ApprovalMissing(f"run {run_id} was denied by policy: {'; '.join(decision['reasons'])}")
-    rejected = _answers(events, "approval.rejected", decision)
+    rejected = answers_to(events, "approval.rejected", decision)
     if rejected:
         raise ApprovalMissing(f"run {run_id} was rejected by {rejected[-1].get('responder')}")
-    grants = _answers(events, "approval.granted", decision)
+    grants = answers_to(events, "approval.granted", decision)
     earlier = len(_of(events, "approval.granted")) - len(grants)
     stale = (f"; {earlier} approval(s) recorded in this run answered an earlier decision, and an approval answers "
              "only the decision it was given for") if earlier else ""

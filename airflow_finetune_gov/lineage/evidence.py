@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from airflow_finetune_gov.approval.verify import ApprovalMissing, EvaluationMissing, evaluation_outcome
+from airflow_finetune_gov.approval.verify import ApprovalMissing, EvaluationMissing, answers_to, evaluation_outcome
 from airflow_finetune_gov.lineage.runs import RUN_STARTED, incarnations, newest
 from airflow_finetune_gov.lineage.store import LineageError, LineageEvent, by_chain, check_no_secrets
 
@@ -91,15 +91,11 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
                        f"{d['policy_sha256'][:16]}, rule line {d['rule_line']}): {'; '.join(d['reasons'])}",
                        "policy.decided"))
 
-    def answers(event_type: str) -> list[dict[str, Any]]:
-        """Answers to the decision that governs the chain (its last): an approval answers one decision."""
-        return [p for e in by_type.get(event_type, []) if (p := e.payload_dict()).get("decision_sha256")
-                == d.get("decision_sha256")]
-
-    grants = answers("approval.granted")
+    # Only answers to the decision that governs the chain (its last): an approval answers one decision.
+    grants = answers_to(events, "approval.granted", d)
     people = sorted({g["responder"] for g in grants if g.get("responder") != "policy"})
     needed = int(d["quorum"]) if d["tier"] == "quorum" else 1
-    if answers("approval.rejected"):
+    if answers_to(events, "approval.rejected", d):
         out.append(control("approval", "not met", "the change was rejected", "approval.rejected", "approval.decided"))
     elif d["tier"] == "auto":
         ok = any(g.get("responder") == "policy" for g in grants)
