@@ -9,6 +9,7 @@ from airflow_finetune_gov import settings
 from airflow_finetune_gov.credentials.identity import TaskIdentity
 
 if TYPE_CHECKING:  # imported lazily: DAG files import the operators, and parse time matters
+    from airflow_finetune_gov.control.client import ControlPlaneClient
     from airflow_finetune_gov.lineage.runs import Incarnation
     from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, LineageStore
     from airflow_finetune_gov.policy.engine import Policy
@@ -33,8 +34,30 @@ def requester(context: Any) -> str:
     return getattr(dag_run, "triggering_user_name", None) or "unknown"
 
 
+# Set by the control plane in its own process: there the provider's functions act themselves.
+SERVING = False
+
+
+def remote() -> bool:
+    """Whether this process reaches governance through the control plane (a task, a trigger): true when
+    ``[finetune_gov] control_plane_socket`` is set, except inside the control plane itself."""
+    return not SERVING and bool(settings.get("control_plane_socket", required=False))
+
+
+def control(*, delegation: str | None = None) -> ControlPlaneClient:
+    from airflow_finetune_gov.control.client import ControlPlaneClient
+
+    return ControlPlaneClient(settings.get("control_plane_socket"), delegation=delegation)
+
+
 @functools.cache
 def lineage_store() -> LineageStore:
+    """Where lineage is read and written: the control plane for a task, the database for the control plane
+    itself and for the deployment's own tools (the CLI, the api-server's views, the scheduler's listener)."""
+    if remote():
+        from airflow_finetune_gov.control.client import RemoteLineageStore
+
+        return RemoteLineageStore(control())  # type: ignore[return-value]
     from airflow_finetune_gov.lineage.store import LineageStore
 
     return LineageStore(settings.get("governance_db_url"))

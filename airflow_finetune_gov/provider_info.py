@@ -139,6 +139,33 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": "/etc/airflow/fgov-provenance-keys.json",
         "default": None,
     },
+    "control_plane_socket": {
+        "description": "Unix socket of the governance control plane (`fgov control-plane serve`). Set, the "
+        "governed operators hold no key, database password or token of their own: they ask the control "
+        "plane, which knows the calling task from the kernel (SO_PEERCRED) and the executor's registration. "
+        "Empty: each process uses the settings below itself (only for a deployment where DAG code is trusted).",
+        "version_added": "0.7.0",
+        "type": "string",
+        "example": "/var/run/fgov/control.sock",
+        "default": "",
+    },
+    "task_user": {
+        "description": "OS user the provider's executor (airflow_finetune_gov.executors.TaskUserLocalExecutor) "
+        "runs every task process as: not the scheduler's, and unable to read the control plane's and Airflow's "
+        "secrets. The executor must run as root to switch to it.",
+        "version_added": "0.7.0",
+        "type": "string",
+        "example": "fgov-dag",
+        "default": "",
+    },
+    "task_airflow_home": {
+        "description": "AIRFLOW_HOME of task processes (its airflow.cfg holds no secret: no [api_auth] "
+        "jwt_secret, no database URL, no governance setting beyond the control plane's socket).",
+        "version_added": "0.7.0",
+        "type": "string",
+        "example": "/opt/airflow-tasks",
+        "default": "",
+    },
     "vault_timeout_seconds": {
         "description": "Per-request timeout for Vault/OpenBao calls; revocation retries with backoff "
         "on top of it.",

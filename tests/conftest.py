@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from airflow_finetune_gov.stack.manager import Stack, StackOptions
+from airflow_finetune_gov.stack.users import ensure_task_user
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,9 @@ def stack() -> Iterator[Stack]:
     for source in [*(REPO / "dags").glob("*.py"), *(REPO / "tests" / "integration" / "dags").glob("*.py"),
                    *(REPO / "tests" / "integration" / "dags").glob("*.jsonl")]:
         shutil.copy(source, dags / source.name)
+    # The test DAGs write their markers and reports beside themselves, as the DAG user
+    dag_user = ensure_task_user()
+    os.chown(dags, dag_user.pw_uid, dag_user.pw_gid)
     try:
         stack.up(StackOptions(state_dir=state_dir, dags_folder=dags,
                               raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None))

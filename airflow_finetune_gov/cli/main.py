@@ -304,6 +304,33 @@ def cmd_leases(args: argparse.Namespace) -> int:
     return 1 if any(r["action"] == "failed" for r in results) else 0
 
 
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    """Serve the control plane (the embedded stack starts it; a deployment runs it as a service)."""
+    import logging
+    import pwd
+    from pathlib import Path
+
+    from airflow_finetune_gov import common, settings
+    from airflow_finetune_gov.control.server import ControlPlane, serve
+
+    _use_stack_airflow(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    common.SERVING = True  # in this process the provider's functions act themselves
+    user = args.task_user or settings.get("task_user")
+    try:
+        task_uid = pwd.getpwnam(user).pw_uid
+    except KeyError:
+        print(f"fgov: the task user {user!r} does not exist: create it or set [finetune_gov] task_user",
+              file=sys.stderr)
+        return 2
+    for option in ("governance_db_url", "vault_conn_id", "datasets_monitor_url"):
+        settings.get(option)  # a missing setting fails here, naming it, and not at a task's first call
+    _export_connection(settings.get("vault_conn_id"))
+    socket_path = Path(args.socket or settings.get("control_plane_socket"))
+    serve(socket_path, ControlPlane(task_uid=task_uid))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fgov", description="airflow-finetune-gov operations")
     parser.add_argument("--state-dir", help="stack state directory (default ./.fgov or $FGOV_STATE_DIR)")
@@ -391,6 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--db-url")
     ev.set_defaults(func=cmd_evidence)
+
+    control = sub.add_parser("control-plane", help="the governance control plane (holds the keys tasks must not)")
+    control_sub = control.add_subparsers(dest="action", required=True)
+    serve_p = control_sub.add_parser("serve", help="serve on [finetune_gov] control_plane_socket until killed")
+    serve_p.add_argument("--socket", help="default: [finetune_gov] control_plane_socket")
+    serve_p.add_argument("--task-user", help="default: [finetune_gov] task_user")
+    serve_p.set_defaults(func=cmd_control_plane)
 
     from airflow_finetune_gov.cli.eval_cmd import add_parser as add_eval
     from airflow_finetune_gov.cli.models_cmd import add_parser as add_models

@@ -56,6 +56,18 @@ class GovernedLeaseHook(BaseHook):
                extra: dict[str, str] | None = None) -> hvac.Client:
         from airflow.providers.hashicorp.hooks.vault import VaultHook
 
+        from airflow_finetune_gov import common
+
+        if common.remote():
+            # A task holds no signing key: the control plane logs in as this task (it knows which one from
+            # the kernel, not from ``identity``) for a role the run entitles it to, and hands over the token.
+            from airflow_finetune_gov.control.client import ControlPlaneError
+
+            try:
+                token = common.control().login(role, purpose, extra)
+            except ControlPlaneError as exc:
+                raise LeaseError(f"the control plane refused a {role} login (purpose {purpose}): {exc}") from None
+            return hvac.Client(url=common.vault_addr(self.vault_conn_id), token=token, timeout=self.timeout)
         auth_type = self.auth_type()
         if auth_type == "token":
             raise LeaseError(f"connection {self.vault_conn_id!r} uses a static Vault token; governed tasks log "

@@ -191,6 +191,11 @@ def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = 
     this task's upstream lease tasks): they are revoked and proven gone all the same, and the task
     fails, since the revocation could not be recorded (see ``_revoke_unrecorded``).
     """
+    if common.remote():  # revocation is the control plane's: this task holds no revoker identity
+        if fallback is None and lease_ids is None:
+            fallback = _upstream_leases(context)
+        return common.control().revoke(reason=reason, purposes=purposes, lease_ids=lease_ids, fallback=fallback,
+                                       log=context["task"].log)
     try:
         states = lifecycle.lease_states(common.run_events(context, event_prefix="lease.", every_incarnation=True))
     except LineageError as exc:
@@ -345,7 +350,10 @@ class LeaseSweepOperator(BaseOperator):
             except Exception:
                 return None
 
-        results = run_sweep(run_state, vault_conn_id=self.vault_conn_id)
+        if common.remote():
+            results = common.control().sweep(log=self.log)
+        else:
+            results = run_sweep(run_state, vault_conn_id=self.vault_conn_id)
         for r in results:
             self.log.info("lease %s of %s/%s (run %s): %s %s", r["lease_id"], r["dag_id"], r["run_id"],
                           r["run_state"], r["action"], r["detail"])

@@ -392,16 +392,19 @@ class GovernedOpenLineageMixin:
         from sqlalchemy import create_engine
         from sqlalchemy.pool import NullPool
 
-        from airflow_finetune_gov import settings
+        from airflow_finetune_gov import common, settings
         from airflow_finetune_gov.lineage.store import LineageStore
 
         map_index = getattr(ti, "map_index", None)
-        engine = create_engine(settings.get("governance_db_url"), poolclass=NullPool, future=True)
-        try:
-            events = chain_events(LineageStore(engine=engine), ti.dag_id, ti.run_id, ti.task_id,
-                                  -1 if map_index is None else int(map_index))
-        finally:
-            engine.dispose()
+        chain = (ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index))
+        if common.remote():  # through the control plane: a new connection per call, safe in a fork
+            events = chain_events(common.lineage_store(), *chain)
+        else:
+            engine = create_engine(settings.get("governance_db_url"), poolclass=NullPool, future=True)
+            try:
+                events = chain_events(LineageStore(engine=engine), *chain)
+            finally:
+                engine.dispose()
         return to_operator_lineage(plan(events, step_of(type(self)), run_id=ti.run_id, task_id=ti.task_id,
                                         try_number=int(ti.try_number),
                                         model_store=settings.get("model_store", required=False) or "models"))

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -31,6 +32,13 @@ USERS: dict[str, str] = {
 }
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+# These run DAG authors' code (DAG files, triggers): as the DAG user, with the DAG user's config.
+DAG_USER_COMPONENTS = ("dag-processor", "triggerer")
+# The [finetune_gov] settings the DAG user's config carries: addresses and names, no credential.
+DAG_USER_SETTINGS = ("control_plane_socket", "datasets_host", "datasets_database", "vault_conn_id", "jwt_auth_mount",
+                     "database_mount", "handover_mount", "backends_mount", "transit_mount", "provenance_key",
+                     "provenance_keys_path", "policy_file", "model_store", "lineage_url_template",
+                     "workload_identity_issuer", "workload_identity_audience")
 
 
 def airflow_bin() -> Path:
@@ -43,7 +51,8 @@ def airflow_bin() -> Path:
     return Path(found)
 
 
-def write_config(home: Path, values: Mapping[str, Mapping[str, str]]) -> Path:
+def write_config(home: Path, values: Mapping[str, Mapping[str, str]], *, owner: Any = None) -> Path:
+    """``airflow.cfg`` in ``home``, readable by its owner only (``owner``: a ``pwd`` entry; default: this user)."""
     home.mkdir(parents=True, exist_ok=True)
     parser = configparser.ConfigParser(interpolation=None)
     for section, options in values.items():
@@ -52,6 +61,8 @@ def write_config(home: Path, values: Mapping[str, Mapping[str, str]]) -> Path:
     with open(path, "w") as fh:
         parser.write(fh)
     path.chmod(0o600)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
     return path
 
 
@@ -85,9 +96,41 @@ def add_vault_connection(home: Path, vault_port: int, jwt_mount: str) -> None:
         "--conn-port", str(vault_port), "--conn-extra", extra)
 
 
-def start_component(home: Path, name: str, logs: Path) -> ProcRecord:
+def start_component(home: Path, name: str, logs: Path, *, dag_home: Path | None = None,
+                    dag_user: str | None = None) -> ProcRecord:
+    """Start one Airflow component; the dag-processor and the triggerer as ``dag_user`` with ``dag_home``."""
+    if name in DAG_USER_COMPONENTS and dag_user:
+        assert dag_home is not None
+        env = {k: v for k, v in env_for(dag_home).items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "AIRFLOW_HOME")}
+        env["HOME"] = str(dag_home)
+        return spawn(f"airflow-{name}", [str(airflow_bin()), name], log=logs / f"airflow-{name}.log", env=env,
+                     cwd=dag_home, user=dag_user)
     return spawn(f"airflow-{name}", [str(airflow_bin()), name], log=logs / f"airflow-{name}.log",
                  env=env_for(home), cwd=home)
+
+
+def start_control_plane(home: Path, logs: Path, socket_path: Path) -> ProcRecord:
+    fgov = Path(sys.executable).parent / "fgov"
+    argv = [str(fgov)] if fgov.exists() else [sys.executable, "-m", "airflow_finetune_gov.cli.main"]
+    return spawn("control-plane", [*argv, "control-plane", "serve", "--socket", str(socket_path)],
+                 log=logs / "control-plane.log", env=env_for(home), cwd=home)
+
+
+def wait_control_plane(socket_path: Path, record: ProcRecord, timeout: float = 60) -> None:
+    from airflow_finetune_gov.control.client import ControlPlaneClient, ControlPlaneError
+
+    client = ControlPlaneClient(str(socket_path), timeout=5)
+
+    def ok() -> bool:
+        if not record.alive():
+            raise StackError(f"the control plane exited during start-up; see {record.log}")
+        try:
+            client.call("/v1/health")
+            return True
+        except ControlPlaneError:
+            return False
+
+    wait_for(ok, timeout=timeout, what=f"the control plane on {socket_path}")
 
 
 def health(base_url: str) -> dict:

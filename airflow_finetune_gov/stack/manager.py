@@ -23,7 +23,7 @@ import requests
 from airflow_finetune_gov.policy.engine import load_policy
 from airflow_finetune_gov.provider_info import CONFIG_OPTIONS
 from airflow_finetune_gov.stack import airflow as af
-from airflow_finetune_gov.stack import openbao, postgres, provision
+from airflow_finetune_gov.stack import openbao, postgres, provision, users
 from airflow_finetune_gov.stack.procs import ProcRecord, StackError, pick_free_port, port_free, tcp_open
 from airflow_finetune_gov.vault.bootstrap import BootstrapSpec, DatasetGrant, bootstrap
 
@@ -137,12 +137,13 @@ class Stack:
         """Stop one component (``openbao`` or an Airflow one) with its process tree, as ``down`` would."""
         from airflow_finetune_gov.stack.procs import stop
 
-        if component != "openbao" and component not in af.COMPONENTS:
-            raise StackError(f"unknown component {component!r}: openbao or one of {', '.join(af.COMPONENTS)}")
+        if component not in ("openbao", "control-plane") and component not in af.COMPONENTS:
+            raise StackError(f"unknown component {component!r}: openbao, control-plane or one of "
+                             f"{', '.join(af.COMPONENTS)}")
         state = self.load()
         if state is None or not state.get("processes"):
             raise StackError(f"no stack is running in {self.dir}: `fgov stack up` first")
-        name = component if component == "openbao" else f"airflow-{component}"
+        name = component if component in ("openbao", "control-plane") else f"airflow-{component}"
         for record in self.records(state):
             if record.name == name and record.alive():
                 stop(record)
@@ -161,9 +162,16 @@ class Stack:
             new = openbao.restart(self.dir / "openbao", int(state["openbao"]["addr"].rsplit(":", 1)[1]),
                                   self.logs / "openbao.log", (self.secrets / "openbao-unseal-key").read_text(),
                                   raw_audit_log=Path(raw) if (raw := state["openbao"].get("raw_audit_log")) else None)
+        elif component == "control-plane":
+            name = "control-plane"
+            socket_path = Path(state["control_plane"]["socket"])
+            new = af.start_control_plane(Path(state["airflow"]["home"]), self.logs, socket_path)
+            af.wait_control_plane(socket_path, new)
         else:
             name = f"airflow-{component}"
-            new = af.start_component(Path(state["airflow"]["home"]), component, self.logs)
+            new = af.start_component(Path(state["airflow"]["home"]), component, self.logs,
+                                     dag_home=Path(state["control_plane"]["dag_home"]),
+                                     dag_user=state["control_plane"]["task_user"])
             af.wait_healthy(state["airflow"]["url"], [new])
         state["processes"] = [r.to_json() for r in self.records(state) if r.name != name] + [new.to_json()]
         self._write_json(self.state_file, state)
@@ -291,8 +299,26 @@ class Stack:
         self._write_json(provenance_keys, {"keys": summary.pop("provenance_public_keys")})
         log(f"openbao ready at {bao_addr}: {summary}")
 
-        # Airflow
+        # The DAG user: parses DAG files, runs triggers and tasks; reads none of the above
+        dag_user = users.ensure_task_user()
+        users.make_interpreter_reachable(log)
+        users.check_runs_python(dag_user)
+        (self.dir / "openbao").chmod(0o700)  # its data and audit logs are the deployment's
         home = self.dir / "airflow"
+        home.mkdir(parents=True, exist_ok=True)
+        home.chmod(0o700)
+        dag_home = users.own(self.dir / "airflow-dag", dag_user, 0o700)
+        task_logs = users.own(self.dir / "airflow-logs", dag_user, 0o755)
+        model_store = users.own(self.dir / "models", dag_user, 0o755)
+        openlineage_file = self.logs / "openlineage.jsonl"
+        openlineage_file.touch()
+        os.chown(openlineage_file, dag_user.pw_uid, dag_user.pw_gid)
+        provenance_keys.chmod(0o644)  # public keys: tasks verify signatures with them
+        control_socket = self.dir / "control" / "control.sock"
+        control_socket.parent.mkdir(exist_ok=True)
+        control_socket.parent.chmod(0o755)
+
+        # Airflow
         airflow_url = f"http://127.0.0.1:{ports['airflow']}"
         passwords_file = self.secrets / "airflow-passwords.json"
         if not passwords_file.exists():
@@ -318,40 +344,63 @@ class Stack:
             "provenance_key": summary["provenance_key"],
             "provenance_keys_path": str(provenance_keys),
             "policy_file": opts.policy_file or "",
-            "model_store": str(self.dir / "models"),
+            "model_store": str(model_store),
             "lineage_url_template": airflow_url + "/dags/{dag_id}/runs/{run_id}",
+            "control_plane_socket": str(control_socket),
+            "task_user": dag_user.pw_name,
+            "task_airflow_home": str(dag_home),
         }
+        core = {
+            "dags_folder": str(opts.dags_folder.resolve()),
+            "load_examples": "False",
+            "executor": "airflow_finetune_gov.executors.TaskUserLocalExecutor",
+            "parallelism": "8",
+            "dags_are_paused_at_creation": "False",
+            "fernet_key": self._secret("airflow-fernet-key", _fernet_key),
+            "execution_api_server_url": f"{airflow_url}/execution/",
+        }
+        shared = {
+            "logging": {"base_log_folder": str(task_logs)},
+            "dag_processor": {"refresh_interval": "30"},
+            # OpenLineage events (with the fgovGovernance facet) to a file next to the other logs
+            "openlineage": {"namespace": "fgov", "transport": json.dumps(
+                {"type": "file", "log_file_path": str(openlineage_file), "append": True})},
+        }
+        # The deployment's own components (api-server, scheduler, control plane): every secret
         af.write_config(home, {
             "core": {
-                "dags_folder": str(opts.dags_folder.resolve()),
-                "load_examples": "False",
-                "executor": "LocalExecutor",
-                "parallelism": "8",
-                "dags_are_paused_at_creation": "False",
+                **core,
                 "auth_manager": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
                 "simple_auth_manager_users": ",".join(f"{u}:{r}" for u, r in af.USERS.items()),
                 "simple_auth_manager_all_admins": "False",
                 "simple_auth_manager_passwords_file": str(passwords_file),
-                "fernet_key": self._secret("airflow-fernet-key", _fernet_key),
-                "execution_api_server_url": f"{airflow_url}/execution/",
             },
             "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
             "api": {"host": "127.0.0.1", "port": str(ports["airflow"]), "base_url": airflow_url, "workers": "1"},
             "api_auth": {"jwt_secret": self._secret("airflow-jwt-secret")},
-            "logging": {"base_log_folder": str(self.dir / "airflow" / "logs")},
             "scheduler": {"task_queued_timeout": "600"},
-            "dag_processor": {"refresh_interval": "30"},
             "finetune_gov": fgov_conf,
-            # OpenLineage events (with the fgovGovernance facet) to a file next to the other logs
-            "openlineage": {"namespace": "fgov", "transport": json.dumps(
-                {"type": "file", "log_file_path": str(self.logs / "openlineage.jsonl"), "append": True})},
+            **shared,
         })
+        # The DAG user's (dag-processor, triggerer, tasks): Airflow's metadata database and fernet key, which
+        # Airflow gives DAG code by design, and nothing that signs a token or reaches governance but the socket.
+        dag_conf = {k: fgov_conf[k] for k in af.DAG_USER_SETTINGS if k in fgov_conf}
+        af.write_config(dag_home, {
+            "core": core,
+            "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
+            "finetune_gov": dag_conf,
+            **shared,
+        }, owner=dag_user)
         t = time.monotonic()
         af.migrate(home)
         af.add_vault_connection(home, ports["openbao"], "fgov-jwt")
         log(f"airflow metadata database migrated in {time.monotonic() - t:.1f}s")
+        started.append(af.start_control_plane(home, self.logs, control_socket))
+        self._write_partial(ports, started)
+        af.wait_control_plane(control_socket, started[-1])
+        log(f"control plane listening on {control_socket}")
         for comp in af.COMPONENTS:
-            started.append(af.start_component(home, comp, self.logs))
+            started.append(af.start_component(home, comp, self.logs, dag_home=dag_home, dag_user=dag_user.pw_name))
         self._write_partial(ports, started)
         af.wait_healthy(airflow_url, started)
         log(f"airflow healthy at {airflow_url}")
@@ -368,7 +417,10 @@ class Stack:
                         "raw_audit_log": str(opts.raw_audit_log) if opts.raw_audit_log else None,
                         "audit_log": str(self.dir / "openbao" / "audit.log"),
                         "jwt_mount": summary["jwt_mount"], "database_mount": summary["database_mount"]},
+            "control_plane": {"socket": str(control_socket), "task_user": dag_user.pw_name,
+                              "task_uid": dag_user.pw_uid, "dag_home": str(dag_home)},
             "airflow": {"url": airflow_url, "home": str(home), "config": str(home / "airflow.cfg"),
+                        "dag_home": str(dag_home), "logs": str(task_logs),
                         "users": {u: {"role": r} for u, r in af.USERS.items()},
                         "passwords_file": str(passwords_file)},
             "governance_db_url_file": str(self._write_secret_file("governance-db-url", governance_url)),

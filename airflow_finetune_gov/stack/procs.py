@@ -58,17 +58,29 @@ class ProcRecord:
 def spawn(name: str, argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
           cwd: Path | None = None, user: str | None = None) -> ProcRecord:
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as out:
+    # 0640: a component's log is the deployment's, not the DAG user's to read
+    with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "ab") as out:
         try:
             proc = subprocess.Popen(
                 list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-                user=user,
+                **_drop_to(user),
             )
         except FileNotFoundError as exc:
             raise StackError(f"{name}: executable not found: {argv[0]} ({exc})") from exc
     return ProcRecord(name=name, pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(),
                       log=str(log))
+
+
+def _drop_to(user: str | None) -> dict[str, Any]:
+    """Popen arguments that run as ``user`` with its own group and none of root's supplementary groups (with
+    root's group kept, a group-only directory such as ``/root`` would stay closed to it, and others open)."""
+    if user is None:
+        return {}
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
 
 
 def stop(record: ProcRecord, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

@@ -326,7 +326,8 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
                       "try_number": ident.try_number},
             dataset=lease.dataset, secret_path=str(self._kv_path),
             secret_mount=settings.get("backends_mount"), jwt_mount=settings.get("jwt_auth_mount"),
-            poll_interval=self.poll_interval if self.poll_interval is not None else 30.0)
+            poll_interval=self.poll_interval if self.poll_interval is not None else 30.0,
+            delegation=common.control().delegate() if common.remote() else None)
         self.log.info("deferring: the triggerer follows remote job %s; no worker slot is held meanwhile",
                       job["job_id"])
         self.defer(trigger=trigger, method_name="execute_complete", kwargs={"pending": pending})

@@ -1,9 +1,11 @@
 """The deferrable trigger that follows a remote fine-tuning job while no worker slot is held.
 
-Nothing secret is serialised: the trigger's arguments name the job, the API's base URL, the OpenBao
-address and the task try. In the triggerer it mints its own workload-identity token for that task
-try (purpose ``tune``, role ``tune-<dataset>``), reads the API key from OpenBao and keeps it in memory
-only. ``on_kill`` (a user marks the deferred task failed, success or clears it) cancels the remote
+The trigger's arguments name the job, the API's base URL, the OpenBao address and the task try. With a
+control plane (``[finetune_gov] control_plane_socket``) they also carry the delegation the deferred task
+asked it for (Airflow stores trigger arguments encrypted): the trigger logs in as that task through the
+control plane, which holds the signing key. Without one it mints its own workload-identity token for that
+task try (purpose ``tune``, role ``tune-<dataset>``). Either way it reads the API key from OpenBao and
+keeps it in memory only. ``on_kill`` (a user marks the deferred task failed, success or clears it) cancels the remote
 job; a triggerer restart does not.
 """
 
@@ -30,7 +32,7 @@ class RemoteFineTuningTrigger(BaseTrigger):
 
     def __init__(self, *, job_id: str, base_url: str, vault_addr: str, identity: dict[str, Any], dataset: str,
                  secret_path: str, secret_mount: str, jwt_mount: str, poll_interval: float = 30.0,
-                 max_errors: int = 10) -> None:
+                 max_errors: int = 10, delegation: str | None = None) -> None:
         super().__init__()
         self.job_id = job_id
         self.base_url = base_url
@@ -42,6 +44,7 @@ class RemoteFineTuningTrigger(BaseTrigger):
         self.jwt_mount = jwt_mount
         self.poll_interval = poll_interval
         self.max_errors = max_errors
+        self.delegation = delegation
         self._client: FineTuningClient | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -49,7 +52,7 @@ class RemoteFineTuningTrigger(BaseTrigger):
             "job_id": self.job_id, "base_url": self.base_url, "vault_addr": self.vault_addr,
             "identity": self.identity, "dataset": self.dataset, "secret_path": self.secret_path,
             "secret_mount": self.secret_mount, "jwt_mount": self.jwt_mount,
-            "poll_interval": self.poll_interval, "max_errors": self.max_errors})
+            "poll_interval": self.poll_interval, "max_errors": self.max_errors, "delegation": self.delegation})
 
     def _login(self) -> FineTuningClient:
         """Log in to OpenBao as the deferred task try and read the API key (blocking: run in a thread)."""
@@ -61,15 +64,20 @@ class RemoteFineTuningTrigger(BaseTrigger):
         from airflow_finetune_gov.vault.bootstrap import tune_role_name
 
         role = tune_role_name(self.dataset)
-        token = mint(TaskIdentity(**self.identity), key_pem=signing_key(),
-                     issuer=settings.get("workload_identity_issuer"),
-                     audience=settings.get("workload_identity_audience"), purpose="tune",
-                     extra={"dataset": self.dataset})
         vault = hvac.Client(url=self.vault_addr, timeout=float(settings.get("vault_timeout_seconds")))
-        try:
-            vault.auth.jwt.jwt_login(role=role, jwt=token, path=self.jwt_mount)
-        except hvac.exceptions.VaultError as exc:
-            raise RuntimeError(login_error(role, "tune", exc)) from None
+        if self.delegation:  # the control plane logs in as the deferred task
+            from airflow_finetune_gov import common
+
+            vault.token = common.control(delegation=self.delegation).login(role, "tune", {"dataset": self.dataset})
+        else:
+            token = mint(TaskIdentity(**self.identity), key_pem=signing_key(),
+                         issuer=settings.get("workload_identity_issuer"),
+                         audience=settings.get("workload_identity_audience"), purpose="tune",
+                         extra={"dataset": self.dataset})
+            try:
+                vault.auth.jwt.jwt_login(role=role, jwt=token, path=self.jwt_mount)
+            except hvac.exceptions.VaultError as exc:
+                raise RuntimeError(login_error(role, "tune", exc)) from None
         try:
             secret = read_backend_secret(vault, self.secret_mount, self.secret_path)
         finally:

@@ -37,6 +37,10 @@ def report(view: StackView, where: str, timeout: float = 180) -> dict:
 @pytest.fixture(scope="module")
 def probed(stack: Stack) -> dict[str, dict]:
     view = StackView(stack)
+    state = stack.load() or {}
+    (stack.dir / "dags" / "boundary_probe.targets.json").write_text(json.dumps({
+        "postgres": {"port": state["postgres"]["port"]}, "openbao": {"addr": state["openbao"]["addr"]},
+        "airflow": {"url": state["airflow"]["url"]}, "control_plane": {"socket": state["control_plane"]["socket"]}}))
     (stack.dir / "dags" / "boundary_probe.parse").write_text("probe at the next parse")
     _, state, tasks = view.run(DAG_ID)
     assert state == "success", tasks

@@ -71,9 +71,8 @@ def probe(where: str) -> dict:
 
     warnings.simplefilter("ignore")  # PyJWT's short-HMAC-key warning, once per candidate
     found, keys = _candidates()
-    deployment = Path(os.environ.get("AIRFLOW_HOME", ".")).parent
-    try:
-        state = json.loads((deployment / "stack.json").read_text())
+    try:  # the addresses (no secret): stack.json itself is the deployment's, unreadable here
+        state = json.loads((HERE / "boundary_probe.targets.json").read_text())
     except OSError:
         state = {}
     usable: dict[str, list[str]] = {"dataset_rows": [], "governance_write": [], "openbao_token": [],
@@ -117,6 +116,20 @@ def probe(where: str) -> dict:
                 usable["openbao_trusted_key"].append(src)
             except Exception:  # noqa: S112 - a key OpenBao does not trust is what we hope for
                 continue
+    socket_path = (state.get("control_plane") or {}).get("socket")
+    if bao and socket_path:  # the control plane logs in for a task only for what its run was approved
+        from airflow_finetune_gov.control.client import ControlPlaneClient
+
+        plane = ControlPlaneClient(socket_path, timeout=10)
+        for role, purpose, extra in (("lease-poisoned", "lease", {"dataset": "poisoned", "approval_id": "made-up"}),
+                                     ("tune-poisoned", "tune", {"dataset": "poisoned"}), ("revoker", "revoke", {}),
+                                     ("provenance", "provenance", {})):
+            try:
+                token = plane.login(role, purpose, extra)
+            except Exception:  # noqa: S112 - refused is what we hope for
+                continue
+            requests.post(f"{bao}/v1/auth/token/revoke-self", headers={"X-Vault-Token": token}, timeout=3)
+            usable["openbao_token"].append(f"control plane login as {role}")
     api = (state.get("airflow") or {}).get("url")
     if api:
         for value, src in found.items():

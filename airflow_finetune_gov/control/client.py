@@ -1,0 +1,165 @@
+"""The governed operators' side of the control plane: calls over its unix socket.
+
+A task never says who it is: the control plane knows from the kernel which process is calling. Errors
+come back as the exception the control plane raised (``AirflowFailException`` stays a failure without
+retry, a lease or lineage error stays one), with the control plane's log lines for the call written to
+the task's log first.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from airflow_finetune_gov.lineage.store import EventKey, LineageError, LineageEvent
+
+TIMEOUT_SECONDS = 300.0  # a revocation proves each role gone on PostgreSQL: allow it time
+
+
+class ControlPlaneError(RuntimeError):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("control-plane", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError as exc:
+            sock.close()
+            raise ControlPlaneError("unreachable", f"the control plane at {self._path} does not answer "
+                                                   f"({exc.strerror or exc}): is `fgov control-plane serve` "
+                                                   "running (the embedded stack starts it)?") from None
+        self.sock = sock
+
+
+class ControlPlaneClient:
+    def __init__(self, socket_path: str, *, delegation: str | None = None, log: Any = None,
+                 timeout: float = TIMEOUT_SECONDS) -> None:
+        self.socket_path = socket_path
+        self.delegation = delegation
+        self.log = log or logging.getLogger("airflow_finetune_gov.control.client")
+        self.timeout = timeout
+
+    def call(self, path: str, body: Mapping[str, Any] | None = None, *, log: Any = None) -> Any:
+        data = json.dumps(dict(body or {}), default=str).encode()
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        if self.delegation:
+            headers["X-Fgov-Delegation"] = self.delegation
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            conn.request("POST", path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except ControlPlaneError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during {path}: "
+                                                   f"{type(exc).__name__}: {exc}") from None
+        finally:
+            conn.close()
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise ControlPlaneError("bad", f"the control plane answered {path} with HTTP {resp.status} and no "
+                                           "JSON") from None
+        out = log or self.log
+        for level, line in answer.get("log") or []:
+            getattr(out, level if level in ("info", "warning", "error") else "info")("control plane: %s", line)
+        if answer.get("ok"):
+            return answer.get("result")
+        error = answer.get("error") or {}
+        raise _as_exception(str(error.get("kind") or "bad"), str(error.get("message") or f"HTTP {resp.status}"))
+
+    # --- the calls ---------------------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return self.call("/v1/whoami")
+
+    def delegate(self, seconds: float | None = None) -> str:
+        return str(self.call("/v1/tasks/delegate", {"seconds": seconds})["delegation"])
+
+    def login(self, role: str, purpose: str, extra: Mapping[str, str] | None = None) -> str:
+        return str(self.call("/v1/openbao/login", {"role": role, "purpose": purpose, "extra": dict(extra or {})})
+                   ["token"])
+
+    def revoke(self, *, reason: str, purposes: tuple[str, ...], lease_ids: set[str] | None,
+               fallback: list[dict[str, Any]] | None, log: Any = None) -> list[dict[str, Any]]:
+        return list(self.call("/v1/leases/revoke", {
+            "reason": reason, "purposes": list(purposes),
+            "lease_ids": sorted(lease_ids) if lease_ids is not None else None, "fallback": fallback}, log=log))
+
+    def sweep(self, *, dry_run: bool = False, log: Any = None) -> list[dict[str, Any]]:
+        return list(self.call("/v1/leases/sweep", {"dry_run": dry_run}, log=log))
+
+    def register(self, pid: int, ti: Mapping[str, Any]) -> None:
+        self.call("/v1/tasks/register", {"pid": pid, **ti})
+
+    def deregister(self, pid: int) -> None:
+        self.call("/v1/tasks/deregister", {"pid": pid})
+
+
+def _as_exception(kind: str, message: str) -> Exception:
+    if kind == "AirflowFailException":
+        from airflow.sdk.exceptions import AirflowFailException
+
+        return AirflowFailException(message)
+    if kind in ("AirflowException", "AirflowRuntimeError"):
+        from airflow.sdk.exceptions import AirflowException
+
+        return AirflowException(message)
+    if kind == "LineageError":
+        return LineageError(message)
+    if kind == "LeaseError":
+        from airflow_finetune_gov.credentials.broker import LeaseError
+
+        return LeaseError(message)
+    return ControlPlaneError(kind, message)
+
+
+class RemoteLineageStore:
+    """The part of :class:`~airflow_finetune_gov.lineage.store.LineageStore` a task uses, through the
+    control plane: it appends under the calling task's own key and reads the calling task's own run."""
+
+    def __init__(self, client: ControlPlaneClient) -> None:
+        self.client = client
+
+    def record(self, key: EventKey, event_type: str, *, actor: str, payload: Mapping[str, Any]) -> LineageEvent:
+        try:
+            row = self.client.call("/v1/lineage/append", {"key": _key(key), "event_type": event_type,
+                                                          "actor": actor, "payload": dict(payload)})
+        except ControlPlaneError as exc:
+            raise LineageError(f"could not write lineage event {event_type}: {exc}") from None
+        return _event(row)
+
+    def events(self, *, dag_id: str | None = None, run_id: str | None = None, event_type: str | None = None,
+               event_prefix: str | None = None) -> list[LineageEvent]:
+        try:
+            rows = self.client.call("/v1/lineage/events", {"dag_id": dag_id, "run_id": run_id,
+                                                           "event_type": event_type, "event_prefix": event_prefix})
+        except ControlPlaneError as exc:
+            raise LineageError(f"could not read lineage events of {dag_id}/{run_id}: {exc}") from None
+        return [_event(row) for row in rows]
+
+
+def _key(key: EventKey) -> list[Any]:
+    return [key.dag_id, key.run_id, key.task_id, int(key.try_number), int(key.map_index)]
+
+
+def _event(row: Mapping[str, Any]) -> LineageEvent:
+    from airflow_finetune_gov.lineage.store import canonical
+
+    fields = {c.key for c in LineageEvent.__table__.columns}
+    values = {k: v for k, v in row.items() if k in fields}
+    values["payload"] = canonical(dict(row.get("payload") or {}))  # as stored: the hash covers this text
+    return LineageEvent(**values)

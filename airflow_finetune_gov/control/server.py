@@ -1,0 +1,413 @@
+"""``fgov control-plane serve``: the control plane's unix-socket service.
+
+Who may call what:
+
+- **The executor** (a process of the deployment's own user, uid 0 or the control plane's own uid, checked
+  with ``SO_PEERCRED``) registers each task process it starts (``/v1/tasks/register``, with the task
+  instance it runs) and deregisters it when it exits.
+- **A task** is whichever registered process is the calling process or one of its ancestors. Nothing the
+  caller sends names it: a task can act as itself only, and only while its process runs. A trigger (in the
+  triggerer, which no executor registers) acts for the deferred task with a delegation the task asked for
+  before it deferred (``/v1/tasks/delegate``: random, kept only as its hash, bound to that task, expiring).
+- What a task may do as itself: append lineage events under its own key (``/v1/lineage/append``; the
+  event types are checked against their definitions), read its own run's events, log in to OpenBao for a
+  role its run entitles it to (``/v1/openbao/login``: a dataset's lease and tuning roles only under a
+  recorded approval for that dataset, the service roles always, the revoker never), and have the control
+  plane revoke its run's leases or sweep finished runs' (``/v1/leases/revoke``, ``/v1/leases/sweep``).
+
+The JSON answer of every call is ``{"ok": true, "result": ..., "log": [...]}`` or ``{"ok": false,
+"error": {"kind": ..., "message": ...}, "log": [...]}``; ``log`` carries what the control plane logged for
+the call, so the task's own log shows it. No answer, log line or lineage event carries a secret other
+than the OpenBao token a login returns to the task that asked for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from airflow_finetune_gov.credentials.identity import TaskIdentity
+
+log = logging.getLogger("airflow_finetune_gov.control")
+REGISTRATION_WAIT_SECONDS = 3.0  # a task process may call before its executor's registration is in
+DEFAULT_DELEGATION_SECONDS = 24 * 3600
+MAX_BODY = 4 * 1024 * 1024
+
+
+class ControlError(Exception):
+    """A refused call: ``kind`` is ``denied`` (who you are), ``refused`` (what you asked) or ``bad``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Registered:
+    pid: int
+    ti_id: str
+    identity: TaskIdentity
+    registered_at: float
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a unix socket, from the kernel."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def _parent(pid: int) -> int:
+    """The parent of ``pid`` (0 when it is gone); read from ``/proc``, which the caller cannot write."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    # pid (comm) state ppid ...; comm may hold spaces and parentheses: split after the last ')'
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+class Registry:
+    """Task processes the executor started, and delegations for their triggers (memory only: a restart of
+    the control plane ends every delegation; running tasks are registered again by their executor)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_pid: dict[int, Registered] = {}
+        self._delegations: dict[str, tuple[TaskIdentity, float]] = {}
+
+    def register(self, pid: int, ti_id: str, identity: TaskIdentity) -> None:
+        with self._lock:
+            self._by_pid[pid] = Registered(pid, ti_id, identity, time.time())
+
+    def deregister(self, pid: int) -> bool:
+        with self._lock:
+            return self._by_pid.pop(pid, None) is not None
+
+    def registered(self) -> list[Registered]:
+        with self._lock:
+            return list(self._by_pid.values())
+
+    def task_of(self, pid: int) -> Registered | None:
+        """The registered task whose process is ``pid`` or one of its ancestors."""
+        seen = 0
+        while pid > 1 and seen < 64:
+            with self._lock:
+                found = self._by_pid.get(pid)
+            if found is not None:
+                return found
+            pid, seen = _parent(pid), seen + 1
+        return None
+
+    def delegate(self, identity: TaskIdentity, seconds: float) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            now = time.time()
+            self._delegations = {k: v for k, v in self._delegations.items() if v[1] > now}
+            self._delegations[_digest(token)] = (identity, now + seconds)
+        return token
+
+    def delegated(self, token: str) -> TaskIdentity | None:
+        with self._lock:
+            found = self._delegations.get(_digest(token))
+        if found is None or found[1] <= time.time():
+            return None
+        return found[0]
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class CapturingLog:
+    """A task-like logger: lines go to the control plane's log and back to the calling task."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.lines: list[tuple[str, str]] = []
+
+    def _emit(self, level: str, msg: str, *args: Any, **_: Any) -> None:
+        text = msg % args if args else str(msg)
+        self.lines.append((level, text))
+        log.log(logging.getLevelName(level.upper()), "%s: %s", self.who, text)
+
+    def debug(self, msg: str, *args: Any, **kw: Any) -> None:
+        pass
+
+    def info(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("info", msg, *args)
+
+    def warning(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("warning", msg, *args)
+
+    def error(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("error", msg, *args)
+
+    def exception(self, msg: str, *args: Any, **kw: Any) -> None:
+        self._emit("error", msg, *args)
+
+
+def service_context(identity: TaskIdentity, log_: CapturingLog) -> dict[str, Any]:
+    """What the provider's task-side functions read from an Airflow context, for one verified task: its
+    identity only (no XCom, no run conf: the control plane does not take the task's word for those)."""
+    ti = SimpleNamespace(dag_id=identity.dag_id, run_id=identity.run_id, task_id=identity.task_id,
+                         try_number=identity.try_number, map_index=identity.map_index,
+                         xcom_pull=lambda **_: [])
+    return {"ti": ti, "task_instance": ti, "task": SimpleNamespace(log=log_, upstream_task_ids=set()),
+            "dag_run": SimpleNamespace(start_date=None, triggering_user_name=None, conf={})}
+
+
+class ControlPlane:
+    """The calls, as plain methods (the HTTP layer below only authenticates and routes)."""
+
+    def __init__(self, *, task_uid: int, admin_uids: set[int] | None = None,
+                 delegation_seconds: float = DEFAULT_DELEGATION_SECONDS) -> None:
+        self.task_uid = task_uid
+        self.admin_uids = admin_uids if admin_uids is not None else {0, os.getuid()}
+        self.delegation_seconds = delegation_seconds
+        self.registry = Registry()
+
+    # --- who is calling ---------------------------------------------------------------------------
+    def admin(self, uid: int) -> None:
+        if uid not in self.admin_uids:
+            raise ControlError("denied", f"uid {uid} may not register task processes: only the executor "
+                                         "(the deployment's own user) does")
+
+    def task(self, pid: int, uid: int, delegation: str | None) -> TaskIdentity:
+        if delegation:
+            identity = self.registry.delegated(delegation)
+            if identity is None:
+                raise ControlError("denied", "the delegation is unknown or expired (the control plane was "
+                                             "restarted, or the trigger outlived it): the task must run again")
+            return identity
+        deadline = time.monotonic() + REGISTRATION_WAIT_SECONDS
+        while True:
+            found = self.registry.task_of(pid)
+            if found is not None:
+                return found.identity
+            if time.monotonic() >= deadline:
+                raise ControlError("denied", f"process {pid} (uid {uid}) is no task the executor started: governed "
+                                             "operators run only in task processes of the provider's executor "
+                                             "(airflow_finetune_gov.executors.TaskUserLocalExecutor)")
+            time.sleep(0.05)
+
+    # --- calls ----------------------------------------------------------------------------------
+    def register(self, uid: int, body: dict[str, Any]) -> dict[str, Any]:
+        self.admin(uid)
+        try:
+            identity = TaskIdentity(dag_id=str(body["dag_id"]), run_id=str(body["run_id"]),
+                                    task_id=str(body["task_id"]), try_number=int(body["try_number"]),
+                                    map_index=int(body.get("map_index", -1)))
+            pid = int(body["pid"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ControlError("bad", f"a registration needs pid, dag_id, run_id, task_id, try_number: {exc}") from None
+        self.registry.register(pid, str(body.get("ti_id", "")), identity)
+        log.info("task process %s registered: %s (map %s)", pid, identity.subject, identity.map_index)
+        return {"registered": pid}
+
+    def deregister(self, uid: int, body: dict[str, Any]) -> dict[str, Any]:
+        self.admin(uid)
+        return {"deregistered": self.registry.deregister(int(body["pid"]))}
+
+    def delegate(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
+        seconds = min(float(body.get("seconds") or self.delegation_seconds), self.delegation_seconds)
+        return {"delegation": self.registry.delegate(identity, seconds), "expires_in": seconds}
+
+    def append(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
+        from airflow_finetune_gov import common
+        from airflow_finetune_gov.lineage import events
+        from airflow_finetune_gov.lineage.store import EventKey
+
+        key = EventKey(identity.dag_id, identity.run_id, identity.task_id, identity.try_number, identity.map_index)
+        own = [key.dag_id, key.run_id, key.task_id, key.try_number, key.map_index]
+        asked = body.get("key")
+        if asked and list(asked) != own:
+            raise ControlError("refused", f"a task appends lineage under its own key {own}, not {asked}")
+        try:
+            event = events.record(common.lineage_store(), key, str(body["event_type"]),
+                                  actor=str(body.get("actor") or "airflow"), payload=dict(body.get("payload") or {}))
+        except events.EventSchemaError as exc:
+            raise ControlError("bad", str(exc)) from None
+        return event.to_dict()
+
+    def events(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
+        from airflow_finetune_gov import common
+
+        for field in ("dag_id", "run_id"):
+            if body.get(field) not in (None, getattr(identity, field)):
+                raise ControlError("refused", f"a task reads its own run's lineage only ({identity.dag_id}/"
+                                              f"{identity.run_id}), not {field} {body.get(field)!r}")
+        found = common.lineage_store().events(dag_id=identity.dag_id, run_id=identity.run_id,
+                                              event_type=body.get("event_type"), event_prefix=body.get("event_prefix"))
+        return [e.to_dict() for e in found]
+
+    def login(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
+        from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+
+        role, purpose = str(body.get("role") or ""), str(body.get("purpose") or "")
+        extra = {str(k): str(v) for k, v in (body.get("extra") or {}).items()}
+        self._authorize_login(identity, role, purpose, extra)
+        client = GovernedLeaseHook().client(identity, role=role, purpose=purpose, extra=extra or None)
+        return {"token": client.token}
+
+    def _authorize_login(self, identity: TaskIdentity, role: str, purpose: str, extra: dict[str, str]) -> None:
+        from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+        from airflow_finetune_gov.credentials.operators import SERVICE_SCOPES
+        from airflow_finetune_gov.vault.bootstrap import (
+            PROVENANCE_ROLE,
+            REVOKER_ROLE,
+            lease_role_name,
+            tune_role_name,
+        )
+
+        if role in SERVICE_SCOPES:
+            if purpose != role or extra:
+                raise ControlError("refused", f"the {role} role is logged in to with purpose {role} and no claims")
+            return
+        if role == REVOKER_ROLE:
+            raise ControlError("refused", "revocation is the control plane's own: ask it to revoke the run's leases "
+                                          "(/v1/leases/revoke), never for the revoker's identity")
+        try:
+            approval = granted_approval(self._run_events(identity), identity.run_id)
+        except ApprovalMissing as exc:
+            raise ControlError("refused", f"no {role} login for {identity.subject}: {exc}") from None
+        if role == PROVENANCE_ROLE and purpose == "provenance" and not extra:
+            return
+        dataset = extra.get("dataset", "")
+        if approval.get("change") == "finetune" and dataset == approval.get("dataset"):
+            if role == lease_role_name(dataset) and purpose == "lease" and \
+                    extra.get("approval_id") == approval["approval_id"] and set(extra) == {"dataset", "approval_id"}:
+                return
+            if role == tune_role_name(dataset) and purpose == "tune" and set(extra) == {"dataset"}:
+                return
+        raise ControlError("refused", f"no {role} login (purpose {purpose}, claims {sorted(extra)}) for "
+                                      f"{identity.subject}: the run's approval is for dataset "
+                                      f"{approval.get('dataset')!r} ({approval.get('change')})")
+
+    def _run_events(self, identity: TaskIdentity) -> list[Any]:
+        """The calling task's chain of events in the newest incarnation of its run (a running task is always
+        in the newest: a run re-created under the same run id starts after it)."""
+        from airflow_finetune_gov import common
+        from airflow_finetune_gov.lineage.runs import newest
+        from airflow_finetune_gov.lineage.store import chain_of
+
+        mine = chain_of(identity.task_id, identity.map_index)
+        events = newest(common.lineage_store().events(dag_id=identity.dag_id, run_id=identity.run_id))
+        return [e for e in events if e.chain == mine]
+
+    def revoke(self, identity: TaskIdentity, body: dict[str, Any], log_: CapturingLog) -> list[dict[str, Any]]:
+        from airflow_finetune_gov.credentials.operators import revoke_run_leases
+
+        lease_ids = body.get("lease_ids")
+        return revoke_run_leases(service_context(identity, log_), reason=str(body.get("reason") or "teardown"),
+                                 purposes=tuple(body.get("purposes") or ("training",)),
+                                 lease_ids=set(lease_ids) if lease_ids is not None else None,
+                                 fallback=body.get("fallback"))
+
+    def sweep(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
+        from airflow_finetune_gov.cli.main import _orm_run_state
+        from airflow_finetune_gov.credentials.operators import run_sweep
+
+        log.info("sweep asked by %s", identity.subject)
+        return run_sweep(_orm_run_state, dry_run=bool(body.get("dry_run")))
+
+
+def _route(plane: ControlPlane, path: str, pid: int, uid: int, delegation: str | None, body: dict[str, Any],
+           log_: CapturingLog) -> Any:
+    if path == "/v1/health":
+        return {"tasks": len(plane.registry.registered())}
+    if path == "/v1/tasks/register":
+        return plane.register(uid, body)
+    if path == "/v1/tasks/deregister":
+        return plane.deregister(uid, body)
+    task_calls: dict[str, Callable[[TaskIdentity], Any]] = {
+        "/v1/whoami": lambda ident: asdict(ident),
+        "/v1/tasks/delegate": lambda ident: plane.delegate(ident, body),
+        "/v1/lineage/append": lambda ident: plane.append(ident, body),
+        "/v1/lineage/events": lambda ident: plane.events(ident, body),
+        "/v1/openbao/login": lambda ident: plane.login(ident, body),
+        "/v1/leases/revoke": lambda ident: plane.revoke(ident, body, log_),
+        "/v1/leases/sweep": lambda ident: plane.sweep(ident, body),
+    }
+    call = task_calls.get(path)
+    if call is None:
+        raise ControlError("bad", f"no such call {path}")
+    if path == "/v1/tasks/delegate" and delegation:
+        raise ControlError("denied", "a delegation cannot be delegated again")
+    identity = plane.task(pid, uid, delegation)
+    log_.who = identity.subject
+    return call(identity)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # requests are logged by what they do, never with their bodies
+
+    def do_POST(self) -> None:
+        pid, uid, _ = peer_credentials(self.connection)
+        log_ = CapturingLog(f"pid {pid}")
+        status, answer = 200, {}
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                raise ControlError("bad", f"request body of {length} bytes is over {MAX_BODY}")
+            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+            delegation = self.headers.get("X-Fgov-Delegation") or None
+            result = _route(self.server.plane, self.path, pid, uid, delegation, body, log_)
+            answer = {"ok": True, "result": result}
+        except ControlError as exc:
+            status = {"denied": 403, "refused": 409, "bad": 400}.get(exc.kind, 400)
+            answer = {"ok": False, "error": {"kind": exc.kind, "message": str(exc)}}
+            log.warning("%s %s refused (%s): %s", log_.who, self.path, exc.kind, exc)
+        except Exception as exc:  # the operator's own exceptions, named by class for the client to raise
+            status = 500
+            answer = {"ok": False, "error": {"kind": type(exc).__name__, "message": str(exc)[:4000]}}
+            log.warning("%s %s failed: %s: %s", log_.who, self.path, type(exc).__name__, exc)
+        answer["log"] = log_.lines
+        data = json.dumps(answer, default=str).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    plane: ControlPlane
+
+
+def serve(socket_path: Path, plane: ControlPlane, *, ready: Callable[[], None] | None = None) -> None:
+    """Serve until killed. The socket is reachable by every local user: who may do what is decided per call."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    socket_path.unlink(missing_ok=True)
+    server = _Server(str(socket_path), _Handler)
+    server.plane = plane
+    socket_path.chmod(0o666)
+    log.info("control plane listening on %s (task uid %s)", socket_path, plane.task_uid)
+    if ready is not None:
+        ready()
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        server.server_close()
+        socket_path.unlink(missing_ok=True)

@@ -1,0 +1,145 @@
+"""TaskUserLocalExecutor: the LocalExecutor, with every task in a new process under the DAG user.
+
+Airflow's LocalExecutor runs a task in a fork of the scheduler: DAG code then runs as the scheduler's OS
+user with a copy of its memory (the key that signs every Airflow token among it) and reads its files.
+``run_as_user`` does not help: the task runner parses the DAG file before it switches user. This executor
+keeps the LocalExecutor's worker pool, but a worker hands each workload to
+``python -m airflow_finetune_gov.executors.run_workload`` (Airflow's ``execute_workload``), started fresh
+(``exec``, not a fork) as ``[finetune_gov] task_user`` with ``[finetune_gov] task_airflow_home``, its
+environment built from nothing, and the workload (with its one task token) on a pipe rather than the
+command line that ``ps`` shows.
+
+With a control plane configured, the worker registers the new process with it before the task can call,
+and deregisters it when the process ends: the control plane then knows the caller of every request from
+the kernel (``SO_PEERCRED`` and the process's ancestry). The scheduler must run as root to switch users.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+from typing import Any
+
+import structlog
+from airflow.executors.local_executor import LocalExecutor, _get_executor_process_title_prefix
+
+log = structlog.get_logger(__name__)
+PASSED_ENV = ("LANG", "LC_ALL", "TZ", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "OMP_NUM_THREADS",
+              "MKL_NUM_THREADS", "TORCH_NUM_THREADS", "FGOV_STACK_DIR")
+
+
+class TaskUserError(RuntimeError):
+    pass
+
+
+def task_environment(user: pwd.struct_passwd, home: str) -> dict[str, str]:
+    """The whole environment of a task process: nothing of the scheduler's but locale and thread settings."""
+    env = {k: v for k, v in os.environ.items() if k in PASSED_ENV}
+    env.update({"HOME": user.pw_dir if os.path.isdir(user.pw_dir) else home, "USER": user.pw_name,
+                "LOGNAME": user.pw_name, "AIRFLOW_HOME": home, "PYTHONUNBUFFERED": "1",
+                "PATH": f"{os.path.dirname(sys.executable)}:/usr/local/bin:/usr/bin:/bin"})
+    return env
+
+
+def run_as_task_user(workload: Any, *, user: str, home: str, socket_path: str | None) -> int:
+    """Run one workload as ``user``; return its exit code."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise TaskUserError(f"[finetune_gov] task_user {user!r} is no OS user: create it (useradd --system "
+                            f"{user}) or let `fgov stack up` do it") from None
+    if entry.pw_uid == 0:
+        raise TaskUserError("[finetune_gov] task_user may not be root: DAG code would run with every key")
+    from airflow_finetune_gov.control.client import ControlPlaneClient
+
+    plane = ControlPlaneClient(socket_path) if socket_path else None
+    ti = getattr(workload, "ti", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow_finetune_gov.executors.run_workload"],
+        stdin=subprocess.PIPE, env=task_environment(entry, home), cwd=home, user=entry.pw_uid,
+        group=entry.pw_gid, extra_groups=[], umask=0o027, close_fds=True)
+    registered = False
+    try:
+        if plane is not None and ti is not None:
+            plane.register(proc.pid, {"ti_id": str(ti.id), "dag_id": ti.dag_id, "run_id": ti.run_id,
+                                      "task_id": ti.task_id, "try_number": int(ti.try_number),
+                                      "map_index": -1 if getattr(ti, "map_index", None) is None
+                                      else int(ti.map_index)})
+            registered = True
+        assert proc.stdin is not None
+        proc.stdin.write(workload.model_dump_json().encode())
+        proc.stdin.close()
+        return proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        if registered and plane is not None:
+            try:
+                plane.deregister(proc.pid)
+            except Exception:
+                log.exception("could not deregister task process", pid=proc.pid)
+
+
+def _run_worker(logger_name: str, input: Any, output: Any, unread_messages: Any, team_conf: Any,
+                user: str, home: str, socket_path: str | None) -> None:
+    """:func:`airflow.executors.local_executor._run_worker`, running each workload as the task user."""
+    import signal
+
+    from setproctitle import setproctitle
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    wlog = structlog.get_logger(logger_name)
+    prefix = _get_executor_process_title_prefix(team_conf.team_name)
+    while True:
+        setproctitle(f"{prefix} <idle>")
+        try:
+            workload = input.get()
+        except EOFError:
+            break
+        if workload is None:
+            return
+        with unread_messages:
+            unread_messages.value -= 1
+        if workload.running_state is not None:
+            output.put((workload.key, workload.running_state, None))
+        setproctitle(f"{prefix} {workload.display_name} (as {user})")
+        try:
+            code = run_as_task_user(workload, user=user, home=home, socket_path=socket_path)
+            if code != 0:
+                wlog.warning("workload process exited", code=code, workload=workload.display_name)
+            output.put((workload.key, workload.success_state if code == 0 else workload.failure_state, None))
+        except Exception as e:
+            wlog.exception("Workload execution failed.", workload_type=type(workload).__name__)
+            output.put((workload.key, workload.failure_state, e))
+
+
+class TaskUserLocalExecutor(LocalExecutor):
+    """Set ``[core] executor = airflow_finetune_gov.executors.TaskUserLocalExecutor`` and
+    ``[finetune_gov] task_user`` / ``task_airflow_home``."""
+
+    def start(self) -> None:
+        from airflow_finetune_gov import settings
+
+        self._task_user = settings.get("task_user")
+        self._task_home = settings.get("task_airflow_home")
+        self._socket = settings.get("control_plane_socket", required=False) or None
+        if os.geteuid() != 0:
+            raise TaskUserError("TaskUserLocalExecutor runs tasks as [finetune_gov] task_user and must itself run "
+                                "as root (the scheduler's user)")
+        pwd.getpwnam(self._task_user)  # fail at start, not at the first task
+        super().start()
+
+    def _spawn_worker(self) -> None:
+        import multiprocessing
+
+        p = multiprocessing.Process(target=_run_worker, kwargs={
+            "logger_name": self.log.name, "input": self.activity_queue, "output": self.result_queue,
+            "unread_messages": self._unread_messages, "team_conf": self.conf,
+            "user": self._task_user, "home": self._task_home, "socket_path": self._socket})
+        p.start()
+        assert p.pid
+        self.workers[p.pid] = p
