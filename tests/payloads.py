@@ -24,6 +24,12 @@ def decision(env: str = "staging", dataset: str = "benign", *, requester: str = 
     return events.POLICY_DECIDED.payload(**seal_decision(d))
 
 
+def witnessed(who: str, option: str = "Approve", *, comment: str = "") -> dict[str, Any]:
+    """The api-server's record of an answer through Airflow's API (recorded under the gate's task, try 0)."""
+    return events.APPROVAL_WITNESSED.payload(responder=who, responder_name=who, chosen_options=[option],
+                                             comment=comment, responded_at="2026-12-01T10:00:00+00:00")
+
+
 def grant(d: dict[str, Any], who: str, *, approval_id: str | None = None, **fields: Any) -> dict[str, Any]:
     return events.APPROVAL_GRANTED.payload(
         approval_id=approval_id or f"a-{who}", responder=who, option="Approve", tier=d["tier"],

@@ -2,9 +2,11 @@
 
 Nothing downstream of the gate trusts the gate task's state or XCom: a ``user`` can mark the gate
 task ``success`` over REST or in the UI, and XCom can be written through the API. The lineage record
-is written only by the governed tasks' own code, is append-only, and is chained by hash; an approval
-counts only if it is recorded there, by an allowed approver who is not the requester, with the
-tier's quorum of distinct people and no rejection.
+is append-only and chained by hash; an approval counts only if it is recorded there, by an allowed
+approver who is not the requester, with the tier's quorum of distinct people and no rejection, and only
+if the api-server **witnessed** that person answering Approve through Airflow's API after the decision
+(``approval.witnessed``). Task code can append a grant through the control plane, but never a witness
+nor a decision (both are reserved to the deployment's own components).
 
 An approval answers one **decision**: every ``policy.decided`` carries a ``decision_id`` and a
 ``decision_sha256`` over its whole content (request, tier, approvers, dataset digest,
@@ -23,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from airflow_finetune_gov.lineage.store import LineageEvent
+
+
+APPROVE = "Approve"  # the gate's approving option (approval.operators)
 
 
 class ApprovalMissing(RuntimeError):
@@ -69,6 +74,16 @@ def policy_decision(events: Sequence[LineageEvent], run_id: str) -> dict[str, An
     return last
 
 
+def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
+    """Who answered ``Approve`` through Airflow's API after the latest policy decision, as the api-server
+    witnessed it (``approval.witnessed``, which only the api-server records): an ``approval.granted`` counts
+    only for one of them. A grant is the gate's reading of an answer; the witness is the answer."""
+    decided = [e.id for e in events if e.event_type == "policy.decided"]
+    after = decided[-1] if decided else 0
+    return {str(p.get("responder")) for e in events if e.event_type == "approval.witnessed" and e.id > after
+            and APPROVE in (p := e.payload_dict()).get("chosen_options", [])}
+
+
 def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
     decision = policy_decision(events, run_id)
     tier = decision["tier"]
@@ -92,13 +107,17 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         approval_id = auto[-1]["approval_id"]
     else:
         allowed = set(decision["approvers"]) - {requester}
-        valid = [g for g in grants if g.get("responder") in allowed]
+        seen = witnessed_approvals(events)
+        valid = [g for g in grants if g.get("responder") in allowed and g.get("responder") in seen]
+        unwitnessed = sorted({str(g.get("responder")) for g in grants if g.get("responder") not in seen})
         approvers = sorted({g["responder"] for g in valid})
         if len(approvers) < int(decision["quorum"]):
+            hint = (f"; recorded but not witnessed by the api-server (no answer through Airflow's API after the "
+                    f"decision): {unwitnessed}" if unwitnessed else "")
             raise ApprovalMissing(
                 f"run {run_id} needs {decision['quorum']} distinct approver(s) from {sorted(allowed)}; "
-                f"recorded for decision {decision['decision_id']}: {approvers or 'none'}{stale}. Marking the gate "
-                "task successful does not approve a run."
+                f"recorded for decision {decision['decision_id']}: {approvers or 'none'}{stale}{hint}. Marking the "
+                "gate task successful does not approve a run."
             )
         approval_id = valid[-1]["approval_id"]
     return {

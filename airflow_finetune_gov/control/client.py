@@ -102,6 +102,9 @@ class ControlPlaneClient:
     def sweep(self, *, dry_run: bool = False, log: Any = None) -> list[dict[str, Any]]:
         return list(self.call("/v1/leases/sweep", {"dry_run": dry_run}, log=log))
 
+    def execute(self, operator: str, params: Mapping[str, Any], *, log: Any = None) -> Any:
+        return self.call("/v1/operators/execute", {"operator": operator, "params": dict(params)}, log=log)
+
     def register(self, pid: int, ti: Mapping[str, Any]) -> None:
         self.call("/v1/tasks/register", {"pid": pid, **ti})
 
@@ -118,6 +121,10 @@ def _as_exception(kind: str, message: str) -> Exception:
         from airflow.sdk.exceptions import AirflowException
 
         return AirflowException(message)
+    if kind in ("RunNotWitnessed", "ControlError"):
+        from airflow.sdk.exceptions import AirflowFailException
+
+        return AirflowFailException(message)
     if kind == "LineageError":
         return LineageError(message)
     if kind == "LeaseError":

@@ -14,6 +14,10 @@ Who may call what:
   role its run entitles it to (``/v1/openbao/login``: a dataset's lease and tuning roles only under a
   recorded approval for that dataset, the service roles always, the revoker never), and have the control
   plane revoke its run's leases or sweep finished runs' (``/v1/leases/revoke``, ``/v1/leases/sweep``).
+- What only the control plane does: decide (``/v1/operators/execute`` runs the policy and rollback checks
+  here, on the arguments the task sends, with the requester the scheduler witnessed), and record what is
+  reserved to the deployment (``policy.decided``; the scheduler's ``run.started`` and the api-server's
+  ``approval.witnessed`` are written by those components themselves): a task appending one is refused.
 
 The JSON answer of every call is ``{"ok": true, "result": ..., "log": [...]}`` or ``{"ok": false,
 "error": {"kind": ..., "message": ...}, "log": [...]}``; ``log`` carries what the control plane logged for
@@ -161,14 +165,29 @@ class CapturingLog:
         self._emit("error", msg, *args)
 
 
-def service_context(identity: TaskIdentity, log_: CapturingLog) -> dict[str, Any]:
+def service_context(identity: TaskIdentity, log_: CapturingLog, run_started: dict[str, Any] | None = None,
+                    task: Any = None) -> dict[str, Any]:
     """What the provider's task-side functions read from an Airflow context, for one verified task: its
-    identity only (no XCom, no run conf: the control plane does not take the task's word for those)."""
+    identity, and its run's start and requester as the scheduler witnessed them (``run_started``, the
+    newest ``run.started``); no XCom, no run conf: the control plane does not take the task's word."""
     ti = SimpleNamespace(dag_id=identity.dag_id, run_id=identity.run_id, task_id=identity.task_id,
                          try_number=identity.try_number, map_index=identity.map_index,
                          xcom_pull=lambda **_: [])
-    return {"ti": ti, "task_instance": ti, "task": SimpleNamespace(log=log_, upstream_task_ids=set()),
-            "dag_run": SimpleNamespace(start_date=None, triggering_user_name=None, conf={})}
+    started = run_started or {}
+    return {"ti": ti, "task_instance": ti, "task": task or SimpleNamespace(log=log_, upstream_task_ids=set()),
+            "dag_run": SimpleNamespace(start_date=started.get("start_date"),
+                                       triggering_user_name=started.get("triggering_user_name"), conf={})}
+
+
+# Operators whose whole ``execute`` runs in the control plane: what they record is reserved to it
+# (``policy.decided``). The task sends the operator's rendered arguments: the request, not the decision.
+PLANE_OPERATORS = {
+    "policy_check": ("airflow_finetune_gov.policy.operators", "PolicyCheckOperator",
+                     ("model", "dataset", "target_environment", "tuning_method", "base_version", "hyperparameters",
+                      "dataset_digest")),
+    "rollback_check": ("airflow_finetune_gov.registry.operators", "RollbackCheckOperator",
+                       ("model", "alias", "to_version")),
+}
 
 
 class ControlPlane:
@@ -237,6 +256,9 @@ class ControlPlane:
         asked = body.get("key")
         if asked and list(asked) != own:
             raise ControlError("refused", f"a task appends lineage under its own key {own}, not {asked}")
+        definition = events.EVENT_TYPES.get(str(body.get("event_type")))
+        if definition is not None and definition.reserved:
+            raise ControlError("refused", f"{definition} is recorded by {definition.by}, never by a task")
         try:
             event = events.record(common.lineage_store(), key, str(body["event_type"]),
                                   actor=str(body.get("actor") or "airflow"), payload=dict(body.get("payload") or {}))
@@ -318,6 +340,31 @@ class ControlPlane:
                                  lease_ids=set(lease_ids) if lease_ids is not None else None,
                                  fallback=body.get("fallback"))
 
+    def execute(self, identity: TaskIdentity, body: dict[str, Any], log_: CapturingLog) -> Any:
+        """Run one of :data:`PLANE_OPERATORS` here, as the calling task, with the arguments it sent."""
+        import importlib
+
+        from airflow_finetune_gov import common
+        from airflow_finetune_gov.lineage.runs import RUN_STARTED, RunNotWitnessed
+
+        name = str(body.get("operator") or "")
+        if name not in PLANE_OPERATORS:
+            raise ControlError("bad", f"no operator {name!r} runs in the control plane: {sorted(PLANE_OPERATORS)}")
+        module, cls_name, fields = PLANE_OPERATORS[name]
+        params = dict(body.get("params") or {})
+        unknown = set(params) - set(fields)
+        if unknown:
+            raise ControlError("bad", f"{cls_name} takes {list(fields)}, not {sorted(unknown)}")
+        starts = common.lineage_store().events(dag_id=identity.dag_id, run_id=identity.run_id,
+                                               event_type=RUN_STARTED)
+        if not starts:
+            raise RunNotWitnessed(f"run {identity.dag_id}/{identity.run_id} has no run.started record from the "
+                                  "scheduler: nothing can be decided for it (see the README's limits)")
+        cls = getattr(importlib.import_module(module), cls_name)
+        op = cls(task_id=identity.task_id.rpartition(".")[2], **params)
+        op._log = log_  # what it logs goes back to the task's log
+        return op.execute(service_context(identity, log_, starts[-1].payload_dict(), task=op))
+
     def sweep(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
         from airflow_finetune_gov.cli.main import _orm_run_state
         from airflow_finetune_gov.credentials.operators import run_sweep
@@ -342,6 +389,7 @@ def _route(plane: ControlPlane, path: str, pid: int, uid: int, delegation: str |
         "/v1/openbao/login": lambda ident: plane.login(ident, body),
         "/v1/leases/revoke": lambda ident: plane.revoke(ident, body, log_),
         "/v1/leases/sweep": lambda ident: plane.sweep(ident, body),
+        "/v1/operators/execute": lambda ident: plane.execute(ident, body, log_),
     }
     call = task_calls.get(path)
     if call is None:

@@ -33,11 +33,12 @@ class EventType(str):
     required: frozenset[str]
     optional: frozenset[str]
     open: bool
+    reserved: bool  # written by the deployment's own components only: the control plane refuses it from a task
 
     def __new__(cls, name: str, by: str, means: str, required: tuple[str, ...] = (), optional: tuple[str, ...] = (),
-                *, open: bool = False) -> EventType:
+                *, open: bool = False, reserved: bool = False) -> EventType:
         self = super().__new__(cls, name)
-        self.by, self.means, self.open = by, means, open
+        self.by, self.means, self.open, self.reserved = by, means, open, reserved
         self.required, self.optional = frozenset(required), frozenset(optional)
         return self
 
@@ -68,11 +69,11 @@ _DECISION = ("tier", "reasons", "policy_name", "policy_sha256", "approvers", "qu
 RUN_STARTED = EventType(
     "run.started", "the scheduler (the provider's listener)",
     "a DAG run started running (first start, or a finished run cleared): Airflow's key of the run and its start",
-    ("dag_run_id", "start_date"), ("clear_number", "run_type", "triggering_user_name", "run_after"))
+    ("dag_run_id", "start_date"), ("clear_number", "run_type", "triggering_user_name", "run_after"), reserved=True)
 
 POLICY_DECIDED = EventType(
-    "policy.decided", "policy check", "the policy's decision about the change, sealed by its decision_sha256",
-    _DECISION, open=True)
+    "policy.decided", "the control plane (policy check, rollback check)",
+    "the policy's decision about the change, sealed by its decision_sha256", _DECISION, open=True, reserved=True)
 POLICY_ERROR = EventType("policy.error", "policy check", "the change could not be decided (nobody is asked)",
                          ("error",), open=True)
 
@@ -80,6 +81,11 @@ APPROVAL_REQUESTED = EventType(
     "approval.requested", "approval gate", "a request for approval of one decision opened (or re-opened: round n)",
     ("tier", "needed", "round", "policy_sha256", "decision_id", "decision_sha256"),
     ("approvers", "excluded", "subject", "response_timeout_seconds", "reason", "remaining_seconds"))
+APPROVAL_WITNESSED = EventType(
+    "approval.witnessed", "the api-server (the provider's root middleware)",
+    "Airflow accepted an answer to a HITL request through its API, from this authenticated user: the only "
+    "proof that a person answered", ("responder", "chosen_options", "responded_at"), ("responder_name", "comment"),
+    reserved=True)
 APPROVAL_GRANTED = EventType(
     "approval.granted", "approval gate", "one approval of one decision, by a person or (tier auto) the policy",
     ("approval_id", "responder", "option", "tier", "policy_sha256", "decision_id", "decision_sha256"),

@@ -50,6 +50,11 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         return AirflowFailException(f"policy check failed: {error}")
 
     def execute(self, context: Any) -> dict[str, Any]:
+        if common.remote():  # the decision is the control plane's: it runs this method there, as this task
+            return common.control().execute("policy_check", {
+                "model": self.model, "dataset": self.dataset, "target_environment": self.target_environment,
+                "tuning_method": self.tuning_method, "base_version": self.base_version,
+                "hyperparameters": self.hyperparameters, "dataset_digest": self.dataset_digest}, log=self.log)
         # Before anything is leased: a run whose start the scheduler did not witness cannot be governed.
         common.incarnation(context)
         requester = common.requester(context)

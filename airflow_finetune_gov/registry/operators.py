@@ -164,6 +164,9 @@ class RollbackCheckOperator(BaseOperator):
         return AirflowFailException(f"rollback refused: {error}")
 
     def execute(self, context: Any) -> dict[str, Any]:
+        if common.remote():  # the decision is the control plane's: it runs this method there, as this task
+            return common.control().execute("rollback_check", {
+                "model": self.model, "alias": self.alias, "to_version": self.to_version}, log=self.log)
         store = ModelStore(settings.get("model_store"))
         try:
             aliases = store.aliases(self.model)

@@ -30,7 +30,10 @@ def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", *
     return d
 
 
-def grant(store: LineageStore, who: str, d: dict) -> None:
+def grant(store: LineageStore, who: str, d: dict, *, witnessed: bool = True) -> None:
+    if witnessed:
+        events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
+                      payload=payloads.witnessed(who))
     events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
                   payload=payloads.grant(d, who, approval_id=f"id-{who}"))
 
@@ -154,3 +157,25 @@ def test_needs_review_accepted_by_an_approver_counts(store: LineageStore) -> Non
     decide(store)
     evaluated(store, "needs_review", review=("approver2", "accepted"))
     assert evaluation_outcome(store.events(run_id="r"), "r", "v1")["reviewed_by"] == "approver2"
+
+
+def test_a_grant_counts_only_with_the_api_servers_witness(store: LineageStore) -> None:
+    """Task code can append ``approval.granted`` through the control plane, but not the witness: a grant
+    nobody was seen giving through Airflow's API does not approve, nor does a witness from before the
+    decision (an answer to an earlier one)."""
+    d = decide(store)
+    grant(store, "approver1", d, witnessed=False)
+    with pytest.raises(ApprovalMissing, match=r"not witnessed by the api-server .*\['approver1'\]"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver2", "Reject"))
+    grant(store, "approver2", d, witnessed=False)
+    with pytest.raises(ApprovalMissing, match="not witnessed"):  # witnessed rejecting, not approving
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1"))
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1"]
+    d2 = decide(store)  # a new decision: the witnessed answer was to the old one
+    grant(store, "approver1", d2, witnessed=False)
+    with pytest.raises(ApprovalMissing, match=r"not witnessed .*\['approver1'\]"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")

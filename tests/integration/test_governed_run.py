@@ -91,6 +91,11 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert (started.event_type, started.task_id, started.actor) == (RUN_STARTED, "", "scheduler")
     assert started.payload_dict()["dag_run_id"] > 0 and not any(e.event_type == RUN_STARTED for e in events)
     assert {e.task_id for e in events} == DAG_TASKS
+    # The api-server's witness of approver1's answer (try 0: it does not know the task's try), before the grant
+    witnessed = [e for e in events if e.event_type == "approval.witnessed"]
+    assert [(e.task_id, e.try_number, e.actor, e.payload_dict()["responder"], e.payload_dict()["chosen_options"])
+            for e in witnessed] == [("approval_gate", 0, "api-server", "approver1", ["Approve"])]
+    events = [e for e in events if e not in witnessed]
     assert all(e.dag_id == DEMO_DAG_ID and e.try_number >= 1 and e.map_index == -1 for e in events)
     kinds = [e.event_type for e in events]
     for expected in ("policy.decided", "approval.requested", "approval.granted", "lease.requested", "lease.issued",

@@ -31,6 +31,7 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
 
     d = payloads.decision(sha256=SHA)
     rec("policy_check", "policy.decided", d)
+    rec("approval_gate", "approval.witnessed", payloads.witnessed(responder))
     rec("approval_gate", "approval.granted", payloads.grant(d, responder, approval_id="a1"))
     rec("acquire_lease", "lease.issued", payloads.issued("L1"))
     rec("tune", "tuning.completed", payloads.tuned("v1", content_sha256=trained_sha))
@@ -107,7 +108,7 @@ def test_an_edited_row_breaks_lineage_integrity(store: LineageStore) -> None:
     pack = evidence(store.events(run_id="r"))
     integrity = next(c for c in pack["controls"] if c["id"] == "lineage_integrity")
     assert integrity["status"] == "not met"
-    assert "event 2 (approval.granted): content does not match its hash" in integrity["detail"]
+    assert "event 2 (approval.witnessed): content does not match its hash" in integrity["detail"]
 
 
 def test_mapped_chains_are_judged_one_by_one(store: LineageStore) -> None:

@@ -54,6 +54,7 @@ def governed_run(store: LineageStore, *, verdict: str = "pass", group: str = G, 
 
     d = decided(store, group=group, map_index=map_index)
     for who in ("approver1", "approver2"):
+        r("approval_gate", "approval.witnessed", payloads.witnessed(who))
         r("approval_gate", "approval.granted", payloads.grant(d, who))
     r("approval_gate", "approval.decided", {"outcome": "approved", "approvers": ["approver1", "approver2"]})
     lease = "database/creds/train/L1"
@@ -111,8 +112,8 @@ def test_the_governance_facet_carries_the_record(store: LineageStore) -> None:
     assert g["promotion"]["status"] == "completed" and g["promotion"]["alias"] == "production"
     assert g["promotion"]["provenance"] == "verified"
     recorded = store.events(run_id="r")
-    assert g["lineage"] == {"events": 13, "lastEventId": recorded[-1].id, "lastEventHash": recorded[-1].hash}
-    assert len(recorded) == 13
+    assert g["lineage"] == {"events": 15, "lastEventId": recorded[-1].id, "lastEventHash": recorded[-1].hash}
+    assert len(recorded) == 15
     # field by field, never whole payloads: the token accessors and wrapping digest stay in the record
     text = json.dumps(g)
     assert "acc-L1" not in text and "wacc-L1" not in text and "loss" not in text
@@ -120,6 +121,7 @@ def test_the_governance_facet_carries_the_record(store: LineageStore) -> None:
 
 def test_an_ungranted_or_blocked_run_says_so(store: LineageStore) -> None:
     d = decided(store)
+    rec(store, "approval_gate", "approval.witnessed", payloads.witnessed("approver1"))
     rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1", approval_id="a1"))
     assert plan_for(store, "approval_gate", "approval").governance["approval"]["status"] == "pending"
     rec(store, "approval_gate", "approval.granted", payloads.grant(d, "requester", approval_id="a2"))

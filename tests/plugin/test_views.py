@@ -37,6 +37,7 @@ def test_a_pending_approval_with_a_live_lease(store: LineageStore) -> None:
         decision_sha256=d["decision_sha256"]))
     summary = views.summarize(store.events(run_id="r"))
     assert summary["chains"][0]["approval"] == "pending" and views.status_of(summary) == "awaiting approval"
+    rec(store, "approval_gate", "approval.witnessed", payloads.witnessed("approver1"))
     rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1"))
     rec(store, "approval_gate", "approval.decided", {"outcome": "approved"})
     rec(store, "acquire_lease", "lease.issued", payloads.issued("L1"))
