@@ -1,0 +1,80 @@
+"""The DAG author's attacks, performed from a task of a DAG the requester commits, on the real stack: the
+task runs as the DAG user (not the scheduler's), holds no key, and reaches governance only through the
+control plane, which knows which task is calling from the kernel.
+
+- a forged approval: the task appends a grant in approver1's name and the reserved records that would make
+  it count (the api-server's witness, a tier-auto decision, a run start), then the requester marks the gate
+  success over REST: the reserved records are refused, the grant counts for nothing without a witnessed
+  answer, neither the lease task nor the task's own login gets a credential;
+- a task pretending to be another: the control plane names the caller from its process, whatever it asks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from support import StackView
+
+from airflow_finetune_gov.stack.manager import Stack
+
+pytestmark = pytest.mark.stack
+DAG_ID = "forged_approval"
+
+
+def test_a_task_cannot_approve_its_own_run(stack: Stack) -> None:
+    view = StackView(stack)
+    client = view.client("requester")
+    client.wait_for_dag(DAG_ID)
+    report_file = stack.dir / "dags" / "forged_approval.report.json"
+    report_file.unlink(missing_ok=True)
+    run_id = view.trigger(DAG_ID)
+    client.wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    deadline = time.monotonic() + 180
+    while not report_file.exists():
+        assert time.monotonic() < deadline, client.task_states(DAG_ID, run_id)
+        time.sleep(1)
+    resp = client.request("PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approval_gate",
+                          json={"new_state": "success"})
+    assert resp.status_code == 200, resp.text  # the requester may mark their own DAG's task
+    assert client.wait_run(DAG_ID, run_id, timeout=300) == "failed"
+    tasks = client.task_states(DAG_ID, run_id)
+    assert tasks["forge"] == "success" and tasks["acquire_lease"] == "failed" and tasks["tune"] != "success", tasks
+
+    report = json.loads(report_file.read_text())
+    for reserved in ("approval.witnessed", "policy.decided", "run.started"):
+        assert report[reserved].startswith("refused:") and "never by a task" in report[reserved], report
+    assert report["approval.granted"] == "appended", report  # a task's own key: accepted, and worthless
+    assert report["lease login"].startswith("refused:") and "not witnessed" in report["lease login"], report
+
+    events = view.events(run_id)
+    kinds = [e.event_type for e in events]
+    assert "approval.witnessed" not in kinds and kinds.count("policy.decided") == 1
+    assert kinds.count("run.started") == 1
+    forged = [e for e in events if e.event_type == "approval.granted"]
+    assert [(e.task_id, e.payload_dict()["responder"]) for e in forged] == [("forge", "approver1")]
+    refused = [e.payload_dict()["reason"] for e in events if e.event_type == "lease.refused"]
+    assert refused and "not witnessed by the api-server" in refused[-1] and "approver1" in refused[-1], refused
+    issued = [e.payload_dict()["purpose"] for e in events if e.event_type == "lease.issued"]
+    assert issued == ["catalog"], issued  # the policy check's digest lease only: no training credential
+
+
+def test_the_control_plane_names_the_caller_from_its_process(stack: Stack) -> None:
+    """This test process (root, not a task the executor started) asks as if it were a task: refused; and an
+    executor registration from the DAG user is refused too."""
+    from airflow_finetune_gov.control.client import ControlPlaneClient, ControlPlaneError
+
+    plane = ControlPlaneClient((stack.load() or {})["control_plane"]["socket"], timeout=30)
+    with pytest.raises(ControlPlaneError, match="is no task the executor started"):
+        plane.call("/v1/lineage/events", {"dag_id": DAG_ID, "run_id": "x"})
+    with pytest.raises(ControlPlaneError, match="is no task the executor started"):
+        plane.login("lease-benign", "lease", {"dataset": "benign", "approval_id": "x"})
+    import subprocess
+    import sys
+
+    code = ("from airflow_finetune_gov.control.client import ControlPlaneClient as C\n"
+            f"C({plane.socket_path!r}).register(1, {{'dag_id': 'd', 'run_id': 'r', 'task_id': 't', 'try_number': 1}})")
+    result = subprocess.run([sys.executable, "-c", code], user="fgov-dag", group="fgov-dag", extra_groups=[],
+                            capture_output=True, text=True, cwd="/", env={"PATH": "/usr/bin:/bin"}, check=False)
+    assert result.returncode != 0 and "may not register task processes" in result.stderr, result.stderr[-500:]
