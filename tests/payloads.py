@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW as ACCEPT_REVIEW
 from airflow_finetune_gov.approval.verify import answered, seal_decision
 from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy

@@ -20,7 +20,7 @@ APPROVE, REJECT = "Approve", "Reject"
 
 def excluded_people(context: Any) -> set[str]:
     """Who may not approve (or review) this run's change: its requester and the DAG's owners."""
-    owners = {o.strip() for o in str(getattr(context["dag"], "owner", "") or "").split(",") if o.strip()}
+    owners = {o.strip() for o in str(getattr(context.get("dag"), "owner", "") or "").split(",") if o.strip()}
     owners.discard("airflow")  # Airflow's placeholder owner is not a person
     return {common.requester(context), *owners}
 

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 APPROVE = "Approve"  # the gate's approving option (approval.operators)
+ACCEPT_REVIEW = "Accept and allow promotion"  # the evaluation review's accepting option (evaluation.operators)
 
 
 class ApprovalMissing(RuntimeError):
@@ -166,4 +167,10 @@ def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str
     if reviews[-1].get("responder") not in eligible:
         raise EvaluationMissing(f"run {run_id}: the review was accepted by {reviews[-1].get('responder')}, who is "
                                 f"not an eligible reviewer ({sorted(eligible)})")
+    completed = [e.id for e in events if e.event_type == "evaluation.completed"][-1]
+    seen = {str(p.get("responder")) for e in events if e.event_type == "approval.witnessed" and e.id > completed
+            and ACCEPT_REVIEW in (p := e.payload_dict()).get("chosen_options", [])}
+    if reviews[-1].get("responder") not in seen:
+        raise EvaluationMissing(f"run {run_id}: the review accepted by {reviews[-1].get('responder')} was not "
+                                "witnessed by the api-server (no answer through Airflow's API after the evaluation)")
     return {**last, "reviewed_by": reviews[-1]["responder"]}

@@ -18,6 +18,7 @@ from typing import Any
 from airflow_finetune_gov.lineage.store import EventKey, LineageError, LineageEvent
 
 TIMEOUT_SECONDS = 300.0  # a revocation proves each role gone on PostgreSQL: allow it time
+EXECUTE_TIMEOUT = 6 * 3600.0
 
 
 class ControlPlaneError(RuntimeError):
@@ -103,7 +104,10 @@ class ControlPlaneClient:
         return list(self.call("/v1/leases/sweep", {"dry_run": dry_run}, log=log))
 
     def execute(self, operator: str, params: Mapping[str, Any], *, log: Any = None) -> Any:
-        return self.call("/v1/operators/execute", {"operator": operator, "params": dict(params)}, log=log)
+        """Run a governed operator's ``execute`` in the control plane (an evaluation takes minutes: the task's
+        own ``execution_timeout`` bounds the wait)."""
+        slow = ControlPlaneClient(self.socket_path, delegation=self.delegation, log=self.log, timeout=EXECUTE_TIMEOUT)
+        return slow.call("/v1/operators/execute", {"operator": operator, "params": dict(params)}, log=log)
 
     def register(self, pid: int, ti: Mapping[str, Any]) -> None:
         self.call("/v1/tasks/register", {"pid": pid, **ti})

@@ -187,6 +187,12 @@ PLANE_OPERATORS = {
                       "dataset_digest")),
     "rollback_check": ("airflow_finetune_gov.registry.operators", "RollbackCheckOperator",
                        ("model", "alias", "to_version")),
+    # Evaluation, promotion and rollback: the verdict, the store's aliases and the provenance signature are
+    # the control plane's (the DAG author controls the trainer, never the verdict)
+    "evaluation": ("airflow_finetune_gov.evaluation.operators", "BehaviourEvaluationOperator",
+                   ("suites", "suite_files", "batch_size", "subject", "response_timeout")),
+    "promote": ("airflow_finetune_gov.registry.operators", "PromoteModelOperator", ("alias",)),
+    "rollback": ("airflow_finetune_gov.registry.operators", "RollbackModelOperator", ()),
 }
 
 
@@ -303,12 +309,13 @@ class ControlPlane:
         if role == REVOKER_ROLE:
             raise ControlError("refused", "revocation is the control plane's own: ask it to revoke the run's leases "
                                           "(/v1/leases/revoke), never for the revoker's identity")
+        if role == PROVENANCE_ROLE:
+            raise ControlError("refused", "provenance is signed by the control plane itself, for a version its own "
+                                          "evaluation passed: a task never holds the signing identity")
         try:
             approval = granted_approval(self._run_events(identity), identity.run_id)
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no {role} login for {identity.subject}: {exc}") from None
-        if role == PROVENANCE_ROLE and purpose == "provenance" and not extra:
-            return
         dataset = extra.get("dataset", "")
         if approval.get("change") == "finetune" and dataset == approval.get("dataset"):
             if role == lease_role_name(dataset) and purpose == "lease" and \
@@ -360,6 +367,10 @@ class ControlPlane:
         if not starts:
             raise RunNotWitnessed(f"run {identity.dag_id}/{identity.run_id} has no run.started record from the "
                                   "scheduler: nothing can be decided for it (see the README's limits)")
+        if params.get("response_timeout") is not None:
+            from datetime import timedelta
+
+            params["response_timeout"] = timedelta(seconds=float(params["response_timeout"]))
         cls = getattr(importlib.import_module(module), cls_name)
         op = cls(task_id=identity.task_id.rpartition(".")[2], **params)
         op._log = log_  # what it logs goes back to the task's log

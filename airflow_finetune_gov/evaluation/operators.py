@@ -15,13 +15,24 @@ from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ApprovalMissing, policy_decision
+from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision
 from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation import builtin_suites, harness
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.registry.store import ModelStore
 
-ACCEPT, REJECT = "Accept and allow promotion", "Reject"
+ACCEPT, REJECT = ACCEPT_REVIEW, "Reject"
+
+
+def _check_suite_path(path: str) -> None:
+    """In the control plane, a suite file is read only from the DAGs folder: the control plane reads as the
+    deployment's user, and a DAG author's path must not reach the deployment's files."""
+    from airflow.configuration import conf
+
+    folder = Path(conf.get("core", "dags_folder")).resolve()
+    if not Path(path).resolve().is_relative_to(folder):
+        raise AirflowFailException(f"suite file {path!r} is not in the DAGs folder {folder}: with a control plane, "
+                                   "suite files are read from the DAGs folder only (commit it beside the DAG)")
 
 
 class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
@@ -85,6 +96,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                        for n in self.suites]
         for spec in self.suite_files:
             spec = {"path": spec} if isinstance(spec, str) else dict(spec)
+            if common.SERVING:
+                _check_suite_path(str(spec.get("path", "")))
             unknown = set(spec) - {"path", "columns", "expected_values", "name"}
             if "path" not in spec or unknown:
                 raise AirflowFailException(f"suite_files entry {spec!r}: needs 'path'; known keys are path, "
@@ -99,6 +112,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
 
     # -- run ---------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
+        if common.remote():
+            return self._execute_in_control_plane(context)
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
             raise AirflowFailException("no tuning result is recorded for this run")
@@ -179,6 +194,24 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             return self._ask(context, payload, comparison)
         return {"verdict": comparison.verdict, "report": paths["html"]}
 
+    def _execute_in_control_plane(self, context: Any) -> Any:
+        """The control plane runs the evaluation on the bytes in its store and records the verdict; this task
+        only opens the review request when the verdict is ``needs_review``."""
+        if self.detector is not None:
+            raise AirflowFailException(f"{self.task_id}: a custom detector is DAG code, and with a control plane the "
+                                       "verdict is never computed by DAG code: drop `detector` (the control plane "
+                                       "uses its pattern detector) or run evaluations without a control plane")
+        result = common.control().execute("evaluation", {
+            "suites": self.suites, "suite_files": self.suite_files, "batch_size": self.batch_size,
+            "subject": self.subject,
+            "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
+        }, log=self.log)
+        review = result.pop("review", None) if isinstance(result, dict) else None
+        if review is None:
+            return result
+        self.subject, self.body, self.assigned_users = review["subject"], review["body"], review["assigned_users"]
+        return HITLOperator.execute(self, context)
+
     # -- needs_review -> a human -------------------------------------------------------------------
     def _reviewers(self, context: Any) -> tuple[list[str], dict[str, Any]]:
         from airflow_finetune_gov.approval.operators import excluded_people
@@ -220,6 +253,9 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
         }, actor="evaluation")
         self.log.info("needs_review: asking %s in Required Actions", ", ".join(reviewers))
+        if common.SERVING:  # in the control plane: the task opens the request (only a task can defer)
+            return {"verdict": "needs_review", "report": payload["report"],
+                    "review": {"subject": self.subject, "body": self.body, "assigned_users": self.assigned_users}}
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

@@ -155,11 +155,12 @@ TUNING_CANCELLED = EventType("tuning.cancelled", "teardown", "a remote job no ta
                              ("backend", "remote_job_id", "status"), ("status_before", "by"))
 
 EVALUATION_STARTED = EventType(
-    "evaluation.started", "evaluation", "the suites (by sha256) and both models, before anything is asked",
-    ("evaluation_id", "baseline", "candidate", "detector", "prompts", "suites"))
+    "evaluation.started", "the control plane (evaluation)",
+    "the suites (by sha256) and both models, before anything is asked",
+    ("evaluation_id", "baseline", "candidate", "detector", "prompts", "suites"), reserved=True)
 EVALUATION_COMPLETED = EventType(
-    "evaluation.completed", "evaluation", "the verdict, per-metric figures and the report's sha256",
-    ("evaluation_id", "verdict", "metrics", "version", "report_sha256"), open=True)
+    "evaluation.completed", "the control plane (evaluation)", "the verdict, per-metric figures and the report's sha256",
+    ("evaluation_id", "verdict", "metrics", "version", "report_sha256"), open=True, reserved=True)
 EVALUATION_REVIEW_REQUESTED = EventType(
     "evaluation.review_requested", "evaluation", "a needs_review verdict went to the approvers",
     ("evaluation_id", "reviewers", "undecided", "response_timeout_seconds"))
@@ -168,19 +169,24 @@ EVALUATION_REVIEWED = EventType(
     ("evaluation_id", "outcome"), ("responder", "option", "comment", "responded_at", "reason", "error_type",
                                    "allowed"))
 
-PROMOTION_BLOCKED = EventType("promotion.blocked", "promotion", "the alias was not moved, and why", ("reason",))
+PROMOTION_BLOCKED = EventType("promotion.blocked", "the control plane (promotion)", "the alias was not moved, and why",
+                              ("reason",), reserved=True)
 PROMOTION_COMPLETED = EventType(
-    "promotion.completed", "promotion", "the approved environment's alias now points at the evaluated version",
-    ("model", "alias", "version", "previous", "approval_id", "approvers", "evaluation_id", "verdict", "reviewed_by"))
-ROLLBACK_BLOCKED = EventType("rollback.blocked", "rollback", "the alias was not moved back, and why", ("reason",))
-ROLLBACK_COMPLETED = EventType("rollback.completed", "rollback", "the alias moved back to an approved version",
-                               ("model", "alias", "version", "previous", "approval_id", "approvers"))
+    "promotion.completed", "the control plane (promotion)",
+    "the approved environment's alias now points at the evaluated version",
+    ("model", "alias", "version", "previous", "approval_id", "approvers", "evaluation_id", "verdict", "reviewed_by"),
+    reserved=True)
+ROLLBACK_BLOCKED = EventType("rollback.blocked", "the control plane (rollback)",
+                             "the alias was not moved back, and why", ("reason",), reserved=True)
+ROLLBACK_COMPLETED = EventType("rollback.completed", "the control plane (rollback)",
+                               "the alias moved back to an approved version",
+                               ("model", "alias", "version", "previous", "approval_id", "approvers"), reserved=True)
 PROVENANCE_SIGNED = EventType(
-    "provenance.signed", "promotion", "OpenBao's transit key signed the version's provenance",
-    ("model", "version", "files", "keyid", "path", "statement_sha256"))
-PROVENANCE_VERIFIED = EventType("provenance.verified", "promotion, rollback",
+    "provenance.signed", "the control plane (promotion)", "OpenBao's transit key signed the version's provenance",
+    ("model", "version", "files", "keyid", "path", "statement_sha256"), reserved=True)
+PROVENANCE_VERIFIED = EventType("provenance.verified", "the control plane (promotion, rollback)",
                                 "the version's files match its signed provenance",
-                                ("model", "version", "files", "invocation_id"))
+                                ("model", "version", "files", "invocation_id"), reserved=True)
 
 EVENT_TYPES: dict[str, EventType] = {str(e): e for e in list(globals().values()) if isinstance(e, EventType)}
 

@@ -111,6 +111,8 @@ class PromoteModelOperator(_AliasMoveOperator):
         self._signed(context, store, model, version)
 
     def execute(self, context: Any) -> dict[str, Any]:
+        if common.remote():  # the control plane checks, signs and moves the alias, as this task
+            return common.control().execute("promote", {"alias": self.alias}, log=self.log)
         ti = context["ti"]
         approval = self._approval(context)
         tuned = common.run_events(context, "tuning.completed")
@@ -207,6 +209,8 @@ class RollbackModelOperator(_AliasMoveOperator):
     change = "rollback"
 
     def execute(self, context: Any) -> dict[str, Any]:
+        if common.remote():  # the control plane checks and moves the alias back, as this task
+            return common.control().execute("rollback", {}, log=self.log)
         ti = context["ti"]
         approval = self._approval(context)
         model, alias, version = approval["model"], approval["target_environment"], approval["rollback_to"]

@@ -39,6 +39,11 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_sha256(name: str, digests: dict[str, str]) -> str:
+    """The sha256 a version is named after (its first 16 hex digits): over the model name and file digests."""
+    return hashlib.sha256(json.dumps({"name": name, "files": digests}, sort_keys=True).encode()).hexdigest()
+
+
 class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -46,8 +51,7 @@ class ModelStore:
     def put(self, name: str, files: dict[str, bytes], metadata: dict[str, Any]) -> dict[str, Any]:
         _check_name("model name", name)
         digests = {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(files.items())}
-        manifest_core = json.dumps({"name": name, "files": digests}, sort_keys=True)
-        content_sha = hashlib.sha256(manifest_core.encode()).hexdigest()
+        content_sha = content_sha256(name, digests)
         version = content_sha[:16]
         target = self.root / name / version
         if not target.exists():
@@ -74,9 +78,14 @@ class ModelStore:
         return json.loads(path.read_text())
 
     def verify(self, name: str, version: str) -> list[str]:
+        """What does not match: each file against the manifest, and the manifest against the version (the
+        version names its content, so bytes swapped with a rewritten manifest no longer match it)."""
         manifest = self.manifest(name, version)
         base = self.root / name / version
         problems = []
+        content_sha = content_sha256(name, manifest.get("files", {}))
+        if content_sha[:16] != version or manifest.get("sha256") != content_sha:
+            problems.append(f"manifest.json: its files hash to {content_sha[:16]}, not the version {version}")
         for fname, digest in manifest["files"].items():
             p = base / fname
             if not p.exists():

@@ -117,9 +117,14 @@ def test_a_decision_whose_content_does_not_match_its_hash_is_no_decision(store: 
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
 
 
-def evaluated(store: LineageStore, verdict: str, version: str = "v1", review: tuple[str, str] | None = None) -> None:
+def evaluated(store: LineageStore, verdict: str, version: str = "v1", review: tuple[str, str] | None = None,
+              *, witnessed: bool = True) -> None:
     events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
                   payload=payloads.evaluated(verdict, version))
+    if review and witnessed:
+        option = payloads.ACCEPT_REVIEW if review[1] == "accepted" else "Reject"
+        events.record(store, EventKey("d", "r", "evaluate", 0), "approval.witnessed", actor="api-server",
+                      payload=payloads.witnessed(review[0], option))
     if review:
         events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.reviewed", actor=review[0],
                       payload=payloads.reviewed(review[0], review[1]))
@@ -157,6 +162,14 @@ def test_needs_review_accepted_by_an_approver_counts(store: LineageStore) -> Non
     decide(store)
     evaluated(store, "needs_review", review=("approver2", "accepted"))
     assert evaluation_outcome(store.events(run_id="r"), "r", "v1")["reviewed_by"] == "approver2"
+
+
+def test_an_acceptance_nobody_was_seen_giving_does_not_count(store: LineageStore) -> None:
+    """The review is recorded by the evaluation task (DAG-author reachable); the api-server's witness is not."""
+    decide(store)
+    evaluated(store, "needs_review", review=("approver2", "accepted"), witnessed=False)
+    with pytest.raises(EvaluationMissing, match="not witnessed by the api-server"):
+        evaluation_outcome(store.events(run_id="r"), "r", "v1")
 
 
 def test_a_grant_counts_only_with_the_api_servers_witness(store: LineageStore) -> None:

@@ -75,16 +75,21 @@ def test_a_rejected_review_blocks_promotion_and_the_lease_is_revoked(view: Stack
 
 
 def test_a_malformed_suite_file_fails_the_evaluation_naming_the_line(view: StackView, tmp_path: Path) -> None:
-    bad = tmp_path / "bad_suite.jsonl"
+    # The control plane reads suite files from the DAGs folder only (it reads as the deployment's user)
+    outside = tmp_path / "suite.jsonl"
+    outside.write_text('{"id": "a", "category": "harmful", "prompt": "p", "expected": "refuse"}\n')
+    bad = view.stack.dir / "dags" / f"bad_suite_{tmp_path.name}.jsonl"
     bad.write_text('{"id": "a", "category": "harmful", "prompt": "p", "expected": "refuse"}\n{"id": "b", "prompt":\n')
-    run_id = view.trigger(DAG_ID, dataset="benign", target_environment="staging", suite_path=str(bad))
-    view.wait_round(DAG_ID, run_id, 1)
-    view.answer(DAG_ID, run_id, "approver1", "Approve")
     requester = view.client("requester")
-    assert requester.wait_run(DAG_ID, run_id, timeout=300) == "failed"
-    tasks = requester.task_states(DAG_ID, run_id)
-    assert (tasks["evaluate"], tasks["promote"], tasks["revoke_lease"]) == ("failed", "upstream_failed", "success")
-    assert f"evaluation suite refused: {bad}, line 2: not JSON" in view.task_log(DAG_ID, run_id, "evaluate")
+    for path, error in ((outside, f"suite file {str(outside)!r} is not in the DAGs folder"),
+                        (bad, f"evaluation suite refused: {bad}, line 2: not JSON")):
+        run_id = view.trigger(DAG_ID, dataset="benign", target_environment="staging", suite_path=str(path))
+        view.wait_round(DAG_ID, run_id, 1)
+        view.answer(DAG_ID, run_id, "approver1", "Approve")
+        assert requester.wait_run(DAG_ID, run_id, timeout=300) == "failed"
+        tasks = requester.task_states(DAG_ID, run_id)
+        assert (tasks["evaluate"], tasks["promote"], tasks["revoke_lease"]) == ("failed", "upstream_failed", "success")
+        assert error in view.task_log(DAG_ID, run_id, "evaluate")
     assert view.events(run_id, "evaluation.started") == [] and view.events(run_id, "evaluation.completed") == []
     assert all(e.payload_dict()["remaining"] == {"roles": 0, "sessions": 0}
                for e in view.events(run_id, "lease.verified"))

@@ -41,6 +41,9 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
     rec("evaluate", "evaluation.started", payloads.evaluation_started("e1", suites={"harmful": SHA}))
     rec("evaluate", "evaluation.completed", payloads.evaluated(verdict, "v1", suites={"harmful": SHA}, prompts=480))
     if review:
+        ev = payloads.witnessed(review[0], payloads.ACCEPT_REVIEW if review[1] == "accepted" else "Reject")
+        events.record(store, EventKey("d", run, f"{group}evaluate", 0, map_index), "approval.witnessed",
+                      actor="api-server", payload=ev)
         rec("evaluate", "evaluation.reviewed", payloads.reviewed(review[0], review[1]))
     if promote if promote is not None else verdict == "pass":
         if signed:

@@ -11,7 +11,7 @@ import pytest
 from support import StackView
 
 from airflow_finetune_gov.registry import provenance
-from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.registry.store import ModelStore, content_sha256
 from airflow_finetune_gov.stack.manager import Stack
 
 pytestmark = pytest.mark.stack
@@ -139,11 +139,13 @@ def test_one_changed_byte_fails_verify_and_blocks_going_back_to_it(view: StackVi
     manifest = json.loads((folder / "manifest.json").read_text())  # a careful attacker fixes the manifest too
     manifest["files"]["adapter.bin"] = provenance.file_sha256(folder / "adapter.bin")
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    assert store.verify(name, v1) == []  # the manifest alone no longer notices
+    # ... but the version names its content: the rewritten manifest no longer hashes to it
+    assert store.verify(name, v1) == [f"manifest.json: its files hash to "
+                                      f"{content_sha256(name, manifest['files'])[:16]}, not the version {v1}"]
     assert main(base) == 1
     assert "adapter.bin: digest differs from the signed provenance" in capsys.readouterr().err
     run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
     assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
     error = view.events(run_id, "policy.error")[0].payload_dict()["error"]
-    assert "does not match its signed provenance: adapter.bin: digest differs" in error
+    assert f"{name} {v1} does not match its manifest" in error and "not the version" in error
     assert store.aliases(name)["staging"]["version"] == v2

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
-from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+from airflow_finetune_gov.registry.store import ModelStore, RegistryError, content_sha256
 
 
 def test_content_addressed_versions(tmp_path) -> None:
@@ -41,3 +43,19 @@ def test_bad_names_and_unknown_versions(tmp_path) -> None:
         store.put("../etc", {"w": b""}, {})
     with pytest.raises(RegistryError, match="is not in the store"):
         store.set_alias("m", "production", "0000", by="x", run="r")
+
+
+def test_bytes_swapped_with_a_rewritten_manifest_no_longer_match_the_version(tmp_path) -> None:
+    """A version names its content: whoever swaps a file and fixes the manifest's digest to match still fails
+    verification, since the manifest then hashes to another version."""
+    import json
+
+    store = ModelStore(tmp_path)
+    v = store.put("m", {"adapter.bin": b"evaluated"}, {})["version"]
+    folder = store.path("m", v)
+    (folder / "adapter.bin").write_bytes(b"poisoned")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["adapter.bin"] = hashlib.sha256(b"poisoned").hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert store.verify("m", v) == [f"manifest.json: its files hash to {content_sha256('m', manifest['files'])[:16]}, "
+                                    f"not the version {v}"]
