@@ -352,7 +352,7 @@ class ControlPlane:
         import importlib
 
         from airflow_finetune_gov import common
-        from airflow_finetune_gov.lineage.runs import RUN_STARTED, RunNotWitnessed
+        from airflow_finetune_gov.lineage.runs import RUN_STARTED, RunNotWitnessed, requested_by
 
         name = str(body.get("operator") or "")
         if name not in PLANE_OPERATORS:
@@ -362,11 +362,15 @@ class ControlPlane:
         unknown = set(params) - set(fields)
         if unknown:
             raise ControlError("bad", f"{cls_name} takes {list(fields)}, not {sorted(unknown)}")
-        starts = common.lineage_store().events(dag_id=identity.dag_id, run_id=identity.run_id,
-                                               event_type=RUN_STARTED)
+        run = common.lineage_store().events(dag_id=identity.dag_id, run_id=identity.run_id, event_prefix="run.")
+        starts = [e for e in run if e.event_type == RUN_STARTED]
         if not starts:
             raise RunNotWitnessed(f"run {identity.dag_id}/{identity.run_id} has no run.started record from the "
                                   "scheduler: nothing can be decided for it (see the README's limits)")
+        started = starts[-1].payload_dict()
+        # The requester as the api-server saw them trigger it; else (a run not triggered through the API) the
+        # scheduler's reading of the metadata database
+        started["triggering_user_name"] = requested_by(run) or started.get("triggering_user_name")
         if params.get("response_timeout") is not None:
             from datetime import timedelta
 
@@ -374,7 +378,7 @@ class ControlPlane:
         cls = getattr(importlib.import_module(module), cls_name)
         op = cls(task_id=identity.task_id.rpartition(".")[2], **params)
         op._log = log_  # what it logs goes back to the task's log
-        return op.execute(service_context(identity, log_, starts[-1].payload_dict(), task=op))
+        return op.execute(service_context(identity, log_, started, task=op))
 
     def sweep(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
         from airflow_finetune_gov.cli.main import _orm_run_state

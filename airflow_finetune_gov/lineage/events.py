@@ -71,6 +71,11 @@ RUN_STARTED = EventType(
     "a DAG run started running (first start, or a finished run cleared): Airflow's key of the run and its start",
     ("dag_run_id", "start_date"), ("clear_number", "run_type", "triggering_user_name", "run_after"), reserved=True)
 
+RUN_REQUESTED = EventType(
+    "run.requested", "the api-server (the provider's root middleware)",
+    "a user triggered the run through Airflow's API: who, as Airflow authenticated them (the requester)",
+    ("triggering_user_name", "run_type"), reserved=True)
+
 POLICY_DECIDED = EventType(
     "policy.decided", "the control plane (policy check, rollback check)",
     "the policy's decision about the change, sealed by its decision_sha256", _DECISION, open=True, reserved=True)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from airflow_finetune_gov.lineage.store import LineageEvent
 
 __all__ = ["RUN_STARTED", "SCHEDULER_TASK_ID", "Incarnation", "RunNotWitnessed", "incarnation_of", "incarnations",
-           "instant", "newest"]
+           "instant", "newest", "requested_by"]
 # run.started is recorded by the scheduler, outside every task: an empty task id (its own chain).
 SCHEDULER_TASK_ID = ""
 
@@ -97,3 +97,13 @@ def newest(events: Sequence[LineageEvent]) -> list[LineageEvent]:
     if not found:
         return list(events)
     return [e for e in events if found[-1].holds(e.id)]
+
+
+def requested_by(events: Sequence[LineageEvent]) -> str | None:
+    """Who triggered the newest run under this run id, as the api-server witnessed it (``run.requested``, the
+    latest one before the newest ``run.started``); ``None`` when no trigger was witnessed (a scheduled run, or
+    one created outside the API)."""
+    starts = [e.id for e in events if e.event_type == RUN_STARTED]
+    before = starts[-1] if starts else None
+    asked = [e for e in events if e.event_type == "run.requested" and (before is None or e.id < before)]
+    return asked[-1].payload_dict().get("triggering_user_name") if asked else None

@@ -1,4 +1,5 @@
-"""The api-server's witness of approvals: ``approval.witnessed`` for every answer given through Airflow's API.
+"""The api-server's witness of approvals and requests: ``approval.witnessed`` for every answer given through
+Airflow's API, ``run.requested`` for every run triggered through it.
 
 Loaded as the plugin's root middleware, so it runs in the api-server, which runs no DAG code. It watches
 ``PATCH /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails`` (the
@@ -9,6 +10,10 @@ request body), what they chose and their comment, under the answered task's key 
 A task can answer its own request through the execution API, and DAG code at parse time can write HITL
 rows in the metadata database: neither passes here, so neither is witnessed, and an approval counts only
 with a witnessed answer behind it (:func:`airflow_finetune_gov.approval.verify.granted_approval`).
+``POST /api/v2/dags/{dag_id}/dagRuns`` (the UI's trigger too) is witnessed the same way: ``run.requested``
+names the user Airflow authenticated as the requester, which separation of duties then uses instead of
+the metadata database's ``triggering_user_name``.
+
 Recording failures are logged and the answer still stands in Airflow; unwitnessed, it then counts for
 nothing, which fails closed.
 """
@@ -20,10 +25,12 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
+TRIGGER_PATH = re.compile(r"^/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns$")
 HITL_PATH = re.compile(r"^/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns/(?P<run_id>[^/]+)/taskInstances/(?P<task_id>[^/]+)"
                        r"/(?P<map_index>-?\d+)/hitlDetails$")
 WITNESS_TRY = 0  # the api-server does not know the task's try; readers match by task, responder and time
@@ -39,6 +46,19 @@ def _store() -> Any:
     engine = create_engine(settings.get("governance_db_url"), pool_pre_ping=True, future=True,
                            connect_args={"connect_timeout": 5})
     return LineageStore(engine=engine)
+
+
+def witness_trigger(path_match: re.Match[str], run: dict[str, Any], store: Any) -> Any:
+    """``run.requested``: who triggered the run, as Airflow's route authenticated them (the metadata
+    database's ``triggering_user_name`` is writable from parse-time code; this record is not)."""
+    from airflow_finetune_gov.lineage import events
+    from airflow_finetune_gov.lineage.runs import SCHEDULER_TASK_ID
+    from airflow_finetune_gov.lineage.store import EventKey
+
+    payload = {"triggering_user_name": run.get("triggering_user_name"), "run_type": str(run.get("run_type") or "")}
+    key = EventKey(str(run.get("dag_id") or unquote(path_match["dag_id"])), str(run["dag_run_id"]), SCHEDULER_TASK_ID,
+                   WITNESS_TRY)
+    return events.record(store, key, "run.requested", actor="api-server", payload=payload)
 
 
 def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any) -> Any:
@@ -66,8 +86,14 @@ class ApprovalWitnessMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        match = HITL_PATH.match(scope.get("path", "")) if scope.get("type") == "http" else None
-        if match is None or scope.get("method") != "PATCH":
+        path, method = scope.get("path", ""), scope.get("method")
+        match: re.Match[str] | None = None
+        record: Callable[[re.Match[str], dict[str, Any], Any], Any] = witness
+        if scope.get("type") == "http" and method == "PATCH":
+            match, record = HITL_PATH.match(path), witness
+        elif scope.get("type") == "http" and method == "POST":
+            match, record = TRIGGER_PATH.match(path), witness_trigger
+        if match is None:
             await self.app(scope, receive, send)
             return
         status: list[int] = []
@@ -81,23 +107,23 @@ class ApprovalWitnessMiddleware:
                                    for k, v in message.get("headers") or []))
             elif message["type"] == "http.response.body":
                 body.append(message.get("body", b""))
-                if not message.get("more_body") and status and status[0] == 200:
+                if not message.get("more_body") and status and status[0] in (200, 201):
                     raw = b"".join(body)
                     if gzipped and gzipped[0]:
                         import gzip
 
                         raw = gzip.decompress(raw)
-                    await asyncio.to_thread(self._record, match, raw)
+                    await asyncio.to_thread(self._record, record, match, raw)
             await send(message)
 
         await self.app(scope, receive, capture)
 
     @staticmethod
-    def _record(match: re.Match[str], raw: bytes) -> None:
+    def _record(record: Any, match: re.Match[str], raw: bytes) -> None:
         try:
-            event = witness(match, json.loads(raw), _store())
-            log.info("fgov: approval.witnessed #%s for %s/%s/%s", event.id, match["dag_id"], match["run_id"],
-                     match["task_id"])
+            event = record(match, json.loads(raw), _store())
+            log.info("fgov: %s #%s for %s/%s", event.event_type, event.id, event.dag_id, event.run_id)
         except Exception:
-            log.exception("fgov: could not witness the answer to %s/%s/%s: it will not count as an approval",
-                          match["dag_id"], match["run_id"], match["task_id"])
+            log.exception("fgov: could not witness %s (%s): an unwitnessed answer counts as no approval, an "
+                          "unwitnessed trigger takes its requester from the metadata database", match.string,
+                          record.__name__)

@@ -6,6 +6,10 @@ control plane, which knows which task is calling from the kernel.
   it count (the api-server's witness, a tier-auto decision, a run start), then the requester marks the gate
   success over REST: the reserved records are refused, the grant counts for nothing without a witnessed
   answer, neither the lease task nor the task's own login gets a credential;
+- a requester disguised at parse time: DAG code rewrites the run's ``triggering_user_name`` in Airflow's
+  metadata database (which the dag-processor holds by Airflow's design) so that an approver who triggered
+  the run may approve it: the control plane takes the requester from the api-server's witness of the
+  trigger, so its decision still leaves them out of the approvers;
 - a task pretending to be another: the control plane names the caller from its process, whatever it asks.
 """
 
@@ -58,6 +62,43 @@ def test_a_task_cannot_approve_its_own_run(stack: Stack) -> None:
     assert refused and "not witnessed by the api-server" in refused[-1] and "approver1" in refused[-1], refused
     issued = [e.payload_dict()["purpose"] for e in events if e.event_type == "lease.issued"]
     assert issued == ["catalog"], issued  # the policy check's digest lease only: no training credential
+
+
+def test_a_requester_rewritten_at_parse_time_is_still_the_requester(stack: Stack) -> None:
+    view = StackView(stack)
+    dag_id, dags = "spoofed_requester", stack.dir / "dags"
+    approver1 = view.client("approver1")
+    approver1.wait_for_dag(dag_id)
+    report = dags / "spoofed_requester.report.json"
+    report.unlink(missing_ok=True)
+    assert approver1.request("PATCH", f"/dags/{dag_id}", json={"is_paused": True}).status_code == 200
+    try:
+        run_id = approver1.trigger(dag_id, {})  # approver1 asks for the change: they may not approve it
+        (dags / "spoofed_requester.spoof").write_text(json.dumps({"run_id": run_id, "user": "approver2"}))
+        deadline = time.monotonic() + 180
+        while not report.exists():
+            assert time.monotonic() < deadline, "the parse-time code did not run"
+            time.sleep(1)
+        assert json.loads(report.read_text()) == {"updated": 1, "user": "approver2"}
+    finally:
+        assert approver1.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+    assert approver1.wait_run(dag_id, run_id, timeout=300) == "failed"
+    tasks = approver1.task_states(dag_id, run_id)
+    assert tasks["approval_gate"] == "failed" and tasks["acquire_lease"] == "upstream_failed", tasks
+
+    events = view.events(run_id)
+    started = next(e.payload_dict() for e in events if e.event_type == "run.started")
+    requested = next(e.payload_dict() for e in events if e.event_type == "run.requested")
+    decided = next(e.payload_dict() for e in events if e.event_type == "policy.decided")
+    assert started["triggering_user_name"] == "approver2"  # the metadata database was rewritten ...
+    assert requested["triggering_user_name"] == "approver1"  # ... the api-server saw who asked
+    # The decision, made in the control plane, names approver1 the requester and leaves them out of the
+    # approvers; the gate, which also (wrongly) left out approver2, finds nobody to ask and fails closed
+    assert decided["request"]["requester"] == "approver1" and "approver1" not in decided["approvers"], decided
+    rejected = next(e.payload_dict() for e in events if e.event_type == "approval.rejected")
+    assert rejected["reason"].startswith("not enough eligible approvers"), rejected
+    assert not [e for e in events if e.event_type in ("approval.granted", "approval.witnessed")]
+    assert not [e for e in events if e.event_type == "lease.issued" and e.payload_dict()["purpose"] == "training"]
 
 
 def test_the_control_plane_names_the_caller_from_its_process(stack: Stack) -> None:

@@ -15,6 +15,7 @@ from airflow_finetune_gov.lineage.runs import (
     incarnation_of,
     instant,
     newest,
+    requested_by,
 )
 from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 from airflow_finetune_gov.plugin.listener import governed, witness
@@ -137,3 +138,21 @@ def test_lineage_show_marks_each_run_under_one_run_id(store: LineageStore, capsy
     assert "-- run dag_run.id 7 (1 of 2): its governed tasks read only the events from here to the next run" in out
     assert "-- run dag_run.id 9 (2 of 2): its governed tasks read only the events from here\n" in out
     assert out.index("dag_run.id 7") < out.index("dag_run_id=7") < out.index("dag_run.id 9")
+
+
+def test_the_requester_is_who_the_api_server_saw_trigger_the_newest_run(store: LineageStore) -> None:
+    """``run.requested`` (the api-server's witness of the trigger) names the requester of the run that the
+    next ``run.started`` starts; a re-created run id has its own."""
+    from airflow_finetune_gov.lineage import events
+
+    def requested(user: str) -> None:
+        events.record(store, EventKey("d", "x", SCHEDULER_TASK_ID, 0), "run.requested", actor="api-server",
+                      payload={"triggering_user_name": user, "run_type": "manual"})
+
+    assert requested_by(store.events(run_id="x")) is None  # never triggered through the API
+    requested("approver1")
+    started(store, 1, "2026-01-01T00:00:00+00:00")
+    assert requested_by(store.events(run_id="x")) == "approver1"
+    requested("requester")  # the run deleted and triggered again by someone else
+    started(store, 2, "2026-01-02T00:00:00+00:00")
+    assert requested_by(store.events(run_id="x")) == "requester"
