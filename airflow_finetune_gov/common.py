@@ -39,9 +39,12 @@ SERVING = False
 
 
 def remote() -> bool:
-    """Whether this process reaches governance through the control plane (a task, a trigger): true when
-    ``[finetune_gov] control_plane_socket`` is set, except inside the control plane itself."""
-    return not SERVING and bool(settings.get("control_plane_socket", required=False))
+    """Whether this process reaches governance through the control plane: when ``[finetune_gov]
+    control_plane_socket`` is set and this process holds no ``governance_db_url`` (a task, a trigger; the
+    control plane, the scheduler, the api-server and the deployment's CLI hold it and act themselves)."""
+    if SERVING or not settings.get("control_plane_socket", required=False):
+        return False
+    return not settings.get("governance_db_url", required=False)
 
 
 def control(*, delegation: str | None = None) -> ControlPlaneClient:
