@@ -12,6 +12,7 @@ import http.client
 import json
 import logging
 import socket
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,28 +53,46 @@ class ControlPlaneClient:
         self.delegation = delegation
         self.log = log or logging.getLogger("airflow_finetune_gov.control.client")
         self.timeout = timeout
+        self._local = threading.local()  # one kept-alive connection per thread
+
+    def _send(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+        """POST on this thread's connection, kept alive between calls; a connection the control plane closed
+        meanwhile (a restart, an idle timeout) is opened again once."""
+        import os
+
+        for attempt in (1, 2):
+            conn: _UnixConnection | None = getattr(self._local, "conn", None)
+            if conn is not None and getattr(self._local, "pid", None) != os.getpid():
+                conn = None  # inherited through a fork: the parent may be using it; the kernel names us anew
+            fresh = conn is None
+            if conn is None:
+                conn = self._local.conn = _UnixConnection(self.socket_path, self.timeout)
+                self._local.pid = os.getpid()
+            try:
+                conn.request("POST", path, body=data, headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except ControlPlaneError:
+                self._local.conn = None
+                raise
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                self._local.conn = None
+                if fresh or attempt == 2:
+                    raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during "
+                                                           f"{path}: {type(exc).__name__}: {exc}") from None
+        raise AssertionError("unreachable")
 
     def call(self, path: str, body: Mapping[str, Any] | None = None, *, log: Any = None) -> Any:
         data = json.dumps(dict(body or {}), default=str).encode()
         headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
         if self.delegation:
             headers["X-Fgov-Delegation"] = self.delegation
-        conn = _UnixConnection(self.socket_path, self.timeout)
-        try:
-            conn.request("POST", path, body=data, headers=headers)
-            resp = conn.getresponse()
-            raw = resp.read()
-        except ControlPlaneError:
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during {path}: "
-                                                   f"{type(exc).__name__}: {exc}") from None
-        finally:
-            conn.close()
+        status, raw = self._send(path, data, headers)
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise ControlPlaneError("bad", f"the control plane answered {path} with HTTP {resp.status} and no "
+            raise ControlPlaneError("bad", f"the control plane answered {path} with HTTP {status} and no "
                                            "JSON") from None
         out = log or self.log
         for level, line in answer.get("log") or []:
@@ -81,7 +100,7 @@ class ControlPlaneClient:
         if answer.get("ok"):
             return answer.get("result")
         error = answer.get("error") or {}
-        raise _as_exception(str(error.get("kind") or "bad"), str(error.get("message") or f"HTTP {resp.status}"))
+        raise _as_exception(str(error.get("kind") or "bad"), str(error.get("message") or f"HTTP {status}"))
 
     # --- the calls ---------------------------------------------------------------------------------
     def whoami(self) -> dict[str, Any]:

@@ -137,6 +137,46 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+class GroupCommit:
+    """The control plane's one lineage appender: callers hand it their event and wait; it writes whatever has
+    queued up meanwhile in one transaction (``LineageStore.record_many``), so N concurrent writers pay one
+    commit, not N (the chain's lock is held per commit). A lone writer waits for no one."""
+
+    def __init__(self, store: Any, max_batch: int = 256) -> None:
+        import queue
+
+        self.store, self.max_batch = store, max_batch
+        self._queue: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="fgov-lineage-appender", daemon=True)
+        self._thread.start()
+
+    def record(self, key: Any, event_type: str, *, actor: str, payload: dict[str, Any]) -> Any:
+        from concurrent.futures import Future
+
+        done: Future[Any] = Future()
+        self._queue.put(((key, event_type, actor, payload), done))
+        return done.result()
+
+    def _run(self) -> None:
+        import queue
+
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                written = self.store.record_many([item for item, _ in batch])
+            except BaseException as exc:  # each waiting caller gets the error; the appender goes on
+                for _, done in batch:
+                    done.set_exception(exc)
+                continue
+            for (_, done), event in zip(batch, written, strict=True):
+                done.set_result(event)
+
+
 class CapturingLog:
     """A task-like logger: lines go to the control plane's log and back to the calling task."""
 
@@ -205,6 +245,16 @@ class ControlPlane:
         self.admin_uids = admin_uids if admin_uids is not None else {0, os.getuid()}
         self.delegation_seconds = delegation_seconds
         self.registry = Registry()
+        self._appender: GroupCommit | None = None
+        self._appender_lock = threading.Lock()
+
+    def appender(self) -> GroupCommit:
+        from airflow_finetune_gov import common
+
+        with self._appender_lock:
+            if self._appender is None:
+                self._appender = GroupCommit(common.lineage_store())
+            return self._appender
 
     # --- who is calling ---------------------------------------------------------------------------
     def admin(self, uid: int) -> None:
@@ -253,7 +303,6 @@ class ControlPlane:
         return {"delegation": self.registry.delegate(identity, seconds), "expires_in": seconds}
 
     def append(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
-        from airflow_finetune_gov import common
         from airflow_finetune_gov.lineage import events
         from airflow_finetune_gov.lineage.store import EventKey
 
@@ -265,11 +314,13 @@ class ControlPlane:
         definition = events.EVENT_TYPES.get(str(body.get("event_type")))
         if definition is not None and definition.reserved:
             raise ControlError("refused", f"{definition} is recorded by {definition.by}, never by a task")
+        payload = dict(body.get("payload") or {})
         try:
-            event = events.record(common.lineage_store(), key, str(body["event_type"]),
-                                  actor=str(body.get("actor") or "airflow"), payload=dict(body.get("payload") or {}))
+            events.check(str(body["event_type"]), payload)
         except events.EventSchemaError as exc:
             raise ControlError("bad", str(exc)) from None
+        event = self.appender().record(key, str(body["event_type"]), actor=str(body.get("actor") or "airflow"),
+                                       payload=payload)
         return event.to_dict()
 
     def events(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -456,6 +507,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    request_queue_size = 256  # the listen backlog: socketserver's 5 refused the 6th concurrent caller (EAGAIN)
     plane: ControlPlane
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,6 +227,45 @@ class LineageStore:
         except SQLAlchemyError as exc:
             raise LineageError(f"could not write lineage event {event_type} for {key.dag_id}/{key.run_id}: "
                                f"{exc.__class__.__name__}: {str(exc).splitlines()[0]}") from exc
+
+    def record_many(self, items: Sequence[tuple[EventKey, str, str, Mapping[str, Any]]]) -> list[LineageEvent]:
+        """Append ``(key, event_type, actor, payload)`` items in order, in one transaction: one commit (one
+        flush of the WAL) for all of them, so concurrent writers that hand their events to one appender
+        (the control plane's group commit) share it. All or none are recorded."""
+        rows = []
+        for key, event_type, actor, payload in items:
+            check_no_secrets(payload)
+            rows.append({
+                "dag_id": key.dag_id, "run_id": key.run_id, "task_id": key.task_id,
+                "try_number": int(key.try_number), "map_index": int(key.map_index), "event_type": event_type,
+                "actor": actor or "unknown", "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
+                "payload": canonical(dict(payload))})
+        out: list[LineageEvent] = []
+        try:
+            if self._server_append is None:
+                self._server_append = self._has_server_append()
+            with self.engine.begin() as conn:
+                if not self._server_append and conn.dialect.name == "postgresql":
+                    conn.execute(_LOCK, {"k": _CHAIN_LOCK})
+                for row in rows:
+                    if self._server_append:
+                        before, after = _split_around_tails(row)
+                        new_id, row["prev_run_hash"], row["prev_hash"], stored = conn.execute(
+                            _SERVER_APPEND, {**row, "k": _CHAIN_LOCK, "before": before, "after": after}).one()
+                        row["hash"] = event_hash(row)
+                        if stored != row["hash"]:
+                            raise LineageError(f"event ({row['event_type']}): the database hashed it as {stored}, "
+                                               f"this process as {row['hash']}: not recorded")
+                    else:
+                        row["prev_hash"], row["prev_run_hash"] = conn.execute(
+                            _TAILS, {"dag_id": row["dag_id"], "run_id": row["run_id"]}).one()
+                        row["hash"] = event_hash(row)
+                        new_id = conn.execute(_APPEND, row).scalar_one()
+                    out.append(LineageEvent(id=new_id, **row))
+        except SQLAlchemyError as exc:
+            raise LineageError(f"could not write {len(rows)} lineage event(s): {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+        return out
 
     def _has_server_append(self) -> bool:
         if self.engine.dialect.name != "postgresql":
