@@ -6,9 +6,9 @@
    control plane, and have the control plane revoke, prove the role gone on PostgreSQL and record it
    (``/v1/leases/revoke``). Versus raw hvac with the root token (``generate_credentials`` + ``revoke_lease``),
    interleaved in the same process. Goal from issue 16: ratio <= 1.5.
-2. Lineage appends through the control plane by 20 concurrent writers (threads of one registered task
-   process, each with its own connection to the socket) vs 20 writers doing plain single-row INSERTs into a
-   table of the same shape (no chain, no lock), measured in the same run. Goal: ratio >= 1.0.
+2. Lineage appends through the control plane by 20 concurrent writer processes (children of the registered
+   task process, each with its own connection to the socket) vs 20 processes doing plain single-row INSERTs
+   into a table of the same shape (no chain, no lock), measured in the same run. Goal: ratio >= 1.0.
 3. The round trip of one call (``/v1/whoami``).
 
 The bench registers its own process with the control plane as a task of a synthetic run and writes that
@@ -27,7 +27,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -102,29 +101,33 @@ def raw_cycle(root: hvac.Client, db_mount: str) -> float:
     return (time.perf_counter() - t0) * 1000
 
 
+def _writer(work: Any, n: int, go: Any, failed: Any) -> None:
+    go.wait()
+    try:
+        for i in range(n):
+            work(i)
+    except BaseException:
+        failed.set()
+        raise
+
+
 def appends(n: int, work: Any) -> float:
-    """Events/s when WRITERS threads each run ``work(i)`` n times, started together."""
-    go = threading.Barrier(WRITERS + 1)
-    errors: list[BaseException] = []
+    """Events/s when WRITERS processes (forked from this one: for the control plane, descendants of the
+    registered task process, as a task's own children are) each run ``work(i)`` n times, started together."""
+    import multiprocessing
 
-    def writer() -> None:
-        go.wait()
-        try:
-            for i in range(n):
-                work(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=writer) for _ in range(WRITERS)]
-    for t in threads:
-        t.start()
+    ctx = multiprocessing.get_context("fork")
+    go, failed = ctx.Barrier(WRITERS + 1), ctx.Event()
+    procs = [ctx.Process(target=_writer, args=(work, n, go, failed)) for _ in range(WRITERS)]
+    for p in procs:
+        p.start()
     go.wait()
     t0 = time.perf_counter()
-    for t in threads:
-        t.join()
+    for p in procs:
+        p.join()
     elapsed = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+    if failed.is_set() or any(p.exitcode for p in procs):
+        raise RuntimeError("a writer failed (its traceback is above)")
     return WRITERS * n / elapsed
 
 
@@ -178,14 +181,15 @@ def main() -> int:
                                 autocommit=True)
         owner.execute("CREATE TABLE IF NOT EXISTS bench_cp_plain (id bigserial PRIMARY KEY, dag_id text, run_id text, "
                       "task_id text, event_type text, actor text, created_at text, payload text)")
-        local = threading.local()
+        local: dict[int, Any] = {}
 
         def plain(i: int) -> None:
-            conn = getattr(local, "conn", None)
+            conn = local.get(os.getpid())
             if conn is None:
-                conn = local.conn = psycopg.connect(host=pg.get("host", "127.0.0.1"), port=pg["port"], user="postgres",
-                                                    password=Path(pg["superuser_password_file"]).read_text(),
-                                                    dbname="fgov_governance", autocommit=True)
+                conn = local[os.getpid()] = psycopg.connect(
+                    host=pg.get("host", "127.0.0.1"), port=pg["port"], user="postgres",
+                    password=Path(pg["superuser_password_file"]).read_text(), dbname="fgov_governance",
+                    autocommit=True)
             conn.execute("INSERT INTO bench_cp_plain (dag_id, run_id, task_id, event_type, actor, created_at, payload) "
                          "VALUES (%s, %s, %s, %s, %s, %s, %s)",
                          (DAG_ID, "r", "acquire_lease", "approval.duplicate", "bench", datetime.now(UTC).isoformat(),
