@@ -23,6 +23,17 @@ os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
 os.environ["AIRFLOW__CORE__UNIT_TEST_MODE"] = "True"
 
 
+@pytest.fixture
+def tmp_path(tmp_path: Path) -> Path:
+    """Stack tests hand their tmp_path to DAG code (markers, pid files), which runs as the DAG user: open it,
+    and let it through pytest's 0700 base directories (enter, not list)."""
+    tmp_path.chmod(0o777)
+    for parent in list(tmp_path.parents)[:3]:  # the test's dir, pytest-N, pytest-of-<user>
+        if parent != Path(tempfile.gettempdir()):
+            parent.chmod(parent.stat().st_mode | 0o011)
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     state_dir = Path(tempfile.mkdtemp(prefix="fgov-test-"))

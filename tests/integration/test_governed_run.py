@@ -86,8 +86,11 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert run["answer"].status_code == 200, run["answer"].text
     assert run["final"] == "success", run["tasks"]
     recorded = lineage(stack, run["run_id"])
-    # The scheduler's record of the run start comes first, outside every task; then every task's events.
-    (started, *events) = recorded
+    # The api-server's record of the trigger (who asked) and the scheduler's of the run start come first,
+    # outside every task; then every task's events.
+    (requested, started, *events) = recorded
+    assert (requested.event_type, requested.task_id, requested.actor) == ("run.requested", "", "api-server")
+    assert requested.payload_dict()["triggering_user_name"] == "requester"
     assert (started.event_type, started.task_id, started.actor) == (RUN_STARTED, "", "scheduler")
     assert started.payload_dict()["dag_run_id"] > 0 and not any(e.event_type == RUN_STARTED for e in events)
     assert {e.task_id for e in events} == DAG_TASKS
