@@ -85,6 +85,16 @@ def _parent(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def _age(pid: int) -> float:
+    """Seconds since ``pid`` started (infinite when it is gone)."""
+    try:
+        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("inf")
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Registry:
     """Task processes the executor started, and delegations for their triggers (memory only: a restart of
     the control plane ends every delegation; running tasks are registered again by their executor)."""
@@ -169,9 +179,12 @@ class GroupCommit:
                     break
             try:
                 written = self.store.record_many([item for item, _ in batch])
-            except BaseException as exc:  # each waiting caller gets the error; the appender goes on
-                for _, done in batch:
-                    done.set_exception(exc)
+            except BaseException as exc:  # each waiting caller gets the error, for its event; the appender goes on
+                from airflow_finetune_gov.lineage.store import LineageError
+
+                for (key, event_type, _, _), done in batch:
+                    done.set_exception(LineageError(f"could not write lineage event {event_type} for "
+                                                    f"{key.dag_id}/{key.run_id}: {exc}"))
                 continue
             for (_, done), event in zip(batch, written, strict=True):
                 done.set_result(event)
@@ -274,7 +287,9 @@ class ControlPlane:
             found = self.registry.task_of(pid)
             if found is not None:
                 return found.identity
-            if time.monotonic() >= deadline:
+            # Only a process started moments ago may be racing its executor's registration: anything older
+            # (a dag-processor, a triggerer, a shell) is refused at once
+            if time.monotonic() >= deadline or _age(pid) > REGISTRATION_WAIT_SECONDS:
                 raise ControlError("denied", f"process {pid} (uid {uid}) is no task the executor started: governed "
                                              "operators run only in task processes of the provider's executor "
                                              "(airflow_finetune_gov.executors.TaskUserLocalExecutor)")

@@ -62,13 +62,30 @@ def main() -> int:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0
     except (OSError, AttributeError):
         pass
+    import signal
+
+    # SIGTERM (the scheduler stopping: its whole process group gets it) must not take the zygote down while
+    # a workload runs, or the worker stops waiting and the scheduler's exit kills the supervisor before the
+    # task's on_kill has run: wait for the running child, then go.
+    state = {"running": False, "stop": False}
+
+    def on_term(signum: int, frame: object) -> None:
+        if not state["running"]:
+            os._exit(0)
+        state["stop"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
     while True:
+        if state["stop"]:
+            return 0
         header = _read_exact(cmd_fd, 4)
         if not header:
             return 0  # the worker closed its end: the executor is ending
         data = _read_exact(cmd_fd, struct.unpack(">I", header)[0])
+        state["running"] = True
         pid = os.fork()
         if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the supervisor installs its own
             os.close(cmd_fd)
             os.close(res_fd)
             code = 1
@@ -80,6 +97,7 @@ def main() -> int:
                 os._exit(code)
         os.write(res_fd, f"pid {pid}\n".encode())
         _, status = os.waitpid(pid, 0)
+        state["running"] = False
         os.write(res_fd, f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
 
 

@@ -130,7 +130,8 @@ def test_local_peft_run_logs_progress_and_records_what_it_trained(view: View) ->
 def test_mapped_chains_each_get_their_own_decision_lease_and_model(view: View, tmp_path: Path) -> None:
     run_id, state, tasks = view.run("governed_finetune_mapped", marker=str(tmp_path / "m"))
     assert state == "success", tasks
-    started, *events = view.events(run_id)
+    requested, started, *events = view.events(run_id)
+    assert requested.event_type == "run.requested" and requested.actor == "api-server"
     assert started.event_type == RUN_STARTED and started.task_id == "" and started.map_index == -1
     assert {e.task_id.rpartition(".")[0] for e in events} == {"per_model.chain"}
     assert {e.map_index for e in events} == {0, 1}

@@ -121,7 +121,8 @@ def test_a_scheduler_restart_during_tuning_ends_with_the_lease_revoked(view: Sta
     events = view.events(run_id)
     steps = [(e.task_id, e.event_type) for e in events]
     assert ("tune", "tuning.completed") not in steps, steps  # the job was stopped, and is not recorded as done
-    failed = next(e.payload_dict() for e in events if e.event_type == "tuning.failed")
+    failed = next((e.payload_dict() for e in events if e.event_type == "tuning.failed"), None)
+    assert failed is not None, (steps, view.task_log(DAG_ID, run_id, "tune")[-4000:])
     assert "cancelled" in failed["error"], failed
     # revoked by the killed task's on_kill, or else by the teardown: either way once, and proven
     settled = [e.event_type for e in events if e.event_type in ("lease.revoked", "lease.verified")
