@@ -14,10 +14,12 @@ Who may call what:
   role its run entitles it to (``/v1/openbao/login``: a dataset's lease and tuning roles only under a
   recorded approval for that dataset, the service roles always, the revoker never), and have the control
   plane revoke its run's leases or sweep finished runs' (``/v1/leases/revoke``, ``/v1/leases/sweep``).
-- What only the control plane does: decide (``/v1/operators/execute`` runs the policy and rollback checks
-  here, on the arguments the task sends, with the requester the scheduler witnessed), and record what is
-  reserved to the deployment (``policy.decided``; the scheduler's ``run.started`` and the api-server's
-  ``approval.witnessed`` are written by those components themselves): a task appending one is refused.
+- What only the control plane does: decide (``/v1/operators/execute`` runs the policy and rollback checks,
+  the evaluation, the promotion and the rollback here, on the arguments the task sends, with the requester
+  the api-server witnessed), and record what is reserved to the deployment's components (the event types
+  with ``reserved=True`` in :mod:`airflow_finetune_gov.lineage.events`; the scheduler's ``run.started`` and
+  the api-server's ``run.requested`` and ``approval.witnessed`` are written by those components
+  themselves): a task appending one is refused.
 
 The JSON answer of every call is ``{"ok": true, "result": ..., "log": [...]}`` or ``{"ok": false,
 "error": {"kind": ..., "message": ...}, "log": [...]}``; ``log`` carries what the control plane logged for
@@ -66,6 +68,7 @@ class Registered:
     ti_id: str
     identity: TaskIdentity
     registered_at: float
+    started: int | None  # the process's start time (clock ticks since boot): a reused pid is not the task
 
 
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
@@ -85,19 +88,27 @@ def _parent(pid: int) -> int:
     return int(stat.rsplit(")", 1)[1].split()[1])
 
 
+def _started(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``None`` when it is gone)."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _age(pid: int) -> float:
     """Seconds since ``pid`` started (infinite when it is gone)."""
+    start_ticks = _started(pid)
     try:
-        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return float("inf")
-    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    return float("inf") if start_ticks is None else uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 class Registry:
     """Task processes the executor started, and delegations for their triggers (memory only: a restart of
-    the control plane ends every delegation; running tasks are registered again by their executor)."""
+    the control plane forgets them, and the running tasks and deferred triggers then fail their next call)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -106,7 +117,7 @@ class Registry:
 
     def register(self, pid: int, ti_id: str, identity: TaskIdentity) -> None:
         with self._lock:
-            self._by_pid[pid] = Registered(pid, ti_id, identity, time.time())
+            self._by_pid[pid] = Registered(pid, ti_id, identity, time.time(), _started(pid))
 
     def deregister(self, pid: int) -> bool:
         with self._lock:
@@ -123,6 +134,9 @@ class Registry:
             with self._lock:
                 found = self._by_pid.get(pid)
             if found is not None:
+                if found.started is not None and _started(pid) != found.started:
+                    self.deregister(pid)  # the task's process is gone and its pid now names another process
+                    return None
                 return found
             pid, seen = _parent(pid), seen + 1
         return None
