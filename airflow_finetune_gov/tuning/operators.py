@@ -313,6 +313,15 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
             "deferred": self.deferrable,
         }, actor="tuning")
 
+    @staticmethod
+    def _delegation() -> str | None:
+        """With a control plane: the delegation the trigger acts with (masked in this task's log)."""
+        if not common.remote():
+            return None
+        delegation = common.control().delegate()
+        mask_secret(delegation)
+        return delegation
+
     def _defer(self, context: Any, lease: lifecycle.LeaseState, pending: dict[str, Any],
                job: dict[str, Any]) -> None:
         """Hand the remote job to the triggerer: no worker slot is held while it runs."""
@@ -327,7 +336,7 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
             dataset=lease.dataset, secret_path=str(self._kv_path),
             secret_mount=settings.get("backends_mount"), jwt_mount=settings.get("jwt_auth_mount"),
             poll_interval=self.poll_interval if self.poll_interval is not None else 30.0,
-            delegation=common.control().delegate() if common.remote() else None)
+            delegation=self._delegation())
         self.log.info("deferring: the triggerer follows remote job %s; no worker slot is held meanwhile",
                       job["job_id"])
         self.defer(trigger=trigger, method_name="execute_complete", kwargs={"pending": pending})

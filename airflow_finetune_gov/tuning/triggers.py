@@ -54,6 +54,10 @@ class RemoteFineTuningTrigger(BaseTrigger):
             "secret_mount": self.secret_mount, "jwt_mount": self.jwt_mount,
             "poll_interval": self.poll_interval, "max_errors": self.max_errors, "delegation": self.delegation})
 
+    def __repr__(self) -> str:  # Airflow logs a trigger's repr: never with its delegation
+        classpath, kwargs = self.serialize()
+        return self.repr(classpath, {**kwargs, "delegation": "***" if kwargs.get("delegation") else None})
+
     def _login(self) -> FineTuningClient:
         """Log in to OpenBao as the deferred task try and read the API key (blocking: run in a thread)."""
         import hvac
