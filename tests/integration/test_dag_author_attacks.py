@@ -10,6 +10,9 @@ control plane, which knows which task is calling from the kernel.
   metadata database (which the dag-processor holds by Airflow's design) so that an approver who triggered
   the run may approve it: the control plane takes the requester from the api-server's witness of the
   trigger, so its decision still leaves them out of the approvers;
+- a promotion after a failed evaluation: the requester marks the failed evaluation success and clears the
+  promotion; the promotion runs in the control plane, reads the verdict the control plane recorded, and
+  moves nothing;
 - a task pretending to be another: the control plane names the caller from its process, whatever it asks.
 """
 
@@ -99,6 +102,31 @@ def test_a_requester_rewritten_at_parse_time_is_still_the_requester(stack: Stack
     assert rejected["reason"].startswith("not enough eligible approvers"), rejected
     assert not [e for e in events if e.event_type in ("approval.granted", "approval.witnessed")]
     assert not [e for e in events if e.event_type == "lease.issued" and e.payload_dict()["purpose"] == "training"]
+
+
+def test_a_failed_evaluation_marked_success_promotes_nothing(stack: Stack) -> None:
+    view, demo = StackView(stack), "governed_finetune_demo"
+    requester = view.client("requester")
+    run_id = view.trigger(demo, dataset="poisoned")
+    requester.wait_task_state(demo, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    time.sleep(8)  # see SETTLE_SECONDS in test_approval_binding
+    view.answer(demo, run_id, "approver1", "Approve")
+    assert requester.wait_run(demo, run_id, timeout=400) == "failed"
+    assert requester.task_states(demo, run_id)["evaluate"] == "failed"
+    for method, path, body in (
+            ("PATCH", f"/dags/{demo}/dagRuns/{run_id}/taskInstances/evaluate", {"new_state": "success"}),
+            ("POST", f"/dags/{demo}/clearTaskInstances", {"dry_run": False, "dag_run_id": run_id,
+                                                          "task_ids": ["promote"], "include_downstream": True,
+                                                          "only_failed": False, "reset_dag_runs": True})):
+        resp = requester.request(method, path, json=body)
+        assert resp.status_code == 200, resp.text  # Airflow lets the requester do both
+    assert requester.wait_run(demo, run_id, timeout=300) == "failed"
+    tasks = requester.task_states(demo, run_id)
+    assert tasks["evaluate"] == "success" and tasks["promote"] == "failed", tasks
+    events = view.events(run_id)
+    blocked = [e.payload_dict()["reason"] for e in events if e.event_type == "promotion.blocked"]
+    assert blocked and "evaluation verdict fail" in blocked[-1], blocked
+    assert not [e for e in events if e.event_type in ("promotion.completed", "provenance.signed")]
 
 
 def test_the_control_plane_names_the_caller_from_its_process(stack: Stack) -> None:
