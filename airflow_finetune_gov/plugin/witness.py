@@ -27,7 +27,6 @@ import logging
 import re
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 log = logging.getLogger(__name__)
 TRIGGER_PATH = re.compile(r"^/api/v2/dags/(?P<dag_id>[^/]+)/dagRuns$")
@@ -56,7 +55,7 @@ def witness_trigger(path_match: re.Match[str], run: dict[str, Any], store: Any) 
     from airflow_finetune_gov.lineage.store import EventKey
 
     payload = {"triggering_user_name": run.get("triggering_user_name"), "run_type": str(run.get("run_type") or "")}
-    key = EventKey(str(run.get("dag_id") or unquote(path_match["dag_id"])), str(run["dag_run_id"]), SCHEDULER_TASK_ID,
+    key = EventKey(str(run.get("dag_id") or path_match["dag_id"]), str(run["dag_run_id"]), SCHEDULER_TASK_ID,
                    WITNESS_TRY)
     return events.record(store, key, "run.requested", actor="api-server", payload=payload)
 
@@ -74,8 +73,10 @@ def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any) -> An
         "comment": str(params.get("comment") or "")[:2000],
         "responded_at": str(answer.get("responded_at") or ""),
     }
-    key = EventKey(unquote(path_match["dag_id"]), unquote(path_match["run_id"]), unquote(path_match["task_id"]),
-                   WITNESS_TRY, int(path_match["map_index"]))
+    # ``scope["path"]`` is already percent-decoded, exactly as the route matched it: decoding it again would
+    # file an answer to run ``r%31`` under run ``r1``
+    key = EventKey(path_match["dag_id"], path_match["run_id"], path_match["task_id"], WITNESS_TRY,
+                   int(path_match["map_index"]))
     return events.record(store, key, "approval.witnessed", actor="api-server", payload=payload)
 
 
