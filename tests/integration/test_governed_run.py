@@ -123,7 +123,11 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     # Training is deterministic: an earlier test may have promoted (and signed) these same bytes; then
     # this run verifies that signature instead of signing again.
     verified = next(e for e in events if e.event_type == "provenance.verified").payload_dict()
-    assert verified["version"] == tuned["version"] and verified["invocation_id"].startswith(f"{DEMO_DAG_ID}/")
+    assert verified["version"] == tuned["version"]
+    signer_dag, _, signer_run = verified["invocation_id"].partition("/")  # this run, or the one that signed first
+    signed = [e.payload_dict() for e in lineage(stack, signer_run) if e.event_type == "provenance.signed"
+              and e.dag_id == signer_dag]
+    assert [p["version"] for p in signed] == [tuned["version"]], verified
     signed = [e.payload_dict() for e in events if e.event_type == "provenance.signed"]
     assert bool(signed) == (verified["invocation_id"] == f"{DEMO_DAG_ID}/{run['run_id']}")
     folder = Path(state_of(stack)["model_store"]) / "fgov-demo-tiny" / tuned["version"]
