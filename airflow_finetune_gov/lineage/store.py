@@ -198,15 +198,20 @@ class LineageStore:
         self.engine = engine
         self._server_append: bool | None = None  # PostgreSQL at revision >= 0002, checked on first append
 
-    def record(self, key: EventKey, event_type: str, *, actor: str, payload: Mapping[str, Any]) -> LineageEvent:
+    @staticmethod
+    def _row(key: EventKey, event_type: str, actor: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The columns of a new event, before its chain tails and hash (refusing secret-looking keys)."""
         check_no_secrets(payload)
-        row: dict[str, Any] = {
+        return {
             "dag_id": key.dag_id, "run_id": key.run_id, "task_id": key.task_id,
             "try_number": int(key.try_number), "map_index": int(key.map_index),
             "event_type": event_type, "actor": actor or "unknown",
             "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
             "payload": canonical(dict(payload)),
         }
+
+    def record(self, key: EventKey, event_type: str, *, actor: str, payload: Mapping[str, Any]) -> LineageEvent:
+        row = self._row(key, event_type, actor, payload)
         try:
             if self._server_append is None:
                 self._server_append = self._has_server_append()
@@ -232,14 +237,7 @@ class LineageStore:
         """Append ``(key, event_type, actor, payload)`` items in order, in one transaction: one commit (one
         flush of the WAL) for all of them, so concurrent writers that hand their events to one appender
         (the control plane's group commit) share it. All or none are recorded."""
-        rows = []
-        for key, event_type, actor, payload in items:
-            check_no_secrets(payload)
-            rows.append({
-                "dag_id": key.dag_id, "run_id": key.run_id, "task_id": key.task_id,
-                "try_number": int(key.try_number), "map_index": int(key.map_index), "event_type": event_type,
-                "actor": actor or "unknown", "created_at": datetime.now(UTC).isoformat(timespec="microseconds"),
-                "payload": canonical(dict(payload))})
+        rows = [self._row(key, event_type, actor, payload) for key, event_type, actor, payload in items]
         out: list[LineageEvent] = []
         try:
             if self._server_append is None:
