@@ -123,6 +123,17 @@ def run_events(context: Any, event_type: str | None = None, *, event_prefix: str
     return [e for e in events if e.chain == mine and (current is None or current.holds(e.id))]
 
 
+def stored_model(context: Any) -> dict[str, Any] | None:
+    """What this chain's tuning put in the model store, as the store's writer recorded it (``model.stored``:
+    the control plane, with one): ``model``, ``version`` and the ``base_model`` and ``base_version`` it is
+    compared with. Evaluation and promotion act on this, never on the tuning task's own report."""
+    stored = run_events(context, "model.stored")
+    if not stored:
+        return None
+    p = stored[-1].payload_dict()
+    return {k: p[k] for k in ("model", "version", "base_model", "base_version")}
+
+
 def datasets_connection(username: str, password: str) -> Any:
     """A psycopg connection to the datasets database as a leased role."""
     import psycopg

@@ -14,6 +14,7 @@ from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
 SHA = "ab" * 32
 URI = "postgresql://db.internal:5433/fgov_datasets/datasets.benign"
 EXPIRES = "2099-01-01T00:00:00+00:00"
+REQUEST = "cd" * 32  # the request_sha256 of the gate's request in these payloads
 
 
 def decision(env: str = "staging", dataset: str = "benign", *, requester: str = "requester",
@@ -25,10 +26,26 @@ def decision(env: str = "staging", dataset: str = "benign", *, requester: str = 
     return events.POLICY_DECIDED.payload(**seal_decision(d))
 
 
-def witnessed(who: str, option: str = "Approve", *, comment: str = "") -> dict[str, Any]:
-    """The api-server's record of an answer through Airflow's API (recorded under the gate's task, try 0)."""
+def requested(d: dict[str, Any], *, request_sha256: str = REQUEST, **fields: Any) -> dict[str, Any]:
+    """The gate's request for decision ``d``, as the control plane records it when it renders it."""
+    return events.APPROVAL_REQUESTED.payload(**{
+        "tier": d["tier"], "needed": d["quorum"], "round": 1, "policy_sha256": d["policy_sha256"], **answered(d),
+        "request_sha256": request_sha256, **fields})
+
+
+def review_requested(evaluation_id: str = "e1", *, request_sha256: str = REQUEST) -> dict[str, Any]:
+    """The evaluation's review request for ``evaluation_id``, as the control plane records it."""
+    return events.EVALUATION_REVIEW_REQUESTED.payload(evaluation_id=evaluation_id, reviewers=["approver1"],
+                                                      undecided=["harmful_refusal"], response_timeout_seconds=None,
+                                                      request_sha256=request_sha256)
+
+
+def witnessed(who: str, option: str = "Approve", *, comment: str = "", request_sha256: str = REQUEST) -> dict[str, Any]:
+    """The api-server's record of an answer through Airflow's API (recorded under the gate's task, try 0) to the
+    request ``request_sha256`` names."""
     return events.APPROVAL_WITNESSED.payload(responder=who, responder_name=who, chosen_options=[option],
-                                             comment=comment, responded_at="2026-12-01T10:00:00+00:00")
+                                             comment=comment, responded_at="2026-12-01T10:00:00+00:00",
+                                             request_sha256=request_sha256, subject="Approve", try_number=1)
 
 
 def grant(d: dict[str, Any], who: str, *, approval_id: str | None = None, **fields: Any) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,7 +13,13 @@ from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ApprovalMissing, answered, answers_to, policy_decision
+from airflow_finetune_gov.approval.verify import (
+    ApprovalMissing,
+    answered,
+    answers_to,
+    policy_decision,
+    request_sha256,
+)
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
@@ -55,19 +62,41 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         return excluded_people(context)
 
     def execute(self, context: Any) -> Any:
+        owners = sorted(excluded_people(context) - {common.requester(context)})
+        if common.remote():  # the request is rendered and recorded where the decision is kept
+            opened = common.control().execute("approval_gate", {
+                "owners": owners,
+                "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
+            }, log=self.log)
+        else:
+            opened = self.open_request(context, owners=owners)
+        if "granted" in opened:
+            return opened["granted"]
+        self.subject, self.body, self.options = opened["subject"], opened["body"], opened["options"]
+        self.assigned_users = opened["assigned_users"]
+        return super().execute(context)
+
+    def open_request(self, context: Any, *, owners: Sequence[str] = (), reopen: str | None = None) -> dict[str, Any]:
+        """Render this run's request for approval from its latest decision and record it with the hash of what
+        the approvers will be shown (``approval.requested``); in the control plane when there is one (the task
+        then opens exactly this request in Airflow). ``owners`` (the DAG's, sent by the task) can only take
+        people out of the approvers; the requester is taken out here, as the decision names them.
+
+        Returns ``{"granted": ...}`` for tier auto, else the request (``subject``, ``body``, ``options``,
+        ``assigned_users``, ``remaining_seconds``); ``reopen`` re-opens it for another round of a quorum."""
         ti = context["ti"]
         try:
             decision = policy_decision(common.run_events(context), ti.run_id)
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
-        if decision["tier"] == "auto":
+        if decision["tier"] == "auto" and reopen is None:
             common.record(context, "approval.granted", {
                 "approval_id": uuid.uuid4().hex, "responder": "policy", "option": APPROVE,
                 "tier": "auto", "policy_sha256": decision["policy_sha256"], **answered(decision),
             }, actor="policy")
             self.log.info("tier auto: approved by policy %s", decision["policy_sha256"][:12])
-            return {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}
-        excluded = self._excluded(context)
+            return {"granted": {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}}
+        excluded = {decision["request"]["requester"], *owners}
         approvers = [a for a in decision["approvers"] if a not in excluded]
         needed = self._needed(decision)
         if len(approvers) < needed:
@@ -79,21 +108,34 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             raise AirflowFailException(f"not enough eligible approvers: tier {decision['tier']} needs {needed}, and "
                                        f"the approver group {decision['approvers']} minus requester/owners "
                                        f"{sorted(excluded)} leaves {approvers}")
-        self.assigned_users = [{"id": a, "name": a} for a in approvers]
         req = decision["request"]
         if req.get("change") == "rollback":
-            self.subject = (f"Approve rollback of {req['model']}:{req['target_environment']} from "
-                            f"{req['base_version']} to {req['rollback_to']}")
+            subject = (f"Approve rollback of {req['model']}:{req['target_environment']} from "
+                       f"{req['base_version']} to {req['rollback_to']}")
         else:
-            self.subject = (f"Approve fine-tune of {req['model']} on dataset {req['dataset']} for "
-                            f"{req['target_environment']}")
-        self.body = self._summary(context, decision, approvers)
+            subject = f"Approve fine-tune of {req['model']} on dataset {req['dataset']} for {req['target_environment']}"
+        body = self._summary(context, decision, approvers)
+        options = [APPROVE, REJECT]
+        shown = request_sha256(subject, body, options)
+        requests = [e for e in common.run_events(context, "approval.requested")
+                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        remaining: timedelta | None = None
+        if reopen is not None and self.response_timeout is not None:
+            first = datetime.fromisoformat(requests[0].created_at) if requests else datetime.now(UTC)
+            remaining = first + self.response_timeout - datetime.now(UTC)
+            if remaining.total_seconds() <= 0:
+                self._expired(context, "timeout", f"no quorum before the deadline ({reopen})")
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
-            "round": 1, "policy_sha256": decision["policy_sha256"], **answered(decision), "subject": self.subject,
-            "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
-        }, actor=common.requester(context))
-        return super().execute(context)
+            "round": len(requests) + 1, "policy_sha256": decision["policy_sha256"], **answered(decision),
+            "subject": subject, "request_sha256": shown,
+            **({"reason": reopen, "remaining_seconds": round(remaining.total_seconds(), 1) if remaining else None}
+               if reopen is not None else {"response_timeout_seconds": self.response_timeout.total_seconds()
+                                           if self.response_timeout else None}),
+        }, actor="policy")
+        return {"subject": subject, "body": body, "options": options,
+                "assigned_users": [{"id": a, "name": a} for a in approvers],
+                "remaining_seconds": remaining.total_seconds() if remaining is not None else None}
 
     @staticmethod
     def _data_rows(decision: dict[str, Any]) -> list[tuple[str, str]]:
@@ -170,7 +212,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                 f"the answer by {who} was given to decision sha256 {asked[:16]}, but the run's policy decision is now "
                 f"{decision['decision_sha256'][:16]} (the policy check ran again): clear the approval gate to ask "
                 "about the current decision")
-        allowed = set(decision["approvers"]) - self._excluded(context)
+        allowed = self._asked_approvers(context, decision)
         if who not in allowed:
             common.record(context, "approval.violation", {
                 **answer, "allowed": sorted(allowed),
@@ -178,7 +220,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             }, actor=who)
             self.log.warning("%s may not answer this approval (separation of duties): recorded as a violation, "
                              "the request stays open", who)
-            return self._reopen(context, decision, reason=f"violation by {who}")
+            return self._reopen(context, reason=f"violation by {who}")
         if option != APPROVE:
             common.record(context, "approval.rejected", {**answer, "tier": decision["tier"]}, actor=who)
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",
@@ -189,7 +231,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         if who in granted:
             common.record(context, "approval.duplicate", {**answer, "approved_by": sorted(granted)}, actor=who)
             self.log.warning("%s already approved this change; a second answer does not count", who)
-            return self._reopen(context, decision, reason=f"duplicate answer by {who}")
+            return self._reopen(context, reason=f"duplicate answer by {who}")
         common.record(context, "approval.granted", {
             **answer, "approval_id": uuid.uuid4().hex, "tier": decision["tier"],
             "policy_sha256": decision["policy_sha256"],
@@ -197,10 +239,19 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         granted.add(who)
         needed = self._needed(decision)
         if len(granted) < needed:
-            return self._reopen(context, decision, reason=f"{len(granted)} of {needed} approvals")
+            return self._reopen(context, reason=f"{len(granted)} of {needed} approvals")
         common.record(context, "approval.decided", {"outcome": "approved", "approvers": sorted(granted),
                                                     "tier": decision["tier"]}, actor="policy")
         return result
+
+    def _asked_approvers(self, context: Any, decision: dict[str, Any]) -> set[str]:
+        """Whom this task try's request was opened for (the control plane left out the requester the decision
+        names and the DAG's owners); the decision's approvers minus this task's view of them otherwise."""
+        ti = context["ti"]
+        requests = [e.payload_dict() for e in common.run_events(context, "approval.requested")
+                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        opened = [r["approvers"] for r in requests if r.get("approvers")]
+        return set(opened[0]) if opened else set(decision["approvers"]) - self._excluded(context)
 
     @staticmethod
     def _asked(context: Any) -> str | None:
@@ -215,24 +266,24 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         common.record(context, "approval.decided", {"outcome": "rejected", "reason": "expired"}, actor="policy")
         raise AirflowFailException(f"approval not given in time ({error_type}): the gate fails closed (rejected)")
 
-    def _reopen(self, context: Any, decision: dict[str, Any], *, reason: str) -> Any:
+    def _reopen(self, context: Any, *, reason: str) -> Any:
         """Ask again on the same request (Airflow keeps one HITL detail per task try; upserting it clears
         the last answer) with whatever is left of the original ``response_timeout``."""
         ti = context["ti"]
-        requests = [e for e in common.run_events(context, "approval.requested")
-                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
-        remaining: timedelta | None = None
-        if self.response_timeout is not None:
-            first = datetime.fromisoformat(requests[0].created_at) if requests else datetime.now(UTC)
-            remaining = first + self.response_timeout - datetime.now(UTC)
-            if remaining.total_seconds() <= 0:
-                self._expired(context, "timeout", f"no quorum before the deadline ({reason})")
+        owners = sorted(excluded_people(context) - {common.requester(context)})
+        if common.remote():
+            opened = common.control().execute("approval_gate", {
+                "owners": owners, "reopen": reason,
+                "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
+            }, log=self.log)
+        else:
+            opened = self.open_request(context, owners=owners, reopen=reason)
+        self.subject, self.body, self.options = opened["subject"], opened["body"], opened["options"]
+        self.assigned_users = opened["assigned_users"]
         upsert_hitl_detail(ti_id=context["task_instance"].id, options=self.options, subject=self.subject,
                            body=self.body, defaults=self.defaults, multiple=self.multiple,
                            params=self.serialized_params, assigned_users=self.assigned_users or [])
-        common.record(context, "approval.requested", {
-            "tier": decision["tier"], "needed": self._needed(decision), "round": len(requests) + 1,
-            "reason": reason, "policy_sha256": decision["policy_sha256"], **answered(decision),
-            "remaining_seconds": round(remaining.total_seconds(), 1) if remaining is not None else None,
-        }, actor="policy")
-        raise TaskAwaitingInput(method_name="execute_complete", timeout=remaining)
+        remaining = opened.get("remaining_seconds")
+        self.log.info("%s/%s: asked again (%s)", ti.dag_id, ti.task_id, reason)
+        raise TaskAwaitingInput(method_name="execute_complete",
+                                timeout=timedelta(seconds=remaining) if remaining is not None else None)

@@ -75,14 +75,30 @@ def policy_decision(events: Sequence[LineageEvent], run_id: str) -> dict[str, An
     return last
 
 
-def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
-    """Who answered ``Approve`` through Airflow's API after the latest policy decision, as the api-server
-    witnessed it (``approval.witnessed``, which only the api-server records): an ``approval.granted`` counts
-    only for one of them. A grant is the gate's reading of an answer; the witness is the answer."""
-    decided = [e.id for e in events if e.event_type == "policy.decided"]
-    after = decided[-1] if decided else 0
+def request_sha256(subject: str, body: str | None, options: Sequence[str]) -> str:
+    """The hash of a HITL request as an approver sees it: what the gate records when it opens the request and
+    the api-server's witness computes from Airflow's row when the request is answered."""
+    shown = json.dumps({"subject": subject, "body": body or "", "options": list(options)}, sort_keys=True,
+                       separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(shown.encode()).hexdigest()
+
+
+def _witnessed(events: Sequence[LineageEvent], option: str, after: int, requests: set[str]) -> set[str]:
     return {str(p.get("responder")) for e in events if e.event_type == "approval.witnessed" and e.id > after
-            and APPROVE in (p := e.payload_dict()).get("chosen_options", [])}
+            and option in (p := e.payload_dict()).get("chosen_options", []) and p.get("request_sha256") in requests}
+
+
+def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
+    """Who answered ``Approve`` through Airflow's API after the latest policy decision, to a request rendered
+    for that decision, as the api-server witnessed it (``approval.witnessed``, which only the api-server
+    records): an ``approval.granted`` counts only for one of them. A grant is the gate's reading of an
+    answer; the witness is the answer."""
+    decided = [e for e in events if e.event_type == "policy.decided"]
+    if not decided:
+        return set()
+    requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decided[-1].payload_dict())
+                if p.get("request_sha256")}
+    return _witnessed(events, APPROVE, decided[-1].id, requests)
 
 
 def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
@@ -111,10 +127,15 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         seen = witnessed_approvals(events)
         valid = [g for g in grants if g.get("responder") in allowed and g.get("responder") in seen]
         unwitnessed = sorted({str(g.get("responder")) for g in grants if g.get("responder") not in seen})
+        elsewhere = sorted({str(w.get("responder")) for w in _of(events, "approval.witnessed")
+                            if APPROVE in w.get("chosen_options", [])} - seen)
         approvers = sorted({g["responder"] for g in valid})
         if len(approvers) < int(decision["quorum"]):
             hint = (f"; recorded but not witnessed by the api-server (no answer through Airflow's API after the "
-                    f"decision): {unwitnessed}" if unwitnessed else "")
+                    f"decision to a request the gate opened for it): {unwitnessed}" if unwitnessed else "")
+            if elsewhere:
+                hint += (f"; Approve given to another request (not one the gate opened for this decision, or "
+                         f"before it): {elsewhere}")
             raise ApprovalMissing(
                 f"run {run_id} needs {decision['quorum']} distinct approver(s) from {sorted(allowed)}; "
                 f"recorded for decision {decision['decision_id']}: {approvers or 'none'}{stale}{hint}. Marking the "
@@ -168,9 +189,10 @@ def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str
         raise EvaluationMissing(f"run {run_id}: the review was accepted by {reviews[-1].get('responder')}, who is "
                                 f"not an eligible reviewer ({sorted(eligible)})")
     completed = [e.id for e in events if e.event_type == "evaluation.completed"][-1]
-    seen = {str(p.get("responder")) for e in events if e.event_type == "approval.witnessed" and e.id > completed
-            and ACCEPT_REVIEW in (p := e.payload_dict()).get("chosen_options", [])}
-    if reviews[-1].get("responder") not in seen:
+    requests = {str(p["request_sha256"]) for p in _of(events, "evaluation.review_requested")
+                if p.get("evaluation_id") == last.get("evaluation_id") and p.get("request_sha256")}
+    if reviews[-1].get("responder") not in _witnessed(events, ACCEPT_REVIEW, completed, requests):
         raise EvaluationMissing(f"run {run_id}: the review accepted by {reviews[-1].get('responder')} was not "
-                                "witnessed by the api-server (no answer through Airflow's API after the evaluation)")
+                                "witnessed by the api-server (no answer through Airflow's API, after the evaluation, "
+                                "to the review request opened for it)")
     return {**last, "reviewed_by": reviews[-1]["responder"]}

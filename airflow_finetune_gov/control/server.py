@@ -261,6 +261,13 @@ PLANE_OPERATORS = {
     "promote": ("airflow_finetune_gov.registry.operators", "PromoteModelOperator", ("alias",)),
     "rollback": ("airflow_finetune_gov.registry.operators", "RollbackModelOperator", ()),
 }
+# Operators of which one step runs here, as ``method(context, **arguments)``: the approval gate's request is
+# rendered from the decision and recorded here (``approval.requested``), and the task opens exactly that
+# request in Airflow (only a task can wait for a human). Arguments the constructor does not take go to the step.
+PLANE_STEPS: dict[str, tuple[str, str, tuple[str, ...], str, tuple[str, ...]]] = {
+    "approval_gate": ("airflow_finetune_gov.approval.operators", "FineTuneApprovalOperator",
+                      ("response_timeout", "owners", "reopen"), "open_request", ("owners", "reopen")),
+}
 
 
 class ControlPlane:
@@ -435,9 +442,16 @@ class ControlPlane:
         from airflow_finetune_gov.lineage.runs import RUN_STARTED, RunNotWitnessed, requested_by
 
         name = str(body.get("operator") or "")
-        if name not in PLANE_OPERATORS:
-            raise ControlError("bad", f"no operator {name!r} runs in the control plane: {sorted(PLANE_OPERATORS)}")
-        module, cls_name, fields = PLANE_OPERATORS[name]
+        method = "execute"
+        step_fields: tuple[str, ...] = ()
+        fields: tuple[str, ...]
+        if name in PLANE_STEPS:
+            module, cls_name, fields, method, step_fields = PLANE_STEPS[name]
+        elif name in PLANE_OPERATORS:
+            module, cls_name, fields = PLANE_OPERATORS[name]
+        else:
+            raise ControlError("bad", f"no operator {name!r} runs in the control plane: "
+                                      f"{sorted({*PLANE_OPERATORS, *PLANE_STEPS})}")
         params = dict(body.get("params") or {})
         unknown = set(params) - set(fields)
         if unknown:
@@ -455,10 +469,102 @@ class ControlPlane:
             from datetime import timedelta
 
             params["response_timeout"] = timedelta(seconds=float(params["response_timeout"]))
+        step: dict[str, Any] = {k: params.pop(k) for k in step_fields if k in params}
+        if "owners" in step:
+            step["owners"] = [str(o) for o in step["owners"] or []]
         cls = getattr(importlib.import_module(module), cls_name)
         op = cls(task_id=identity.task_id.rpartition(".")[2], **params)
         op._log = log_  # what it logs goes back to the task's log
-        return op.execute(service_context(identity, log_, started, task=op))
+        return getattr(op, method)(service_context(identity, log_, started, task=op), **step)
+
+    # --- the model store: only the control plane writes it ------------------------------------------
+    @staticmethod
+    def _staging(identity: TaskIdentity) -> Path:
+        from airflow_finetune_gov import settings
+        from airflow_finetune_gov.registry.store import STAGING
+
+        name = hashlib.sha256(json.dumps(asdict(identity), sort_keys=True).encode()).hexdigest()[:32]
+        return Path(settings.get("model_store")) / STAGING / name
+
+    def staging(self, identity: TaskIdentity, uid: int, gid: int) -> dict[str, Any]:
+        """A directory for this task try's tuned files, owned by the calling user: created here, in a
+        directory only the control plane writes, so nothing in its path is the task's but its contents."""
+        import shutil
+
+        folder = self._staging(identity)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.parent.chmod(0o711)  # reachable, not listable
+        if folder.exists():
+            shutil.rmtree(folder)  # a task try stages once: what an earlier call left is not its result
+        folder.mkdir()
+        if os.geteuid() == 0:
+            os.chown(folder, uid, gid)
+            folder.chmod(0o700)
+        else:  # the control plane's own user is in the DAG user's group: the folder is that group's, and its own
+            os.chown(folder, -1, gid)
+            folder.chmod(0o770)
+        return {"path": str(folder)}
+
+    def store_model(self, identity: TaskIdentity, uid: int, body: dict[str, Any]) -> dict[str, Any]:
+        """Copy the files the task staged into the store as a new version, record ``model.stored`` and drop the
+        staging directory. Only the task's own regular files are taken (no symlink is followed); the base the
+        task names must be in the store, match its manifest, and be the approved base version when the
+        decision names one."""
+        import shutil
+
+        from airflow_finetune_gov import settings
+        from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+        from airflow_finetune_gov.lineage import events
+        from airflow_finetune_gov.lineage.store import EventKey
+        from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+
+        try:
+            name, files = str(body["name"]), [str(f) for f in body["files"]]
+            base_model = str(body["base_model"])
+            base_version = str(body["base_version"]) if body.get("base_version") else None
+        except (KeyError, TypeError) as exc:
+            raise ControlError("bad", f"storing a model needs name, files, base_model, base_version: {exc}") from None
+        try:
+            approval = granted_approval(self._run_events(identity), identity.run_id)
+        except ApprovalMissing as exc:
+            raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
+        if approval.get("base_version") and approval["base_version"] != base_version:
+            raise ControlError("refused", f"the base {base_model}@{base_version} is not the approved base version "
+                                          f"{approval['base_version']}")
+        store = ModelStore(settings.get("model_store"))
+        folder = self._staging(identity)
+        try:
+            problems = store.verify(base_model, base_version) if base_version else []
+            if problems:
+                raise ControlError("refused", f"the base {base_model}@{base_version} does not match its manifest: "
+                                              f"{problems}")
+            metadata = {**dict(body.get("metadata") or {}), "base_model": base_model, "base_version": base_version,
+                        "run": f"{identity.dag_id}/{identity.run_id}", "stored_by": "control plane",
+                        "task": identity.subject, "approval_id": approval["approval_id"]}
+            manifest = store.put_dir(name, folder, files, metadata, owner_uid=uid)
+        except RegistryError as exc:
+            raise ControlError("refused", f"model {name} not stored: {exc}") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        key = EventKey(identity.dag_id, identity.run_id, identity.task_id, identity.try_number, identity.map_index)
+        size = sum((store.path(name, manifest["version"]) / f).stat().st_size for f in manifest["files"])
+        payload = {"model": name, "version": manifest["version"], "sha256": manifest["sha256"],
+                   "files": len(manifest["files"]), "bytes": size, "base_model": base_model,
+                   "base_version": base_version}
+        events.check("model.stored", payload)
+        self.appender().record(key, "model.stored", actor="control-plane", payload=payload)
+        return manifest
+
+    def base_model(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
+        """The manifest of a base model reference (the demo model is built here on first use)."""
+        from airflow_finetune_gov import settings
+        from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+        from airflow_finetune_gov.tuning.backends import resolve_base
+
+        try:
+            return resolve_base(ModelStore(settings.get("model_store")), str(body.get("ref") or ""))
+        except (FileNotFoundError, RegistryError) as exc:
+            raise ControlError("refused", str(exc)) from None
 
     def sweep(self, identity: TaskIdentity, body: dict[str, Any]) -> list[dict[str, Any]]:
         from airflow_finetune_gov.cli.main import _orm_run_state
@@ -469,7 +575,7 @@ class ControlPlane:
 
 
 def _route(plane: ControlPlane, path: str, pid: int, uid: int, delegation: str | None, body: dict[str, Any],
-           log_: CapturingLog) -> Any:
+           log_: CapturingLog, gid: int = -1) -> Any:
     if path == "/v1/health":
         return {"tasks": len(plane.registry.registered())}
     if path == "/v1/tasks/register":
@@ -485,6 +591,9 @@ def _route(plane: ControlPlane, path: str, pid: int, uid: int, delegation: str |
         "/v1/leases/revoke": lambda ident: plane.revoke(ident, body, log_),
         "/v1/leases/sweep": lambda ident: plane.sweep(ident, body),
         "/v1/operators/execute": lambda ident: plane.execute(ident, body, log_),
+        "/v1/models/staging": lambda ident: plane.staging(ident, uid, gid),
+        "/v1/models/store": lambda ident: plane.store_model(ident, uid, body),
+        "/v1/models/base": lambda ident: plane.base_model(ident, body),
     }
     call = task_calls.get(path)
     if call is None:
@@ -504,7 +613,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # requests are logged by what they do, never with their bodies
 
     def do_POST(self) -> None:
-        pid, uid, _ = peer_credentials(self.connection)
+        pid, uid, gid = peer_credentials(self.connection)
         log_ = CapturingLog(f"pid {pid}")
         status, answer = 200, {}
         try:
@@ -513,7 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ControlError("bad", f"request body of {length} bytes is over {MAX_BODY}")
             body = json.loads(self.rfile.read(length) or b"{}") if length else {}
             delegation = self.headers.get("X-Fgov-Delegation") or None
-            result = _route(self.server.plane, self.path, pid, uid, delegation, body, log_)
+            result = _route(self.server.plane, self.path, pid, uid, delegation, body, log_, gid)
             answer = {"ok": True, "result": result}
         except ControlError as exc:
             status = {"denied": 403, "refused": 409, "bad": 400}.get(exc.kind, 400)

@@ -15,7 +15,7 @@ from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
-from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision
+from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision, request_sha256
 from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation import builtin_suites, harness
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
@@ -122,6 +122,11 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             raise AirflowFailException(f"this evaluation runs local adapters; the {t['backend']} result "
                                        f"({t.get('remote_model') or t.get('version')}) needs a model client: "
                                        "evaluate it with `fgov eval run --base-url ...` (see the README)")
+        stored = common.stored_model(context)
+        if stored is None:
+            raise AirflowFailException("no tuned model was stored for this run (no model.stored record): only what "
+                                       "the tuning task handed over to the model store is evaluated")
+        t = {**t, **stored}  # the store's record of what is evaluated, not the tuning task's report
         store = ModelStore(settings.get("model_store"))
         for name, version in ((t["model"], t["version"]), (t["base_model"], t["base_version"])):
             problems = store.verify(name, version)
@@ -210,6 +215,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         if review is None:
             return result
         self.subject, self.body, self.assigned_users = review["subject"], review["body"], review["assigned_users"]
+        self.options = review.get("options") or self.options  # exactly the request the control plane recorded
         return HITLOperator.execute(self, context)
 
     # -- needs_review -> a human -------------------------------------------------------------------
@@ -249,13 +255,15 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             f"{common.requester(context)}; eligible reviewers: {', '.join(reviewers)}.")
         common.record(context, "evaluation.review_requested", {
             "evaluation_id": payload["evaluation_id"], "reviewers": reviewers,
+            "request_sha256": request_sha256(self.subject, self.body, list(self.options)),
             "undecided": [m.metric for m in comparison.metrics if m.verdict == "needs_review"],
             "response_timeout_seconds": self.response_timeout.total_seconds() if self.response_timeout else None,
         }, actor="evaluation")
         self.log.info("needs_review: asking %s in Required Actions", ", ".join(reviewers))
         if common.SERVING:  # in the control plane: the task opens the request (only a task can defer)
             return {"verdict": "needs_review", "report": payload["report"],
-                    "review": {"subject": self.subject, "body": self.body, "assigned_users": self.assigned_users}}
+                    "review": {"subject": self.subject, "body": self.body, "options": list(self.options),
+                               "assigned_users": self.assigned_users}}
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

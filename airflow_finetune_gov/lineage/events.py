@@ -83,13 +83,16 @@ POLICY_ERROR = EventType("policy.error", "policy check", "the change could not b
                          ("error",), open=True)
 
 APPROVAL_REQUESTED = EventType(
-    "approval.requested", "approval gate", "a request for approval of one decision opened (or re-opened: round n)",
-    ("tier", "needed", "round", "policy_sha256", "decision_id", "decision_sha256"),
-    ("approvers", "excluded", "subject", "response_timeout_seconds", "reason", "remaining_seconds"))
+    "approval.requested", "the control plane (approval gate)",
+    "a request for approval of one decision rendered from it and opened (or re-opened: round n); request_sha256 "
+    "names what the approvers are shown (verify.request_sha256)",
+    ("tier", "needed", "round", "policy_sha256", "decision_id", "decision_sha256", "request_sha256"),
+    ("approvers", "excluded", "subject", "response_timeout_seconds", "reason", "remaining_seconds"), reserved=True)
 APPROVAL_WITNESSED = EventType(
     "approval.witnessed", "the api-server (the provider's root middleware)",
     "Airflow accepted an answer to a HITL request through its API, from this authenticated user: the only "
-    "proof that a person answered", ("responder", "chosen_options", "responded_at"), ("responder_name", "comment"),
+    "proof that a person answered", ("responder", "chosen_options", "responded_at"),
+    ("responder_name", "comment", "request_sha256", "subject", "try_number"),
     reserved=True)
 APPROVAL_GRANTED = EventType(
     "approval.granted", "approval gate", "one approval of one decision, by a person or (tier auto) the policy",
@@ -154,6 +157,11 @@ TUNING_COMPLETED = EventType(
     "tuning.completed", "tuning", "the job ended with a model: what it trained on and what it produced",
     ("backend", "dataset", "content_sha256", "base_model", "model", "version", "output_sha256", "metrics",
      "duration_seconds"), open=True)
+MODEL_STORED = EventType(
+    "model.stored", "the control plane (model store)",
+    "the tuned files the task handed over were copied into the store, which only the control plane writes: the "
+    "version evaluation and promotion act on, and the base it is compared with",
+    ("model", "version", "sha256", "files", "bytes", "base_model", "base_version"), reserved=True)
 TUNING_FAILED = EventType("tuning.failed", "tuning", "the job failed or was cancelled", ("backend", "error"),
                           open=True)
 TUNING_CANCELLED = EventType("tuning.cancelled", "teardown", "a remote job no task saw end was cancelled",
@@ -167,8 +175,9 @@ EVALUATION_COMPLETED = EventType(
     "evaluation.completed", "the control plane (evaluation)", "the verdict, per-metric figures and the report's sha256",
     ("evaluation_id", "verdict", "metrics", "version", "report_sha256"), open=True, reserved=True)
 EVALUATION_REVIEW_REQUESTED = EventType(
-    "evaluation.review_requested", "evaluation", "a needs_review verdict went to the approvers",
-    ("evaluation_id", "reviewers", "undecided", "response_timeout_seconds"))
+    "evaluation.review_requested", "the control plane (evaluation)",
+    "a needs_review verdict went to the approvers, in the request request_sha256 names",
+    ("evaluation_id", "reviewers", "undecided", "response_timeout_seconds", "request_sha256"), reserved=True)
 EVALUATION_REVIEWED = EventType(
     "evaluation.reviewed", "evaluation", "a reviewer's answer to a needs_review verdict (or its expiry)",
     ("evaluation_id", "outcome"), ("responder", "option", "comment", "responded_at", "reason", "error_type",

@@ -5,7 +5,9 @@ Loaded as the plugin's root middleware, so it runs in the api-server, which runs
 ``PATCH /api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails`` (the
 UI's Required Actions page uses it too) and, when Airflow accepted the answer (HTTP 200), records who
 answered (``responded_by``, which Airflow's route set from the authenticated user, never from the
-request body), what they chose and their comment, under the answered task's key with try 0.
+request body), what they chose and their comment, under the answered task's key with try 0, and which
+request they answered: the hash of its subject, body and options as Airflow held them when the answer came
+(``verify.request_sha256``), so an Approve counts only for a request the gate rendered from the decision.
 
 A task can answer its own request through the execution API, and DAG code at parse time can write HITL
 rows in the metadata database: neither passes here, so neither is witnessed, and an approval counts only
@@ -60,7 +62,32 @@ def witness_trigger(path_match: re.Match[str], run: dict[str, Any], store: Any) 
     return events.record(store, key, "run.requested", actor="api-server", payload=payload)
 
 
-def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any) -> Any:
+def shown_request(path_match: re.Match[str]) -> dict[str, Any] | None:
+    """The HITL request being answered, as Airflow holds it (its current task try's row), read before the
+    answer is applied: ``{"request_sha256", "subject", "try_number"}``, or ``None`` when there is none."""
+    from airflow.models.hitl import HITLDetail
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    from airflow_finetune_gov.approval.verify import request_sha256
+
+    with create_session() as session:
+        row = session.execute(
+            select(HITLDetail.subject, HITLDetail.body, HITLDetail.options, TaskInstance.try_number)
+            .join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
+            .where(TaskInstance.dag_id == path_match["dag_id"], TaskInstance.run_id == path_match["run_id"],
+                   TaskInstance.task_id == path_match["task_id"],
+                   TaskInstance.map_index == int(path_match["map_index"]))).first()
+    if row is None:
+        return None
+    subject, body, options, try_number = row
+    return {"request_sha256": request_sha256(subject, body, list(options or [])), "subject": str(subject)[:500],
+            "try_number": int(try_number)}
+
+
+def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any,
+            shown: dict[str, Any] | None = None) -> Any:
     from airflow_finetune_gov.lineage import events
     from airflow_finetune_gov.lineage.store import EventKey
 
@@ -72,6 +99,7 @@ def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any) -> An
         "chosen_options": [str(o) for o in answer.get("chosen_options") or []],
         "comment": str(params.get("comment") or "")[:2000],
         "responded_at": str(answer.get("responded_at") or ""),
+        **(shown or {}),  # no request read: the answer is recorded and counts for no request
     }
     # ``scope["path"]`` is already percent-decoded, exactly as the route matched it: decoding it again would
     # file an answer to run ``r%31`` under run ``r1``
@@ -97,6 +125,8 @@ class ApprovalWitnessMiddleware:
         if match is None:
             await self.app(scope, receive, send)
             return
+        if record is witness:  # what the approver is answering, before the answer changes anything
+            record = functools.partial(witness, shown=await asyncio.to_thread(self._shown, match))
         status: list[int] = []
         gzipped: list[bool] = []
         body: list[bytes] = []
@@ -120,6 +150,15 @@ class ApprovalWitnessMiddleware:
         await self.app(scope, receive, capture)
 
     @staticmethod
+    def _shown(match: re.Match[str]) -> dict[str, Any] | None:
+        try:
+            return shown_request(match)
+        except Exception:
+            log.exception("fgov: could not read the HITL request answered at %s: the answer counts for no request",
+                          match.string)
+            return None
+
+    @staticmethod
     def _record(record: Any, match: re.Match[str], raw: bytes) -> None:
         try:
             event = record(match, json.loads(raw), _store())
@@ -127,4 +166,4 @@ class ApprovalWitnessMiddleware:
         except Exception:
             log.exception("fgov: could not witness %s (%s): an unwitnessed answer counts as no approval, an "
                           "unwitnessed trigger takes its requester from the metadata database", match.string,
-                          record.__name__)
+                          getattr(getattr(record, "func", record), "__name__", "witness"))

@@ -72,7 +72,12 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         record = decision.to_dict()
         record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
         record["dataset"] = None
-        if decision.tier != "deny" and self.dataset_digest:
+        digest = self.dataset_digest
+        if common.SERVING and not digest:  # a DAG argument cannot take the content hash out of the approval
+            self.log.warning("dataset_digest=False is ignored with a control plane: every decision carries the "
+                             "dataset's content hash, which the lease and the tuning step check")
+            digest = True
+        if decision.tier != "deny" and digest:
             record["dataset"] = self._digest(context, decision.dataset_table)
             if record["dataset"]["rows"] == 0:
                 raise self._error(context, f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is "

@@ -118,7 +118,10 @@ class PromoteModelOperator(_AliasMoveOperator):
         tuned = common.run_events(context, "tuning.completed")
         if not tuned:
             raise self._blocked(context, "no tuning result recorded")
-        t = tuned[-1].payload_dict()
+        stored = common.stored_model(context)
+        if stored is None:
+            raise self._blocked(context, "no tuned model was stored for this run (no model.stored record)")
+        t = {**tuned[-1].payload_dict(), **stored}  # the store's record of what is promoted
         try:
             e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"])
         except EvaluationMissing as exc:

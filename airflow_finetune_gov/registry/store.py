@@ -13,11 +13,13 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+STAGING = ".staging"  # under the store's root: the control plane's staging directories for tasks' files
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
@@ -44,25 +46,88 @@ def content_sha256(name: str, digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps({"name": name, "files": digests}, sort_keys=True).encode()).hexdigest()
 
 
+def _copy_own_file(source: Path, fname: str, dest: Path, owner_uid: int | None) -> str:
+    """Copy ``source/fname`` to ``dest`` and return its sha256; refuses a symlink, anything but a regular
+    file, a file another user owns (when ``owner_uid`` is given) and a file that grows while it is copied."""
+    import stat
+
+    try:
+        fd = os.open(source / fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        raise RegistryError(f"{fname}: cannot be stored ({exc.strerror}; a symlink is never followed)") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise RegistryError(f"{fname}: not a regular file")
+        if owner_uid is not None and info.st_uid != owner_uid:
+            raise RegistryError(f"{fname}: owned by uid {info.st_uid}, not by the task that stages it "
+                                f"(uid {owner_uid}): only the task's own files are stored")
+        h = hashlib.sha256()
+        copied = 0
+        with open(dest, "xb") as out:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+                out.write(chunk)
+                copied += len(chunk)
+        if copied != info.st_size:
+            raise RegistryError(f"{fname}: changed while it was stored ({info.st_size} -> {copied} bytes)")
+    dest.chmod(0o644)
+    return h.hexdigest()
+
+
 class ModelStore:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
     def put(self, name: str, files: dict[str, bytes], metadata: dict[str, Any]) -> dict[str, Any]:
         _check_name("model name", name)
+        for fname in files:
+            _check_name("file name", fname)
         digests = {fname: hashlib.sha256(data).hexdigest() for fname, data in sorted(files.items())}
+
+        def write(tmp: Path) -> None:
+            for fname, data in files.items():
+                (tmp / fname).write_bytes(data)
+
+        return self._commit(name, digests, metadata, write)
+
+    def put_dir(self, name: str, source: Path, filenames: list[str], metadata: dict[str, Any], *,
+                owner_uid: int | None = None) -> dict[str, Any]:
+        """Copy ``filenames`` from ``source`` into a new version, hashing as it copies (1 MiB at a time: memory
+        does not grow with the files). Each file is opened without following a symlink and must be a regular
+        file, owned by ``owner_uid`` when given: whoever filled ``source`` can hand over their own files only,
+        never one they merely point at (the control plane ingests a task's staging directory this way)."""
+        _check_name("model name", name)
+        if not filenames:
+            raise RegistryError(f"no files to store for model {name}")
+        for fname in filenames:
+            _check_name("file name", fname)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))  # the model's folder only once it is stored
+        digests: dict[str, str] = {}
+        try:
+            for fname in sorted(filenames):
+                digests[fname] = _copy_own_file(source, fname, tmp / fname, owner_uid)
+            return self._commit(name, digests, metadata, None, staged=tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _commit(self, name: str, digests: dict[str, str], metadata: dict[str, Any],
+                write: Callable[[Path], None] | None, *, staged: Path | None = None) -> dict[str, Any]:
+        """Name the version after ``digests``, write the manifest and move the files into place in one rename
+        (a version is complete or absent); the same content already stored is kept as it is."""
         content_sha = content_sha256(name, digests)
         version = content_sha[:16]
         target = self.root / name / version
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-            for fname, data in files.items():
-                _check_name("file name", fname)
-                (tmp / fname).write_bytes(data)
+            tmp = staged or Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+            if write is not None:
+                write(tmp)
             manifest = {"name": name, "version": version, "sha256": content_sha, "files": digests,
                         "created_at": datetime.now(UTC).isoformat(), "metadata": metadata}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+            tmp.chmod(0o755)  # mkdtemp's 0700 would hide the version from the DAG user, who reads it
             try:
                 os.rename(tmp, target)
             except OSError:

@@ -14,7 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +109,17 @@ def start_component(home: Path, name: str, logs: Path, *, dag_home: Path | None 
                  env=env_for(home), cwd=home)
 
 
-def start_control_plane(home: Path, logs: Path, socket_path: Path) -> ProcRecord:
+def start_control_plane(home: Path, logs: Path, socket_path: Path, *, user: str | None = None,
+                        groups: Sequence[int] = ()) -> ProcRecord:
+    """The control plane, as ``user`` (with ``groups``) and its own ``home`` when given."""
     fgov = Path(sys.executable).parent / "fgov"
     argv = [str(fgov)] if fgov.exists() else [sys.executable, "-m", "airflow_finetune_gov.cli.main"]
+    env = env_for(home)
+    if user is not None:
+        env = {k: v for k, v in env.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "AIRFLOW_HOME")}
+        env["HOME"] = str(home)  # its caches (Hugging Face, torch) too
     return spawn("control-plane", [*argv, "control-plane", "serve", "--socket", str(socket_path)],
-                 log=logs / "control-plane.log", env=env_for(home), cwd=home)
+                 log=logs / "control-plane.log", env=env, cwd=home, user=user, groups=groups)
 
 
 def wait_control_plane(socket_path: Path, record: ProcRecord, timeout: float = 60) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -165,7 +166,9 @@ class Stack:
         elif component == "control-plane":
             name = "control-plane"
             socket_path = Path(state["control_plane"]["socket"])
-            new = af.start_control_plane(Path(state["airflow"]["home"]), self.logs, socket_path)
+            plane = state["control_plane"]
+            new = af.start_control_plane(Path(plane.get("home") or state["airflow"]["home"]), self.logs, socket_path,
+                                         user=plane.get("user"), groups=plane.get("groups") or ())
             af.wait_control_plane(socket_path, new)
         else:
             name = f"airflow-{component}"
@@ -301,22 +304,33 @@ class Stack:
 
         # The DAG user: parses DAG files, runs triggers and tasks; reads none of the above
         dag_user = users.ensure_task_user()
+        # The control plane's user: holds its key, its configuration and the model store, none of which the
+        # DAG user can read or write
+        control_user = users.ensure_control_user(dag_user)
         users.make_interpreter_reachable(log)
         users.check_runs_python(dag_user)
+        users.check_runs_python(control_user)
+        if opts.policy_file:
+            users.check_reads(control_user, Path(opts.policy_file), "the policy file")
         (self.dir / "openbao").chmod(0o700)  # its data and audit logs are the deployment's
         home = self.dir / "airflow"
         home.mkdir(parents=True, exist_ok=True)
         home.chmod(0o700)
         dag_home = users.own(self.dir / "airflow-dag", dag_user, 0o700)
         task_logs = users.own(self.dir / "airflow-logs", dag_user, 0o755)
-        model_store = users.own(self.dir / "models", dag_user, 0o755)
+        # The model store is written by the control plane only (a task hands its files over through it) and read
+        # by everyone; a state directory from an earlier version had left it to the DAG user
+        model_store = users.own_tree(self.dir / "models", control_user, 0o755)
+        control_home = users.own(self.dir / "control-plane", control_user, 0o700)
+        control_key = control_home / "workload-identity.pem"
+        shutil.copyfile(key_path, control_key)
+        os.chown(control_key, control_user.pw_uid, control_user.pw_gid)
+        control_key.chmod(0o600)
         openlineage_file = self.logs / "openlineage.jsonl"
         openlineage_file.touch()
         os.chown(openlineage_file, dag_user.pw_uid, dag_user.pw_gid)
         provenance_keys.chmod(0o644)  # public keys: tasks verify signatures with them
-        control_socket = self.dir / "control" / "control.sock"
-        control_socket.parent.mkdir(exist_ok=True)
-        control_socket.parent.chmod(0o755)
+        control_socket = users.own(self.dir / "control", control_user, 0o755) / "control.sock"
 
         # Airflow
         airflow_url = f"http://127.0.0.1:{ports['airflow']}"
@@ -391,11 +405,22 @@ class Stack:
             "finetune_gov": dag_conf,
             **shared,
         }, owner=dag_user)
+        # The control plane's: what it needs of the deployment's configuration (the metadata database for
+        # Airflow's connections and the sweep's run states, the governance writer, its own copy of the key), and
+        # not Airflow's token-signing secret
+        af.write_config(control_home, {
+            "core": core,
+            "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
+            "finetune_gov": {**fgov_conf, "workload_identity_key_path": str(control_key)},
+            **shared,
+        }, owner=control_user)
+        control_groups = [dag_user.pw_gid]
         t = time.monotonic()
         af.migrate(home)
         af.add_vault_connection(home, ports["openbao"], "fgov-jwt")
         log(f"airflow metadata database migrated in {time.monotonic() - t:.1f}s")
-        started.append(af.start_control_plane(home, self.logs, control_socket))
+        started.append(af.start_control_plane(control_home, self.logs, control_socket, user=control_user.pw_name,
+                                              groups=control_groups))
         self._write_partial(ports, started)
         af.wait_control_plane(control_socket, started[-1])
         log(f"control plane listening on {control_socket}")
@@ -418,6 +443,7 @@ class Stack:
                         "audit_log": str(self.dir / "openbao" / "audit.log"),
                         "jwt_mount": summary["jwt_mount"], "database_mount": summary["database_mount"]},
             "control_plane": {"socket": str(control_socket), "task_user": dag_user.pw_name,
+                              "home": str(control_home), "user": control_user.pw_name, "groups": control_groups,
                               "task_uid": dag_user.pw_uid, "dag_home": str(dag_home)},
             "airflow": {"url": airflow_url, "home": str(home), "config": str(home / "airflow.cfg"),
                         "dag_home": str(dag_home), "logs": str(task_logs),

@@ -56,7 +56,7 @@ class ProcRecord:
 
 
 def spawn(name: str, argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
-          cwd: Path | None = None, user: str | None = None) -> ProcRecord:
+          cwd: Path | None = None, user: str | None = None, groups: Sequence[int] = ()) -> ProcRecord:
     log.parent.mkdir(parents=True, exist_ok=True)
     # 0640: a component's log is the deployment's, not the DAG user's to read
     with open(os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640), "ab") as out:
@@ -64,7 +64,7 @@ def spawn(name: str, argv: Sequence[str], *, log: Path, env: Mapping[str, str] |
             proc = subprocess.Popen(
                 list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-                **_drop_to(user),
+                **_drop_to(user, groups),
             )
         except FileNotFoundError as exc:
             raise StackError(f"{name}: executable not found: {argv[0]} ({exc})") from exc
@@ -72,15 +72,16 @@ def spawn(name: str, argv: Sequence[str], *, log: Path, env: Mapping[str, str] |
                       log=str(log))
 
 
-def _drop_to(user: str | None) -> dict[str, Any]:
-    """Popen arguments that run as ``user`` with its own group and none of root's supplementary groups (with
-    root's group kept, a group-only directory such as ``/root`` would stay closed to it, and others open)."""
+def _drop_to(user: str | None, groups: Sequence[int] = ()) -> dict[str, Any]:
+    """Popen arguments that run as ``user`` with its own group, ``groups`` and none of root's supplementary
+    groups (with root's kept, a group-only directory such as ``/root`` would stay closed to it, and others
+    open)."""
     if user is None:
         return {}
     import pwd
 
     entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": list(groups)}
 
 
 def stop(record: ProcRecord, *, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:

@@ -83,6 +83,47 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
     return settled
 
 
+def _resolve_base(store: ModelStore, ref: str) -> dict[str, Any]:
+    """The base model's manifest; through the control plane when there is one (it builds the demo base)."""
+    if common.remote():
+        from airflow_finetune_gov.control.client import ControlPlaneError
+
+        try:
+            return dict(common.control().call("/v1/models/base", {"ref": ref}))
+        except ControlPlaneError as exc:
+            raise RegistryError(str(exc)) from None
+    return resolve_base(store, ref)
+
+
+def store_result(context: Any, store: ModelStore, pending: dict[str, Any], result: TuningResult) -> dict[str, Any]:
+    """Put the tuned files in the model store and record ``model.stored``. With a control plane the task cannot
+    write the store: it writes its files to a staging directory the control plane made for this task try, and
+    the control plane copies them in (taking the task's own regular files only) and records the version."""
+    ti = context["ti"]
+    files = result.files or {}
+    metadata = {"kind": result.kind, "backend": pending["backend"], "dataset": pending["dataset"],
+                "dataset_sha256": pending["content_sha256"], "hyperparameters": pending["hyperparameters"]}
+    if common.remote():
+        plane = common.control()
+        folder = Path(plane.call("/v1/models/staging", {})["path"])
+        for fname, data in files.items():
+            if "/" in fname or fname.startswith("."):
+                raise TuningError(f"the backend returned a file named {fname!r}: plain file names only")
+            (folder / fname).write_bytes(data)
+        return dict(plane.call("/v1/models/store", {
+            "name": pending["model"], "files": sorted(files), "base_model": pending["base_model"],
+            "base_version": pending["base_version"], "metadata": metadata}))
+    out = store.put(pending["model"], files, {
+        **metadata, "base_model": pending["base_model"], "base_version": pending["base_version"],
+        "run": f"{ti.dag_id}/{ti.run_id}"})
+    size = sum(len(data) for data in files.values())
+    common.record(context, "model.stored", {
+        "model": out["name"], "version": out["version"], "sha256": out["sha256"], "files": len(out["files"]),
+        "bytes": size, "base_model": pending["base_model"], "base_version": pending["base_version"]},
+        actor="tuning")
+    return out
+
+
 class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
     """Fine-tune a model on the run's approved dataset, reading it only with the leased credentials.
 
@@ -159,7 +200,7 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
                 from None
         store = ModelStore(settings.get("model_store"))
         try:
-            base: dict[str, Any] | None = resolve_base(store, self.base_model)
+            base: dict[str, Any] | None = _resolve_base(store, self.base_model)
         except (FileNotFoundError, RegistryError) as exc:
             if backend.needs_local_base:
                 raise self._refuse(context, str(exc), base_model=self.base_model) from None
@@ -354,16 +395,11 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
 
     def _complete(self, context: Any, pending: dict[str, Any], result: TuningResult, store: ModelStore | None,
                   **details: Any) -> dict[str, Any]:
-        ti = context["ti"]
         payload = {k: v for k, v in pending.items() if k != "started_at"}
         out: dict[str, Any] = {"name": pending["model"], "version": None, "sha256": None}
         if result.files:
             assert store is not None
-            out = store.put(pending["model"], result.files, {
-                "kind": result.kind, "backend": pending["backend"], "base_model": pending["base_model"],
-                "base_version": pending["base_version"], "dataset": pending["dataset"],
-                "dataset_sha256": pending["content_sha256"], "hyperparameters": pending["hyperparameters"],
-                "run": f"{ti.dag_id}/{ti.run_id}"})
+            out = store_result(context, store, pending, result)
         duration = round(time.time() - float(pending["started_at"]), 3)
         payload.update({"model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
                         "remote_model": result.remote_model, "kind": result.kind, "metrics": result.metrics,

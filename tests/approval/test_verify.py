@@ -27,6 +27,8 @@ def store(tmp_path) -> LineageStore:
 def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", **extra: Any) -> dict:
     d = payloads.decision(env, dataset, **extra)
     events.record(store, EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.requested", actor="policy",
+                  payload=payloads.requested(d))
     return d
 
 
@@ -121,6 +123,9 @@ def evaluated(store: LineageStore, verdict: str, version: str = "v1", review: tu
               *, witnessed: bool = True) -> None:
     events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
                   payload=payloads.evaluated(verdict, version))
+    if review:
+        events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.review_requested", actor="evaluation",
+                      payload=payloads.review_requested())
     if review and witnessed:
         option = payloads.ACCEPT_REVIEW if review[1] == "accepted" else "Reject"
         events.record(store, EventKey("d", "r", "evaluate", 0), "approval.witnessed", actor="api-server",
@@ -192,3 +197,43 @@ def test_a_grant_counts_only_with_the_api_servers_witness(store: LineageStore) -
     grant(store, "approver1", d2, witnessed=False)
     with pytest.raises(ApprovalMissing, match=r"not witnessed .*\['approver1'\]"):
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
+
+
+def test_an_approve_counts_only_for_a_request_the_gate_opened_for_the_decision(store: LineageStore) -> None:
+    """The witness names the request answered (the hash of what Airflow showed): an Approve given to a DAG
+    author's own HITL task, or to the gate's request with an altered summary, is not an approval."""
+    d = decide(store)  # the gate's request: payloads.REQUEST
+    events.record(store, EventKey("d", "r", "lunch_order", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1", request_sha256="ee" * 32))
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.granted", actor="approver1",
+                  payload=payloads.grant(d, "approver1"))
+    with pytest.raises(ApprovalMissing, match=r"Approve given to another request .*\['approver1'\]"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1"))
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1"]
+    # a request rendered for an earlier decision is not one for the latest
+    d2 = decide(store, rows=13)
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.granted", actor="approver1",
+                  payload=payloads.grant(d2, "approver1"))
+    events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1", request_sha256="ee" * 32))
+    with pytest.raises(ApprovalMissing, match="Approve given to another request"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+
+
+def test_a_review_counts_only_for_the_review_request_of_that_evaluation(store: LineageStore) -> None:
+    decide(store)
+    events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.completed", actor="evaluation",
+                  payload=payloads.evaluated("needs_review", "v1"))
+    events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.review_requested", actor="evaluation",
+                  payload=payloads.review_requested())
+    events.record(store, EventKey("d", "r", "decoy", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1", payloads.ACCEPT_REVIEW, request_sha256="ee" * 32))
+    events.record(store, EventKey("d", "r", "evaluate", 1), "evaluation.reviewed", actor="approver1",
+                  payload=payloads.reviewed("approver1", "accepted"))
+    with pytest.raises(EvaluationMissing, match="to the review request opened for it"):
+        evaluation_outcome(store.events(dag_id="d", run_id="r"), "r", "v1")
+    events.record(store, EventKey("d", "r", "evaluate", 0), "approval.witnessed", actor="api-server",
+                  payload=payloads.witnessed("approver1", payloads.ACCEPT_REVIEW))
+    assert evaluation_outcome(store.events(dag_id="d", run_id="r"), "r", "v1")["reviewed_by"] == "approver1"

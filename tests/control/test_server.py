@@ -39,6 +39,8 @@ def approved(store: LineageStore, *, witnessed: bool = True) -> dict:
                   payload={"dag_run_id": 1, "start_date": "2026-12-01T00:00:00+00:00"})
     d = payloads.decision()
     events.record(store, EventKey("d", "r", "policy_check", 1), "policy.decided", actor="policy", payload=d)
+    events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.requested", actor="policy",
+                  payload=payloads.requested(d))
     if witnessed:
         events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
                       payload=payloads.witnessed("approver1"))

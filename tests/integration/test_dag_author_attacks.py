@@ -9,7 +9,15 @@ control plane, which knows which task is calling from the kernel.
 - a requester disguised at parse time: DAG code rewrites the run's ``triggering_user_name`` in Airflow's
   metadata database (which the dag-processor holds by Airflow's design) so that an approver who triggered
   the run may approve it: the control plane takes the requester from the api-server's witness of the
-  trigger, so its decision still leaves them out of the approvers;
+  trigger, so its decision, and the request it renders, still leave them out of the approvers;
+- a decoy request: the DAG opens a HITL request of its own ("the team lunch order") beside the gate and
+  appends a grant in approver1's name; approver1 approves the decoy and the requester marks the gate
+  success: the witness names the request answered, which is not one the control plane rendered for the
+  decision, so no lease is issued;
+- the model store: a task writes a model, an alias and a stored version's file directly (the store is the
+  control plane's: refused by the kernel), and hands the control plane a "tuned file" that is a symlink to,
+  then a hard link of, a file only root may read: nothing is stored; the run's own tuned files are copied in
+  by the control plane, which records ``model.stored``;
 - a promotion after a failed evaluation: the requester marks the failed evaluation success and clears the
   promotion; the promotion runs in the control plane, reads the verdict the control plane recorded, and
   moves nothing;
@@ -19,6 +27,7 @@ control plane, which knows which task is calling from the kernel.
 from __future__ import annotations
 
 import json
+import pwd
 import time
 
 import pytest
@@ -85,6 +94,12 @@ def test_a_requester_rewritten_at_parse_time_is_still_the_requester(stack: Stack
         assert json.loads(report.read_text()) == {"updated": 1, "user": "approver2"}
     finally:
         assert approver1.request("PATCH", f"/dags/{dag_id}", json={"is_paused": False}).status_code == 200
+    approver1.wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    time.sleep(8)  # see SETTLE_SECONDS in test_approval_binding
+    # The decision, made in the control plane, names approver1 the requester; the request the control plane
+    # renders for it goes to approver2 only, and Airflow refuses approver1's own answer
+    view.answer(dag_id, run_id, "approver1", "Approve", status=403)
+    view.answer(dag_id, run_id, "approver2", "Reject", comment="not mine to approve blind")
     assert approver1.wait_run(dag_id, run_id, timeout=300) == "failed"
     tasks = approver1.task_states(dag_id, run_id)
     assert tasks["approval_gate"] == "failed" and tasks["acquire_lease"] == "upstream_failed", tasks
@@ -93,15 +108,78 @@ def test_a_requester_rewritten_at_parse_time_is_still_the_requester(stack: Stack
     started = next(e.payload_dict() for e in events if e.event_type == "run.started")
     requested = next(e.payload_dict() for e in events if e.event_type == "run.requested")
     decided = next(e.payload_dict() for e in events if e.event_type == "policy.decided")
+    asked = next(e.payload_dict() for e in events if e.event_type == "approval.requested")
     assert started["triggering_user_name"] == "approver2"  # the metadata database was rewritten ...
     assert requested["triggering_user_name"] == "approver1"  # ... the api-server saw who asked
-    # The decision, made in the control plane, names approver1 the requester and leaves them out of the
-    # approvers; the gate, which also (wrongly) left out approver2, finds nobody to ask and fails closed
     assert decided["request"]["requester"] == "approver1" and "approver1" not in decided["approvers"], decided
+    assert asked["approvers"] == ["approver2"] and "approver1" in asked["excluded"], asked
+    witnessed = [e.payload_dict()["responder"] for e in events if e.event_type == "approval.witnessed"]
+    assert witnessed == ["approver2"], witnessed  # approver1's answer was refused by Airflow: no witness
     rejected = next(e.payload_dict() for e in events if e.event_type == "approval.rejected")
-    assert rejected["reason"].startswith("not enough eligible approvers"), rejected
-    assert not [e for e in events if e.event_type in ("approval.granted", "approval.witnessed")]
+    assert rejected["responder"] == "approver2", rejected
+    assert not [e for e in events if e.event_type == "approval.granted"]
     assert not [e for e in events if e.event_type == "lease.issued" and e.payload_dict()["purpose"] == "training"]
+
+
+def test_an_approve_given_to_a_decoy_request_approves_nothing(stack: Stack) -> None:
+    view, dag_id = StackView(stack), "decoy_request"
+    requester = view.client("requester")
+    requester.wait_for_dag(dag_id)
+    run_id = view.trigger(dag_id)
+    requester.wait_task_state(dag_id, run_id, "lunch_order", {"awaiting_input"}, timeout=180)
+    requester.wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    requester.wait_task_state(dag_id, run_id, "forge_grant", {"success"}, timeout=180)
+    time.sleep(8)  # see SETTLE_SECONDS in test_approval_binding
+    view.answer(dag_id, run_id, "approver1", "Approve", task_id="lunch_order")
+    resp = requester.request("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate",
+                             json={"new_state": "success"})
+    assert resp.status_code == 200, resp.text
+    assert requester.wait_run(dag_id, run_id, timeout=300) == "failed"
+    tasks = requester.task_states(dag_id, run_id)
+    assert tasks["lunch_order"] == "success" and tasks["acquire_lease"] == "failed", tasks
+
+    events = view.events(run_id)
+    gate = [e.payload_dict() for e in events if e.event_type == "approval.requested"]
+    (answered,) = [e for e in events if e.event_type == "approval.witnessed"]
+    witnessed = answered.payload_dict()
+    assert answered.task_id == "lunch_order" and witnessed["responder"] == "approver1"
+    assert witnessed["subject"] == "Approve the team lunch order for Friday"
+    assert gate and witnessed["request_sha256"] not in {g["request_sha256"] for g in gate}
+    refused = [e.payload_dict()["reason"] for e in events if e.event_type == "lease.refused"]
+    assert refused and "Approve given to another request" in refused[-1] and "approver1" in refused[-1], refused
+    assert not [e for e in events if e.event_type == "lease.issued" and e.payload_dict()["purpose"] == "training"]
+
+
+def test_the_model_store_is_written_by_the_control_plane_only(stack: Stack) -> None:
+    view, dag_id = StackView(stack), "store_tamper"
+    requester = view.client("requester")
+    requester.wait_for_dag(dag_id)
+    report_file = stack.dir / "dags" / "store_tamper.report.json"
+    report_file.unlink(missing_ok=True)
+    run_id = view.trigger(dag_id)
+    requester.wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    time.sleep(8)  # see SETTLE_SECONDS in test_approval_binding
+    view.answer(dag_id, run_id, "approver1", "Approve")
+    assert requester.wait_run(dag_id, run_id, timeout=400) == "success", requester.task_states(dag_id, run_id)
+    report = json.loads(report_file.read_text())
+    for label in ("new model", "alias file", "version file"):
+        assert report[label] == "refused: Permission denied", report
+    assert report["symlink"].startswith("refused:") and "symlink is never followed" in report["symlink"], report
+    hard = report["hard link"]
+    assert hard.startswith("link refused by the kernel") or "not by the task that stages it" in hard, report
+
+    events = view.events(run_id)
+    (stored,) = [e for e in events if e.event_type == "model.stored"]
+    assert stored.task_id == "tune" and stored.actor == "control-plane"
+    s = stored.payload_dict()
+    tuned = next(e.payload_dict() for e in events if e.event_type == "tuning.completed")
+    assert (s["model"], s["version"]) == (tuned["model"], tuned["version"])
+    version_dir = stack.dir / "models" / s["model"] / s["version"]
+    plane_uid = pwd.getpwnam(stack.load()["control_plane"]["user"]).pw_uid  # the control plane's own user
+    assert {p.stat().st_uid for p in [version_dir, *version_dir.iterdir()]} == {plane_uid} != {0}
+    assert not (stack.dir / "models" / "evil").exists()
+    staged = [p for p in (stack.dir / "models" / ".staging").rglob("*") if not p.is_dir() or p.is_symlink()]
+    assert staged == []  # each hand-over's staging directory is gone with its files
 
 
 def test_a_failed_evaluation_marked_success_promotes_nothing(stack: Stack) -> None:

@@ -31,6 +31,7 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
 
     d = payloads.decision(sha256=SHA)
     rec("policy_check", "policy.decided", d)
+    rec("approval_gate", "approval.requested", payloads.requested(d))
     rec("approval_gate", "approval.witnessed", payloads.witnessed(responder))
     rec("approval_gate", "approval.granted", payloads.grant(d, responder, approval_id="a1"))
     rec("acquire_lease", "lease.issued", payloads.issued("L1"))
@@ -41,6 +42,7 @@ def governed_run(store: LineageStore, run: str = "r", *, responder: str = "appro
     rec("evaluate", "evaluation.started", payloads.evaluation_started("e1", suites={"harmful": SHA}))
     rec("evaluate", "evaluation.completed", payloads.evaluated(verdict, "v1", suites={"harmful": SHA}, prompts=480))
     if review:
+        rec("evaluate", "evaluation.review_requested", payloads.review_requested("e1"))
         ev = payloads.witnessed(review[0], payloads.ACCEPT_REVIEW if review[1] == "accepted" else "Reject")
         events.record(store, EventKey("d", run, f"{group}evaluate", 0, map_index), "approval.witnessed",
                       actor="api-server", payload=ev)
@@ -107,11 +109,11 @@ def test_a_blocked_promotion_is_the_gate_working(store: LineageStore) -> None:
 def test_an_edited_row_breaks_lineage_integrity(store: LineageStore) -> None:
     governed_run(store)
     with store.engine.begin() as conn:
-        conn.execute(text("UPDATE fgov_lineage_event SET actor = 'mallory' WHERE id = 2"))
+        conn.execute(text("UPDATE fgov_lineage_event SET actor = 'mallory' WHERE id = 3"))
     pack = evidence(store.events(run_id="r"))
     integrity = next(c for c in pack["controls"] if c["id"] == "lineage_integrity")
     assert integrity["status"] == "not met"
-    assert "event 2 (approval.witnessed): content does not match its hash" in integrity["detail"]
+    assert "event 3 (approval.witnessed): content does not match its hash" in integrity["detail"]
 
 
 def test_mapped_chains_are_judged_one_by_one(store: LineageStore) -> None:

@@ -45,6 +45,7 @@ def rec(store: LineageStore, task: str, kind: str, payload: dict[str, Any], *, r
 def decided(store: LineageStore, **kw: Any) -> dict[str, Any]:
     d = payloads.decision("production", uri=URI, hyperparameters={"epochs": 2}, policy_sha256=POLICY_SHA)
     rec(store, "policy_check", "policy.decided", d, **kw)
+    rec(store, "approval_gate", "approval.requested", payloads.requested(d), **kw)
     return d
 
 
@@ -112,8 +113,8 @@ def test_the_governance_facet_carries_the_record(store: LineageStore) -> None:
     assert g["promotion"]["status"] == "completed" and g["promotion"]["alias"] == "production"
     assert g["promotion"]["provenance"] == "verified"
     recorded = store.events(run_id="r")
-    assert g["lineage"] == {"events": 15, "lastEventId": recorded[-1].id, "lastEventHash": recorded[-1].hash}
-    assert len(recorded) == 15
+    assert g["lineage"] == {"events": 16, "lastEventId": recorded[-1].id, "lastEventHash": recorded[-1].hash}
+    assert len(recorded) == 16
     # field by field, never whole payloads: the token accessors and wrapping digest stay in the record
     text = json.dumps(g)
     assert "acc-L1" not in text and "wacc-L1" not in text and "loss" not in text

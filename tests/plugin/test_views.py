@@ -32,9 +32,7 @@ def decided(store: LineageStore, map_index: int = -1) -> dict[str, Any]:
 
 def test_a_pending_approval_with_a_live_lease(store: LineageStore) -> None:
     d = decided(store)
-    rec(store, "approval_gate", "approval.requested", events.APPROVAL_REQUESTED.payload(
-        tier="single", needed=1, round=1, policy_sha256=d["policy_sha256"], decision_id=d["decision_id"],
-        decision_sha256=d["decision_sha256"]))
+    rec(store, "approval_gate", "approval.requested", payloads.requested(d))
     summary = views.summarize(store.events(run_id="r"))
     assert summary["chains"][0]["approval"] == "pending" and views.status_of(summary) == "awaiting approval"
     rec(store, "approval_gate", "approval.witnessed", payloads.witnessed("approver1"))

@@ -18,6 +18,9 @@ def store(tmp_path, monkeypatch: pytest.MonkeyPatch) -> LineageStore:
     s = LineageStore(f"sqlite:///{tmp_path / 'l.db'}")
     Base.metadata.create_all(s.engine)
     monkeypatch.setattr(witness, "_store", lambda: s)
+    # the stand-in route has no metadata database behind it: the request it answers, as the witness would read it
+    monkeypatch.setattr(witness, "shown_request", lambda match: {"request_sha256": "ab" * 32, "subject": "s",
+                                                                 "try_number": 1})
     return s
 
 
@@ -51,7 +54,8 @@ def test_an_accepted_answer_is_witnessed_under_the_ids_the_route_matched(store: 
     assert "%" in matched[-1]
     assert event.payload_dict() == {"responder": "approver1", "responder_name": "approver1",
                                     "chosen_options": ["Approve"], "comment": "ok",
-                                    "responded_at": "2026-12-01T00:00:00Z"}
+                                    "responded_at": "2026-12-01T00:00:00Z", "request_sha256": "ab" * 32,
+                                    "subject": "s", "try_number": 1}
 
 
 def test_a_refused_answer_is_not_witnessed(store: LineageStore) -> None:

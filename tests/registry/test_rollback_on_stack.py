@@ -4,6 +4,7 @@ Airflow's HITL over REST, and the alias moves back only with that approval recor
 from __future__ import annotations
 
 import json
+import pwd
 import uuid
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from support import StackView
 
 from airflow_finetune_gov.registry import provenance
 from airflow_finetune_gov.registry.store import ModelStore, content_sha256
+from airflow_finetune_gov.stack import users
 from airflow_finetune_gov.stack.manager import Stack
 
 pytestmark = pytest.mark.stack
@@ -46,7 +48,14 @@ def model(view: StackView) -> tuple[ModelStore, str, list[str]]:
         sign_for_test(view, store, name, version)
     store.set_alias(name, "staging", versions[0], by="test-setup", run="-")
     store.set_alias(name, "staging", versions[1], by="test-setup", run="-")
+    give_store_back(view)
     return store, name, versions
+
+
+def give_store_back(view: StackView) -> None:
+    """What this test wrote in the store as root goes back to the control plane's user, its only writer."""
+    user = pwd.getpwnam(view.stack.load()["control_plane"]["user"])
+    users.own_tree(view.stack.dir / "models", user, 0o755)
 
 
 def test_an_approved_rollback_moves_the_alias_back_and_is_recorded(view: StackView, model) -> None:
@@ -84,6 +93,7 @@ def test_a_rollback_is_blocked_if_the_alias_moved_after_the_approval_was_asked(v
     run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
     view.wait_round(DAG_ID, run_id, 1)
     store.set_alias(name, "staging", v3, by="test-setup", run="-")  # a promotion lands meanwhile
+    give_store_back(view)
     view.answer(DAG_ID, run_id, "approver1", "Approve")
     assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
     blocked = view.events(run_id, "rollback.blocked")[0].payload_dict()["reason"]
@@ -117,6 +127,7 @@ def test_an_unsigned_version_is_refused_before_anyone_is_asked(view: StackView, 
     unsigned = store.put(name, {"adapter.bin": b"weights never promoted"}, {"kind": "test"})["version"]
     store.set_alias(name, "staging", unsigned, by="test-setup", run="-")
     store.set_alias(name, "staging", v2, by="test-setup", run="-")
+    give_store_back(view)
     run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=unsigned)
     assert view.client("requester").wait_run(DAG_ID, run_id, timeout=240) == "failed"
     error = view.events(run_id, "policy.error")[0].payload_dict()["error"]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 
@@ -59,3 +60,39 @@ def test_bytes_swapped_with_a_rewritten_manifest_no_longer_match_the_version(tmp
     (folder / "manifest.json").write_text(json.dumps(manifest))
     assert store.verify("m", v) == [f"manifest.json: its files hash to {content_sha256('m', manifest['files'])[:16]}, "
                                     f"not the version {v}"]
+
+
+def test_put_dir_copies_a_staging_directory_and_names_the_version_by_content(tmp_path) -> None:
+    store = ModelStore(tmp_path / "store")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "adapter.bin").write_bytes(b"\x00" * (3 << 20) + b"tail")  # more than one 1 MiB chunk
+    (staging / "config.json").write_text("{}")
+    m = store.put_dir("m", staging, ["adapter.bin", "config.json"], {"k": 1}, owner_uid=os.getuid())
+    assert m == store.put("m", {"adapter.bin": b"\x00" * (3 << 20) + b"tail", "config.json": b"{}"}, {})
+    assert store.verify("m", m["version"]) == []
+    assert oct(store.path("m", m["version"]).stat().st_mode & 0o777) == "0o755"
+
+
+@pytest.mark.parametrize("plant", ["symlink", "fifo", "other owner", "missing"])
+def test_put_dir_takes_only_the_stagers_own_regular_files(tmp_path, plant: str) -> None:
+    """What the control plane refuses from a task's staging directory: a symlink (to a file only the control
+    plane could read), anything but a regular file, a file another user owns (a hard link of one), none."""
+    secret = tmp_path / "secret"
+    secret.write_text("root only")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    owner = os.getuid()
+    if plant == "symlink":
+        (staging / "w.bin").symlink_to(secret)
+    elif plant == "fifo":
+        os.mkfifo(staging / "w.bin")
+    elif plant == "other owner":
+        (staging / "w.bin").write_text("x")
+        owner = os.getuid() + 4242  # the stager is someone else: the file is not theirs
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(RegistryError, match={"symlink": "a symlink is never followed", "fifo": "not a regular file",
+                                             "other owner": "not by the task that stages it",
+                                             "missing": "cannot be stored"}[plant]):
+        store.put_dir("m", staging, ["w.bin"], {}, owner_uid=owner)
+    assert [p.name for p in (tmp_path / "store").iterdir()] == []  # nothing half-stored, not even the model's folder

@@ -1,0 +1,47 @@
+"""Test-only: the requester's own DAG, which opens a HITL request of its own beside the governed gate (a
+plain ``HITLOperator`` the cluster policy does not look at, with a subject an approver answers without a
+second thought) and appends a grant in approver1's name for the run's real decision, as a DAG author
+would to turn approver1's answer to the decoy into an approval of the fine-tune."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.providers.standard.operators.python import PythonOperator
+from airflow.sdk import DAG
+
+from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
+
+
+def forge_grant() -> str:
+    from airflow_finetune_gov import common
+
+    plane = common.control()
+    decision = plane.call("/v1/lineage/events", {"event_type": "policy.decided"})[-1]["payload"]
+    plane.call("/v1/lineage/append", {"event_type": "approval.granted", "actor": "approver1", "payload": {
+        "approval_id": "decoy", "responder": "approver1", "option": "Approve", "tier": decision["tier"],
+        "policy_sha256": decision["policy_sha256"], "decision_id": decision["decision_id"],
+        "decision_sha256": decision["decision_sha256"]}})
+    return "appended"
+
+
+with DAG(
+    dag_id="decoy_request",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    tags=["finetune-gov", "test"],
+    default_args={"retries": 0},
+) as dag:
+    governed_finetune(
+        dataset="benign", target_environment="staging",
+        approval=Approval(response_timeout=timedelta(minutes=5)), lease=Lease(expected_duration=60),
+        tuning=Tuning(tuning_method="full"), evaluation=None, promotion=None, prefix_group_id=False)
+    decoy = HITLOperator(task_id="lunch_order", subject="Approve the team lunch order for Friday",
+                         body="Pizza for 12, as every month.", options=["Approve", "Reject"], defaults=None,
+                         assigned_users=[{"id": "approver1", "name": "approver1"}],
+                         execution_timeout=timedelta(minutes=5))
+    forger = PythonOperator(task_id="forge_grant", python_callable=forge_grant)
+    dag.get_task("policy_check") >> [decoy, forger]
