@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import hvac  # noqa: E402
 import psycopg  # noqa: E402
 
-from airflow_finetune_gov.approval.verify import answered, seal_decision  # noqa: E402
+from airflow_finetune_gov.approval.verify import answered, request_sha256, seal_decision  # noqa: E402
 from airflow_finetune_gov.control.client import ControlPlaneClient  # noqa: E402
 from airflow_finetune_gov.credentials import broker  # noqa: E402
 from airflow_finetune_gov.lineage import events  # noqa: E402
@@ -63,8 +63,13 @@ def prepare(state: dict[str, Any], store: LineageStore, plane: ControlPlaneClien
     decision = seal_decision({**d, "dataset": None, "hyperparameters": None})
     events.record(store, EventKey(DAG_ID, run_id, "policy_check", 1), "policy.decided", actor="policy",
                   payload=decision)
+    shown = request_sha256("Approve the bench's fine-tune", "", ["Approve", "Reject"])
+    events.record(store, EventKey(DAG_ID, run_id, "approval_gate", 1), "approval.requested", actor="policy",
+                  payload={"tier": decision["tier"], "needed": 1, "round": 1,
+                           "policy_sha256": decision["policy_sha256"], **answered(decision), "request_sha256": shown})
     events.record(store, EventKey(DAG_ID, run_id, "approval_gate", 0), "approval.witnessed", actor="api-server",
-                  payload={"responder": "approver1", "chosen_options": ["Approve"], "responded_at": now})
+                  payload={"responder": "approver1", "chosen_options": ["Approve"], "responded_at": now,
+                           "request_sha256": shown})
     grant = {"approval_id": "bench", "responder": "approver1", "option": "Approve", "tier": decision["tier"],
              "policy_sha256": decision["policy_sha256"], **answered(decision)}
     events.record(store, EventKey(DAG_ID, run_id, "approval_gate", 1), "approval.granted", actor="approver1",

@@ -8,10 +8,10 @@ the task's log first.
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +20,7 @@ from airflow_finetune_gov.lineage.store import EventKey, LineageError, LineageEv
 
 TIMEOUT_SECONDS = 300.0  # a revocation proves each role gone on PostgreSQL: allow it time
 EXECUTE_TIMEOUT = 6 * 3600.0
+FRAME = struct.Struct(">I")  # each request and answer: its length in 4 bytes (big-endian), then JSON
 
 
 class ControlPlaneError(RuntimeError):
@@ -28,22 +29,28 @@ class ControlPlaneError(RuntimeError):
         self.kind = kind
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("control-plane", timeout=timeout)
-        self._path = path
+def _connect(path: str, timeout: float) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as exc:
+        sock.close()
+        raise ControlPlaneError("unreachable", f"the control plane at {path} does not answer "
+                                               f"({exc.strerror or exc}): is `fgov control-plane serve` "
+                                               "running (the embedded stack starts it)?") from None
+    return sock
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except OSError as exc:
-            sock.close()
-            raise ControlPlaneError("unreachable", f"the control plane at {self._path} does not answer "
-                                                   f"({exc.strerror or exc}): is `fgov control-plane serve` "
-                                                   "running (the embedded stack starts it)?") from None
-        self.sock = sock
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("the control plane closed the connection")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 class ControlPlaneClient:
@@ -55,52 +62,48 @@ class ControlPlaneClient:
         self.timeout = timeout
         self._local = threading.local()  # one kept-alive connection per thread
 
-    def _send(self, path: str, data: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
-        """POST on this thread's connection, kept alive between calls; a connection the control plane closed
-        meanwhile (a restart, an idle timeout) is opened again once."""
+    def _send(self, path: str, data: bytes) -> bytes:
+        """One request and its answer on this thread's connection, kept alive between calls; a connection the
+        control plane closed meanwhile (a restart) is opened again once."""
         import os
 
         for attempt in (1, 2):
-            conn: _UnixConnection | None = getattr(self._local, "conn", None)
-            if conn is not None and getattr(self._local, "pid", None) != os.getpid():
-                conn = None  # inherited through a fork: the parent may be using it; the kernel names us anew
-            fresh = conn is None
-            if conn is None:
-                conn = self._local.conn = _UnixConnection(self.socket_path, self.timeout)
+            sock: socket.socket | None = getattr(self._local, "sock", None)
+            if sock is not None and getattr(self._local, "pid", None) != os.getpid():
+                sock = None  # inherited through a fork: the parent may be using it; the kernel names us anew
+            fresh = sock is None
+            if sock is None:
+                sock = self._local.sock = _connect(self.socket_path, self.timeout)
                 self._local.pid = os.getpid()
             try:
-                conn.request("POST", path, body=data, headers=headers)
-                resp = conn.getresponse()
-                return resp.status, resp.read()
-            except ControlPlaneError:
-                self._local.conn = None
-                raise
-            except (OSError, http.client.HTTPException) as exc:
-                conn.close()
-                self._local.conn = None
+                sock.sendall(FRAME.pack(len(data)) + data)
+                (size,) = FRAME.unpack(read_exactly(sock, FRAME.size))
+                return read_exactly(sock, size)
+            except OSError as exc:
+                sock.close()
+                self._local.sock = None
                 if fresh or attempt == 2:
                     raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during "
                                                            f"{path}: {type(exc).__name__}: {exc}") from None
         raise AssertionError("unreachable")
 
     def call(self, path: str, body: Mapping[str, Any] | None = None, *, log: Any = None) -> Any:
-        data = json.dumps(dict(body or {}), default=str).encode()
-        headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
+        request: dict[str, Any] = {"call": path, "body": dict(body or {})}
         if self.delegation:
-            headers["X-Fgov-Delegation"] = self.delegation
-        status, raw = self._send(path, data, headers)
+            request["delegation"] = self.delegation
+        raw = self._send(path, json.dumps(request, default=str).encode())
         try:
             answer = json.loads(raw)
         except ValueError:
-            raise ControlPlaneError("bad", f"the control plane answered {path} with HTTP {status} and no "
-                                           "JSON") from None
+            raise ControlPlaneError("bad", f"the control plane answered {path} with no JSON") from None
+        status = answer.get("status")
         out = log or self.log
         for level, line in answer.get("log") or []:
             getattr(out, level if level in ("info", "warning", "error") else "info")("control plane: %s", line)
         if answer.get("ok"):
             return answer.get("result")
         error = answer.get("error") or {}
-        raise _as_exception(str(error.get("kind") or "bad"), str(error.get("message") or f"HTTP {status}"))
+        raise _as_exception(str(error.get("kind") or "bad"), str(error.get("message") or f"status {status}"))
 
     # --- the calls ---------------------------------------------------------------------------------
     def whoami(self) -> dict[str, Any]:

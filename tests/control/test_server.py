@@ -132,5 +132,7 @@ def test_over_the_socket_the_kernel_names_the_caller(tmp_path: Path, store: Line
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "acquire_lease"
     client.deregister(os.getpid())
-    with pytest.raises(ControlPlaneError, match="is no task"):
-        client.whoami()
+    with pytest.raises(ControlPlaneError, match="is no task"):  # on the same kept-alive connection: the caller
+        client.whoami()                                          # named once is trusted only while registered
+    client.register(os.getpid(), {"dag_id": "d", "run_id": "r2", "task_id": "tune", "try_number": 1})
+    assert client.whoami()["run_id"] == "r2"

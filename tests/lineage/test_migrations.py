@@ -344,3 +344,39 @@ def test_postgres_concurrent_writers_keep_one_chain(gov_db: dict[str, str]) -> N
     assert result.ok and result.checked == 600, result.problems[:3]
     assert len({e.hash for e in store.events()}) == 600
     store.engine.dispose()
+
+
+@pgmark
+def test_postgres_a_batch_is_appended_in_one_round_trip_and_one_chain(gov_db: dict[str, str], monkeypatch) -> None:
+    """``record_many`` (the control plane's group commit) sends a batch's server appends pipelined: the events
+    keep their order and both chains verify; a batch in which one event hashes differently on the server is
+    recorded not at all."""
+    from airflow_finetune_gov.lineage import store as store_module
+
+    create_schema(gov_db["owner_url"], writer_role=gov_db["writer_role"])
+    store = LineageStore(gov_db["writer_url"])
+    fill(store, ("r1",))
+    batch = [(EventKey(dag_id, run_id, task, 1), "tricky", "Zoë", payload) for dag_id, run_id, task, payload in TRICKY]
+    batch += [(EventKey("d", f"r{i % 2}", "t", 1), f"b{i}", "x", {"i": i}) for i in range(10)]
+    pipelined: list[int] = []
+    real_pipelined = LineageStore._append_pipelined
+    monkeypatch.setattr(LineageStore, "_append_pipelined",
+                        staticmethod(lambda conn, rows: pipelined.append(len(rows)) or real_pipelined(conn, rows)))
+    written = store.record_many(batch)
+    assert pipelined == [len(batch)]  # the pipelined path, not one round trip per event
+    assert [e.event_type for e in written] == [b[1] for b in batch]
+    assert [e.id for e in written] == sorted(e.id for e in written)
+    result = store.verify()
+    assert result.ok and result.checked == 3 + len(batch), result.problems
+    r1 = store.events(run_id="r1")
+    assert [e.prev_run_hash for e in r1[1:]] == [e.hash for e in r1[:-1]]
+
+    real = store_module._split_around_tails
+    monkeypatch.setattr(store_module, "_split_around_tails", lambda row: (
+        real(row)[0].replace('"actor":"liar"', '"actor":"y"'), real(row)[1]))
+    before = len(store.events())
+    with pytest.raises(LineageError, match="none of the 3 events recorded"):
+        key = EventKey("d", "r1", "t", 1)
+        store.record_many([(key, "ok", "x", {}), (key, "bad", "liar", {}), (key, "ok", "x", {})])
+    assert len(store.events()) == before and store.verify().ok
+    store.engine.dispose()
