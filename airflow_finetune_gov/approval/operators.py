@@ -25,11 +25,16 @@ from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 APPROVE, REJECT = "Approve", "Reject"
 
 
-def excluded_people(context: Any) -> set[str]:
-    """Who may not approve (or review) this run's change: its requester and the DAG's owners."""
+def dag_owners(context: Any) -> set[str]:
+    """The DAG's owners, people who may not approve (or review) its changes."""
     owners = {o.strip() for o in str(getattr(context.get("dag"), "owner", "") or "").split(",") if o.strip()}
     owners.discard("airflow")  # Airflow's placeholder owner is not a person
-    return {common.requester(context), *owners}
+    return owners
+
+
+def excluded_people(context: Any) -> set[str]:
+    """Who may not approve (or review) this run's change: its requester and the DAG's owners."""
+    return {common.requester(context), *dag_owners(context)}
 
 
 class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
@@ -62,19 +67,26 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         return excluded_people(context)
 
     def execute(self, context: Any) -> Any:
-        owners = sorted(excluded_people(context) - {common.requester(context)})
-        if common.remote():  # the request is rendered and recorded where the decision is kept
+        opened = self._open(context)
+        if "granted" in opened:
+            return opened["granted"]
+        return super().execute(context)
+
+    def _open(self, context: Any, reopen: str | None = None) -> dict[str, Any]:
+        """Have the request rendered and recorded where the decision is kept (the control plane, with one) and
+        take exactly that request to open in Airflow."""
+        owners = sorted(dag_owners(context))
+        if common.remote():
             opened = common.control().execute("approval_gate", {
-                "owners": owners,
+                "owners": owners, "reopen": reopen,
                 "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
             }, log=self.log)
         else:
-            opened = self.open_request(context, owners=owners)
-        if "granted" in opened:
-            return opened["granted"]
-        self.subject, self.body, self.options = opened["subject"], opened["body"], opened["options"]
-        self.assigned_users = opened["assigned_users"]
-        return super().execute(context)
+            opened = self.open_request(context, owners=owners, reopen=reopen)
+        if "granted" not in opened:
+            self.subject, self.body, self.options = opened["subject"], opened["body"], opened["options"]
+            self.assigned_users = opened["assigned_users"]
+        return dict(opened)
 
     def open_request(self, context: Any, *, owners: Sequence[str] = (), reopen: str | None = None) -> dict[str, Any]:
         """Render this run's request for approval from its latest decision and record it with the hash of what
@@ -270,16 +282,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         """Ask again on the same request (Airflow keeps one HITL detail per task try; upserting it clears
         the last answer) with whatever is left of the original ``response_timeout``."""
         ti = context["ti"]
-        owners = sorted(excluded_people(context) - {common.requester(context)})
-        if common.remote():
-            opened = common.control().execute("approval_gate", {
-                "owners": owners, "reopen": reason,
-                "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
-            }, log=self.log)
-        else:
-            opened = self.open_request(context, owners=owners, reopen=reason)
-        self.subject, self.body, self.options = opened["subject"], opened["body"], opened["options"]
-        self.assigned_users = opened["assigned_users"]
+        opened = self._open(context, reopen=reason)
         upsert_hitl_detail(ti_id=context["task_instance"].id, options=self.options, subject=self.subject,
                            body=self.body, defaults=self.defaults, multiple=self.multiple,
                            params=self.serialized_params, assigned_users=self.assigned_users or [])

@@ -651,7 +651,8 @@ def _answer(plane: ControlPlane, pid: int, uid: int, gid: int, data: bytes,
 
 class _Handler(socketserver.BaseRequestHandler):
     """One connection: requests and answers framed by their length (``client.FRAME``), answered in turn until
-    the caller closes it. The caller is who the kernel says connected (``SO_PEERCRED``), for every request."""
+    the caller closes it. The caller is who the kernel says connected (``SO_PEERCRED``, fixed for the connection):
+    the task it names is looked up on the first request and trusted while its registration stands."""
 
     server: _Server
 

@@ -288,13 +288,19 @@ class LineageStore:
         for row in rows:
             before, after = _split_around_tails(row)
             params.append({**row, "k": _CHAIN_LOCK, "before": before, "after": after})
-        with conn.connection.driver_connection.cursor() as cur:
-            cur.executemany(_SERVER_APPEND_PIPELINED, params, returning=True)
-            answers = []
-            while True:
-                answers.append(cur.fetchone())
-                if not cur.nextset():
-                    break
+        import psycopg
+
+        try:
+            with conn.connection.driver_connection.cursor() as cur:
+                cur.executemany(_SERVER_APPEND_PIPELINED, params, returning=True)
+                answers = []
+                while True:
+                    answers.append(cur.fetchone())
+                    if not cur.nextset():
+                        break
+        except psycopg.Error as exc:
+            raise LineageError(f"could not write {len(rows)} lineage event(s): {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         out = []
         for row, (new_id, prev_run_hash, prev_hash, stored) in zip(rows, answers, strict=True):
             row["prev_run_hash"], row["prev_hash"] = prev_run_hash, prev_hash
