@@ -24,7 +24,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # P1 lease, P2 evaluation and tuning throughput, P3 lineage, P4 parse and policy, P5 slots, P6 demo time
-ORDER = ["lease", "control_plane", "eval", "tuning", "lineage", "parse", "approval", "slots", "stack"]
+ORDER = ["lease", "control_plane", "eval", "tuning", "model_import", "lineage", "parse", "approval", "slots", "stack"]
 
 
 def machine() -> str:

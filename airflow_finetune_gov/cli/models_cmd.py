@@ -1,9 +1,10 @@
-"""``fgov models show|verify|rollback``: the model store's aliases, a version's signed provenance, and a
-rollback that goes through the governed path (the ``governed_rollback`` DAG: policy, approval in Airflow,
-then the move).
+"""``fgov models import|show|verify|rollback``: a local model directory registered as a base model, the model
+store's aliases, a version's signed provenance, and a rollback that goes through the governed path (the
+``governed_rollback`` DAG: policy, approval in Airflow, then the move).
 
-The CLI never moves an alias itself: it asks Airflow, as you, to run the rollback DAG, so the rollback
-needs its own approval and is recorded in lineage like any other change.
+The CLI never moves a serving alias itself: it asks Airflow, as you, to run the rollback DAG, so the
+rollback needs its own approval and is recorded in lineage like any other change. ``import`` sets the
+model's ``base`` alias only (what tuning starts from), recorded in the alias history with who and when.
 """
 
 from __future__ import annotations
@@ -59,6 +60,76 @@ def cmd_models_show(args: argparse.Namespace) -> int:
     for h in history:
         print(f"  {h['at'][:19]}  {h['alias']:<11} {h['from'] or '-':>16} -> {h['to']:<16} by {h['by']}  {h['run']}")
     return 0
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    """Register a local model directory (a Hugging Face checkpoint: ``config.json``, weights, tokenizer) as a
+    base model: its files copied into the store and hashed as they are copied (memory does not grow with the
+    model), the manifest recording who imported it, when, from where and every file's digest, and the
+    model's ``base`` alias set to it."""
+    import getpass
+    import time
+    from datetime import UTC, datetime
+
+    from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+
+    source = Path(args.path)
+    if not source.is_dir():
+        print(f"fgov models import: {source} is not a directory: give the model's directory (the one with "
+              "config.json and the weights)", file=sys.stderr)
+        return 2
+    entries = sorted(source.iterdir())
+    hidden = [e.name for e in entries if e.name.startswith(".")]
+    nested = [e.name for e in entries if not e.name.startswith(".") and e.is_dir()]
+    files = [e.name for e in entries if not e.name.startswith(".") and e.is_file()]
+    if nested:
+        print(f"fgov models import: {source} has subdirectories ({', '.join(nested)}): only the files at its top "
+              "level are a model here; import the directory that holds config.json and the weights",
+              file=sys.stderr)
+        return 2
+    if not files:
+        print(f"fgov models import: {source} has no files to import", file=sys.stderr)
+        return 2
+    who = os.environ.get("SUDO_USER") or getpass.getuser()
+    store = ModelStore(_store_root(args))
+    metadata = {"kind": "base", "format": "hf-causal-lm" if "config.json" in files else "files",
+                "imported_by": who, "imported_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "source": str(source.resolve())}
+    started = time.monotonic()
+    try:
+        manifest = store.put_dir(args.name, source, files, metadata, follow_symlinks=True)
+        if not args.no_alias:
+            store.set_alias(args.name, "base", manifest["version"], by=who, run="fgov models import")
+    except RegistryError as exc:
+        print(f"fgov models import: {exc}", file=sys.stderr)
+        return 2
+    _give_to_store_owner(store.root, args.name)
+    seconds = time.monotonic() - started
+    size = sum((store.path(args.name, manifest["version"]) / f).stat().st_size for f in manifest["files"])
+    if args.json:
+        print(json.dumps({"name": args.name, "version": manifest["version"], "sha256": manifest["sha256"],
+                          "files": manifest["files"], "bytes": size, "seconds": round(seconds, 2),
+                          "skipped": hidden, "alias": None if args.no_alias else "base"}, indent=2))
+        return 0
+    moved = "" if args.no_alias else f"; {args.name}:base -> {manifest['version']}"
+    print(f"imported {args.name} {manifest['version']}: {len(files)} files, {size / 2**20:.1f} MiB in {seconds:.1f}s "
+          f"(sha256 {manifest['sha256'][:16]}){moved}")
+    if hidden:
+        print(f"skipped hidden entries: {', '.join(hidden)}")
+    return 0
+
+
+def _give_to_store_owner(root: Path, name: str) -> None:
+    """Run as root on a store another user owns (the control plane's), what the import wrote becomes theirs:
+    the control plane must be able to write the model's aliases later."""
+    import pwd
+
+    owner = root.stat().st_uid
+    if os.geteuid() != 0 or owner == 0:
+        return
+    from airflow_finetune_gov.stack.users import own_tree
+
+    own_tree(root / name, pwd.getpwuid(owner), 0o755)
 
 
 def _keys_path(args: argparse.Namespace) -> Path:
@@ -137,6 +208,13 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     models = sub.add_parser("models", help="model aliases, signed provenance, and governed rollbacks")
     models_sub = models.add_subparsers(dest="action", required=True)
+    imp = models_sub.add_parser("import", help="register a local model directory as a base model (alias base)")
+    imp.add_argument("name", help="the model's name in the store (the policy's models entry)")
+    imp.add_argument("path", help="the model's directory: config.json, weights, tokenizer files")
+    imp.add_argument("--model-store", help="default: the embedded stack's, else [finetune_gov] model_store")
+    imp.add_argument("--no-alias", action="store_true", help="store the version without moving the base alias")
+    imp.add_argument("--json", action="store_true")
+    imp.set_defaults(func=cmd_models_import)
     show = models_sub.add_parser("show", help="a model's aliases and their history")
     show.add_argument("name")
     show.add_argument("--model-store", help="default: the embedded stack's, else [finetune_gov] model_store")

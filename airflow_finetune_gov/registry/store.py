@@ -46,13 +46,14 @@ def content_sha256(name: str, digests: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps({"name": name, "files": digests}, sort_keys=True).encode()).hexdigest()
 
 
-def _copy_own_file(source: Path, fname: str, dest: Path, owner_uid: int | None) -> str:
-    """Copy ``source/fname`` to ``dest`` and return its sha256; refuses a symlink, anything but a regular
-    file, a file another user owns (when ``owner_uid`` is given) and a file that grows while it is copied."""
+def _copy_own_file(source: Path, fname: str, dest: Path, owner_uid: int | None, follow_symlinks: bool = False) -> str:
+    """Copy ``source/fname`` to ``dest`` and return its sha256; refuses a symlink (unless ``follow_symlinks``),
+    anything but a regular file, a file another user owns (when ``owner_uid`` is given) and a file that grows
+    while it is copied."""
     import stat
 
     try:
-        fd = os.open(source / fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(source / fname, os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW))
     except OSError as exc:
         raise RegistryError(f"{fname}: cannot be stored ({exc.strerror}; a symlink is never followed)") from None
     with os.fdopen(fd, "rb") as fh:
@@ -92,11 +93,12 @@ class ModelStore:
         return self._commit(name, digests, metadata, write)
 
     def put_dir(self, name: str, source: Path, filenames: list[str], metadata: dict[str, Any], *,
-                owner_uid: int | None = None) -> dict[str, Any]:
+                owner_uid: int | None = None, follow_symlinks: bool = False) -> dict[str, Any]:
         """Copy ``filenames`` from ``source`` into a new version, hashing as it copies (1 MiB at a time: memory
         does not grow with the files). Each file is opened without following a symlink and must be a regular
         file, owned by ``owner_uid`` when given: whoever filled ``source`` can hand over their own files only,
-        never one they merely point at (the control plane ingests a task's staging directory this way)."""
+        never one they merely point at (the control plane ingests a task's staging directory this way).
+        ``follow_symlinks``: for an administrator's import (a Hugging Face cache snapshot is symlinks)."""
         _check_name("model name", name)
         if not filenames:
             raise RegistryError(f"no files to store for model {name}")
@@ -107,7 +109,7 @@ class ModelStore:
         digests: dict[str, str] = {}
         try:
             for fname in sorted(filenames):
-                digests[fname] = _copy_own_file(source, fname, tmp / fname, owner_uid)
+                digests[fname] = _copy_own_file(source, fname, tmp / fname, owner_uid, follow_symlinks)
             return self._commit(name, digests, metadata, None, staged=tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
