@@ -51,6 +51,25 @@ def model_files(store: ModelStore, name: str, version: str) -> dict[str, str]:
             if p.is_file() and p.name not in ("manifest.json", ENVELOPE_FILE)}
 
 
+def utc_z(timestamp: str | None) -> str | None:
+    """An ISO 8601 timestamp in UTC with the ``Z`` suffix (what SLSA's examples and most verifiers expect)."""
+    if timestamp is None:
+        return None
+    parsed = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def b64decode_either(value: str) -> bytes:
+    """Standard or URL-safe base64, padded or not: DSSE verifiers MUST accept either encoding."""
+    text = value.strip().translate(str.maketrans("-_", "+/"))
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        raise ProvenanceError("a DSSE payload or signature is not base64 (standard or URL-safe)") from None
+
+
 def build_statement(*, store: ModelStore, tuned: dict[str, Any], approval: dict[str, Any],
                     evaluation: dict[str, Any], dag_id: str, run_id: str, conf: dict[str, Any] | None,
                     started_on: str | None = None) -> dict[str, Any]:
@@ -91,8 +110,8 @@ def build_statement(*, store: ModelStore, tuned: dict[str, Any], approval: dict[
             },
             "runDetails": {
                 "builder": {"id": f"{BUILD_TYPE}#{dag_id}"},
-                "metadata": {"invocationId": f"{dag_id}/{run_id}", "startedOn": started_on,
-                             "finishedOn": datetime.now(UTC).isoformat()},
+                "metadata": {"invocationId": f"{dag_id}/{run_id}", "startedOn": utc_z(started_on),
+                             "finishedOn": utc_z(datetime.now(UTC).isoformat())},
             },
         },
     }
@@ -152,10 +171,7 @@ def verify_envelope(envelope: dict[str, Any], public_keys: dict[str, str]) -> di
 
     if envelope.get("payloadType") != PAYLOAD_TYPE or not envelope.get("signatures"):
         raise ProvenanceError("not a signed in-toto DSSE envelope")
-    try:
-        payload = base64.b64decode(envelope["payload"], validate=True)
-    except ValueError:
-        raise ProvenanceError("the envelope's payload is not base64") from None
+    payload = b64decode_either(str(envelope["payload"]))
     for sig in envelope["signatures"]:
         pem = public_keys.get(str(sig.get("keyid")))
         if pem is None:
@@ -164,7 +180,7 @@ def verify_envelope(envelope: dict[str, Any], public_keys: dict[str, str]) -> di
         if not isinstance(key, Ed25519PublicKey):
             raise ProvenanceError(f"key {sig['keyid']} is not ed25519")
         try:
-            key.verify(base64.b64decode(sig["sig"]), pae(PAYLOAD_TYPE, payload))
+            key.verify(b64decode_either(str(sig["sig"])), pae(PAYLOAD_TYPE, payload))
         except (InvalidSignature, ValueError):
             raise ProvenanceError(f"signature by {sig['keyid']} does not verify: the statement was altered "
                                   "or not signed by that key") from None

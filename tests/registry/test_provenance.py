@@ -87,6 +87,29 @@ def test_an_edited_statement_or_another_key_does_not_verify(signed) -> None:
         provenance.verify_model(store, name, version, keys)
 
 
+def test_url_safe_unpadded_base64_verifies_and_timestamps_are_utc_z(signed) -> None:
+    """DSSE: verifiers MUST accept standard and URL-safe base64; another signer may write either."""
+    store, name, version, keys, _ = signed
+    path = store.path(name, version) / provenance.ENVELOPE_FILE
+    envelope = json.loads(path.read_text())
+
+    def url_safe(value: str) -> str:
+        return base64.urlsafe_b64encode(base64.b64decode(value)).decode().rstrip("=")
+
+    envelope["payload"] = url_safe(envelope["payload"])
+    envelope["signatures"] = [{**s, "sig": url_safe(s["sig"])} for s in envelope["signatures"]]
+    assert any(c in envelope["payload"] + envelope["signatures"][0]["sig"] for c in "-_")  # really URL-safe
+    path.write_text(json.dumps(envelope))
+    statement = provenance.verify_model(store, name, version, keys)
+    metadata = statement["predicate"]["runDetails"]["metadata"]
+    assert metadata["finishedOn"].endswith("Z") and "+00:00" not in metadata["finishedOn"]
+    assert provenance.utc_z("2026-12-01T10:00:00+01:00") == "2026-12-01T09:00:00Z"
+    envelope["payload"] = "not base64!"
+    path.write_text(json.dumps(envelope))
+    with pytest.raises(provenance.ProvenanceError, match="not base64"):
+        provenance.verify_model(store, name, version, keys)
+
+
 def test_missing_public_keys_name_where_they_come_from(tmp_path: Path) -> None:
     with pytest.raises(provenance.ProvenanceError, match="fgov vault bootstrap --provenance-keys-out"):
         provenance.load_public_keys(tmp_path / "nope.json")
