@@ -130,6 +130,14 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "fgov-provenance",
     },
+    "model_signing_key": {
+        "description": "Name of the transit ECDSA P-256 key that signs each promoted version's OpenSSF model-signing "
+        "bundle (model.sig, checked with `model_signing verify key`); empty: no bundle is written.",
+        "version_added": "0.7.0",
+        "type": "string",
+        "example": None,
+        "default": "fgov-model-signing",
+    },
     "provenance_keys_path": {
         "description": "JSON file with the provenance key's public keys ({\"keys\": {keyid: PEM}}), written by "
         "`fgov stack up` or `fgov vault bootstrap --provenance-keys-out`; promotion, rollback and `fgov models "

@@ -101,9 +101,13 @@ def cmd_vault(args: argparse.Namespace) -> int:
     keys = Path(args.provenance_keys_out)
     keys.write_text(json.dumps({"keys": summary.pop("provenance_public_keys")}, indent=2))
     summary["provenance_keys_path"] = str(keys.resolve())
+    signing_pem = keys.with_name("model-signing.pub.pem")
+    signing_pem.write_text(summary.pop("model_signing_public_key"))
+    summary["model_signing_public_key_path"] = str(signing_pem.resolve())
     print(json.dumps(summary, indent=2))
     print(f"set [finetune_gov] provenance_keys_path = {keys.resolve()} (public keys: promotion and "
-          "`fgov models verify` check signatures against them)", file=sys.stderr)
+          "`fgov models verify` check signatures against them); give model users "
+          f"{signing_pem.resolve()} for `model_signing verify key`", file=sys.stderr)
     return 0
 
 

@@ -198,6 +198,10 @@ ROLLBACK_COMPLETED = EventType("rollback.completed", "the control plane (rollbac
 PROVENANCE_SIGNED = EventType(
     "provenance.signed", "the control plane (promotion)", "OpenBao's transit key signed the version's provenance",
     ("model", "version", "files", "keyid", "path", "statement_sha256"), reserved=True)
+PROVENANCE_BUNDLED = EventType(
+    "provenance.bundled", "the control plane (promotion)",
+    "OpenBao's transit ECDSA key signed the version's OpenSSF model-signing bundle (model.sig)",
+    ("model", "version", "path", "manifest_sha256", "files"), reserved=True)
 PROVENANCE_VERIFIED = EventType("provenance.verified", "the control plane (promotion, rollback)",
                                 "the version's files match its signed provenance",
                                 ("model", "version", "files", "invocation_id"), reserved=True)

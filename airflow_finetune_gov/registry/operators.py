@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -80,8 +81,12 @@ class PromoteModelOperator(_AliasMoveOperator):
         """Sign the in-toto provenance of the tuned version with OpenBao's transit key (first promotion of
         these bytes), or check the signature it already has (a re-promotion)."""
         model, version = tuned["model"], tuned["version"]
-        if (store.path(model, version) / provenance.ENVELOPE_FILE).exists():
+        folder = store.path(model, version)
+        bundle_key = settings.get("model_signing_key", required=False)
+        if (folder / provenance.ENVELOPE_FILE).exists():
             self._signed(context, store, model, version)
+            if bundle_key and not (folder / provenance.MODEL_SIGNATURE).exists():
+                self._sign_bundle(context, store, model, version, bundle_key)  # signed before bundles existed
             return
         from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
         from airflow_finetune_gov.vault.bootstrap import PROVENANCE_ROLE
@@ -98,17 +103,60 @@ class PromoteModelOperator(_AliasMoveOperator):
             try:
                 envelope = provenance.sign(statement, provenance.transit_signer(
                     client, settings.get("transit_mount"), settings.get("provenance_key")))
+                bundle = self._bundle(context, client, folder, model, bundle_key) if bundle_key else None
             finally:
                 client.auth.token.revoke_self()
+        except AirflowFailException:
+            raise
         except Exception as exc:  # OpenBao down or refusing: no signature, no promotion
             raise self._blocked(context, f"could not sign the provenance in OpenBao: {exc}") from exc
         path = provenance.write(store, model, version, envelope)
+        if bundle is not None:
+            self._bundled(context, folder, model, version, bundle)
         common.record(context, "provenance.signed", {
             "model": model, "version": version, "keyid": envelope["signatures"][0]["keyid"],
             "files": len(statement["subject"]), "path": str(path),
             "statement_sha256": hashlib.sha256(base64.b64decode(envelope["payload"])).hexdigest(),
         }, actor="promotion")
         self._signed(context, store, model, version)
+
+    def _bundle(self, context: Any, client: Any, folder: Any, model: str, key: str) -> dict[str, Any]:
+        """The OpenSSF model-signing bundle of the version's folder, signed by transit key ``key``."""
+        mount = settings.get("transit_mount")
+        try:
+            return provenance.model_signing_bundle(provenance.model_signing_statement(folder, model),
+                                                   provenance.transit_public_key(client, mount, key),
+                                                   provenance.transit_signer(client, mount, key))
+        except Exception as exc:
+            raise self._blocked(context, f"could not sign the model-signing bundle with transit key {mount}/{key} "
+                                         f"({exc}): run `fgov vault bootstrap` again (it creates the key and lets the "
+                                         "provenance role sign with it), or set [finetune_gov] model_signing_key "
+                                         "empty to promote without a bundle") from exc
+
+    def _bundled(self, context: Any, folder: Any, model: str, version: str, bundle: dict[str, Any]) -> None:
+        path = provenance.write_file(folder / provenance.MODEL_SIGNATURE, bundle)
+        statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+        common.record(context, "provenance.bundled", {
+            "model": model, "version": version, "path": str(path),
+            "manifest_sha256": statement["subject"][0]["digest"]["sha256"],
+            "files": len(statement["predicate"]["resources"])}, actor="promotion")
+
+    def _sign_bundle(self, context: Any, store: ModelStore, model: str, version: str, key: str) -> None:
+        from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+        from airflow_finetune_gov.vault.bootstrap import PROVENANCE_ROLE
+
+        try:
+            client = GovernedLeaseHook(self.vault_conn_id).client(common.identity(context), role=PROVENANCE_ROLE,
+                                                                  purpose="provenance")
+            try:
+                bundle = self._bundle(context, client, store.path(model, version), model, key)
+            finally:
+                client.auth.token.revoke_self()
+        except AirflowFailException:
+            raise
+        except Exception as exc:
+            raise self._blocked(context, f"could not sign the model-signing bundle in OpenBao: {exc}") from exc
+        self._bundled(context, store.path(model, version), model, version, bundle)
 
     def execute(self, context: Any) -> dict[str, Any]:
         if common.remote():  # the control plane checks, signs and moves the alias, as this task

@@ -12,6 +12,11 @@ DSSE envelope signed by a key that never leaves OpenBao (its transit engine).
 - **Verification** (``verify_model``) needs only the public keys (``provenance_keys`` file, written when
   OpenBao is bootstrapped): the signature, the statement's shape, and that every file on disk has the
   digest in the subject and no file is missing or added. Pure Python + ``cryptography``.
+- **OpenSSF model signing** (``model_signing_bundle``): besides the SLSA envelope, ``model.sig`` in the
+  version's folder is a Sigstore bundle v0.3 whose DSSE payload is the ``https://model_signing/signature/v1.0``
+  predicate over every file of the folder (but the two signatures), signed by a transit ECDSA P-256 key
+  (``[finetune_gov] model_signing_key``): ``model_signing verify key --signature DIR/model.sig
+  --public_key model-signing.pub.pem DIR`` (the OpenSSF tool, PyPI ``model-signing``) checks it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,11 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "https://github.com/airflow-finetune-gov/airflow-finetune-gov/governed-finetune/v1"
 ENVELOPE_FILE = "provenance.dsse.json"
+MODEL_SIGNATURE = "model.sig"  # the OpenSSF model-signing bundle (its CLI's default name)
+MODEL_SIGNING_PREDICATE = "https://model_signing/signature/v1.0"
+BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
+# What the model-signing manifest leaves out: the signatures (written after it) and VCS metadata, as the tool does
+MODEL_SIGNING_IGNORED = (ENVELOPE_FILE, MODEL_SIGNATURE, ".git", ".gitattributes", ".github", ".gitignore")
 
 Signer = Callable[[bytes], tuple[str, bytes]]  # PAE bytes -> (keyid, signature)
 
@@ -48,7 +58,7 @@ def model_files(store: ModelStore, name: str, version: str) -> dict[str, str]:
     """sha256 of every file of the version on disk (not the manifest, not the envelope)."""
     folder = store.path(name, version)
     return {p.name: file_sha256(p) for p in sorted(folder.iterdir())
-            if p.is_file() and p.name not in ("manifest.json", ENVELOPE_FILE)}
+            if p.is_file() and p.name not in ("manifest.json", ENVELOPE_FILE, MODEL_SIGNATURE)}
 
 
 def utc_z(timestamp: str | None) -> str | None:
@@ -191,6 +201,57 @@ def verify_envelope(envelope: dict[str, Any], public_keys: dict[str, str]) -> di
     known = ", ".join(sorted(public_keys)) or "none"
     raise ProvenanceError(f"no signature by a known key (signed by "
                           f"{', '.join(str(s.get('keyid')) for s in envelope['signatures'])}; known: {known})")
+
+
+def model_signing_statement(folder: Path, name: str) -> dict[str, Any]:
+    """The in-toto statement of OpenSSF model signing v1.0 for ``folder`` (files at its top level; the
+    signatures and VCS metadata left out): each file's sha256 as a resource, in name order, and as subject
+    the model's name with the sha256 over those digests' bytes, in that order (the tool's manifest digest)."""
+    import hashlib
+
+    resources, root = [], hashlib.sha256()
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.name in MODEL_SIGNING_IGNORED or not p.is_file():
+            continue
+        digest = file_sha256(p)
+        root.update(bytes.fromhex(digest))
+        resources.append({"name": p.name, "algorithm": "sha256", "digest": digest})
+    return {"_type": STATEMENT_TYPE, "subject": [{"name": name, "digest": {"sha256": root.hexdigest()}}],
+            "predicateType": MODEL_SIGNING_PREDICATE,
+            "predicate": {"serialization": {"method": "files", "hash_type": "sha256", "allow_symlinks": False,
+                                            "ignore_paths": list(MODEL_SIGNING_IGNORED)},
+                          "resources": resources}}
+
+
+def model_signing_bundle(statement: dict[str, Any], public_key_pem: str, signer: Signer) -> dict[str, Any]:
+    """A Sigstore bundle v0.3 carrying the statement in a DSSE envelope signed by ``signer`` (ECDSA, DER), with
+    the key named as the tool names it: the sha256 of its PEM (SubjectPublicKeyInfo), no transparency log."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(public_key_pem.encode())
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    payload = json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
+    _, signature = signer(pae(PAYLOAD_TYPE, payload))
+    return {"mediaType": BUNDLE_MEDIA_TYPE,
+            "verificationMaterial": {"publicKey": {"hint": hashlib.sha256(pem).hexdigest()}, "tlogEntries": []},
+            "dsseEnvelope": {"payload": base64.b64encode(payload).decode(), "payloadType": PAYLOAD_TYPE,
+                             "signatures": [{"sig": base64.b64encode(signature).decode(), "keyid": ""}]}}
+
+
+def transit_public_key(client: Any, mount: str, key: str) -> str:
+    """The PEM of the newest version of transit key ``key`` (an ECDSA key: transit hands out its PEM)."""
+    data = client.secrets.transit.read_key(name=key, mount_point=mount)["data"]
+    latest = str(data.get("latest_version") or max(int(v) for v in data["keys"]))
+    return str(data["keys"][latest]["public_key"])
+
+
+def write_file(path: Path, document: dict[str, Any]) -> Path:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(document, indent=2))
+    tmp.replace(path)
+    return path
 
 
 def write(store: ModelStore, name: str, version: str, envelope: dict[str, Any]) -> Path:

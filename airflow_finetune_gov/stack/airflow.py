@@ -37,6 +37,7 @@ DAG_USER_COMPONENTS = ("dag-processor", "triggerer")
 # The [finetune_gov] settings the DAG user's config carries: addresses and names, no credential.
 DAG_USER_SETTINGS = ("control_plane_socket", "datasets_host", "datasets_database", "vault_conn_id", "jwt_auth_mount",
                      "database_mount", "handover_mount", "backends_mount", "transit_mount", "provenance_key",
+                     "model_signing_key",
                      "provenance_keys_path", "policy_file", "model_store", "lineage_url_template",
                      "workload_identity_issuer", "workload_identity_audience")
 

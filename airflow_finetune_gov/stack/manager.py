@@ -300,6 +300,9 @@ class Stack:
         ))
         provenance_keys = self.dir / "provenance-keys.json"
         self._write_json(provenance_keys, {"keys": summary.pop("provenance_public_keys")})
+        model_signing_pem = self.dir / "model-signing.pub.pem"  # for `model_signing verify key`
+        model_signing_pem.write_text(summary.pop("model_signing_public_key"))
+        model_signing_pem.chmod(0o644)
         log(f"openbao ready at {bao_addr}: {summary}")
 
         # The DAG user: parses DAG files, runs triggers and tasks; reads none of the above
@@ -356,6 +359,7 @@ class Stack:
             "backends_mount": summary["backends_mount"],
             "transit_mount": summary["transit_mount"],
             "provenance_key": summary["provenance_key"],
+            "model_signing_key": summary["model_signing_key"],
             "provenance_keys_path": str(provenance_keys),
             "policy_file": opts.policy_file or "",
             "model_store": str(model_store),
@@ -453,6 +457,7 @@ class Stack:
             "workload_identity_key": str(key_path),
             "model_store": fgov_conf["model_store"],
             "provenance_keys": str(provenance_keys),
+            "model_signing_public_key": str(model_signing_pem),
             "processes": [r.to_json() for r in started],
         }
 

@@ -14,8 +14,9 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
   dataset's row count and content hash, never its rows), and a revoker role; run identifiers from the claims become
   token metadata, so the audit log names the DAG run behind every request;
 - the policies those roles carry;
-- a transit engine with a non-exportable ed25519 key that signs promoted models' provenance; only the
-  ``provenance`` role (the promotion task) may use it, to sign; the public keys are returned.
+- a transit engine with a non-exportable ed25519 key that signs promoted models' provenance, and a
+  non-exportable ECDSA P-256 key that signs their OpenSSF model-signing bundle; only the ``provenance``
+  role (the promotion) may use them, to sign; the public keys are returned.
 
 A lease cannot outlive the token that created it, so the ``lease-<ds>`` tokens live for the policy's
 maximum lease TTL; the lease itself is issued for the TTL derived from the job's expected duration
@@ -65,6 +66,7 @@ class BootstrapSpec:
     backends_mount: str = "fgov-backends"  # KV v2: tuning backends' API keys, read by the tune roles
     transit_mount: str = "fgov-transit"  # transit: the provenance signing key (never exported)
     provenance_key: str = "fgov-provenance"
+    model_signing_key: str = "fgov-model-signing"  # transit ECDSA P-256: the OpenSSF model-signing bundle
     # Short-lived service leases, name -> NOLOGIN group role, e.g. {"inference": "fgov_inference",
     # "catalog": "fgov_catalog"}. Each gets a database role, a policy and a JWT role of that name.
     service_roles: Mapping[str, str] = field(default_factory=dict)
@@ -153,8 +155,11 @@ def _revoker_policy(spec: BootstrapSpec) -> str:
 
 
 def _provenance_policy(spec: BootstrapSpec) -> str:
-    # sign only: the key cannot be read out, exported, rotated or deleted by the promotion identity
-    return f'path "{spec.transit_mount}/sign/{spec.provenance_key}" {{ capabilities = ["update"] }}\n'
+    # sign only (and read the model-signing key's public half, which the bundle names): the keys cannot be
+    # exported, rotated or deleted by the promotion identity
+    return "".join(f'path "{spec.transit_mount}/sign/{key}" {{ capabilities = ["update"] }}\n'
+                   for key in (spec.provenance_key, spec.model_signing_key)) + \
+        f'path "{spec.transit_mount}/keys/{spec.model_signing_key}" {{ capabilities = ["read"] }}\n'
 
 
 def _write_jwt_role(client: hvac.Client, mount: str, name: str, **params: Any) -> None:
@@ -177,6 +182,11 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         client.secrets.transit.read_key(name=spec.provenance_key, mount_point=spec.transit_mount)
     except hvac.exceptions.InvalidPath:
         client.secrets.transit.create_key(name=spec.provenance_key, key_type="ed25519", exportable=False,
+                                          allow_plaintext_backup=False, mount_point=spec.transit_mount)
+    try:
+        client.secrets.transit.read_key(name=spec.model_signing_key, mount_point=spec.transit_mount)
+    except hvac.exceptions.InvalidPath:
+        client.secrets.transit.create_key(name=spec.model_signing_key, key_type="ecdsa-p256", exportable=False,
                                           allow_plaintext_backup=False, mount_point=spec.transit_mount)
 
     db_roles = [db_role_name(d.name) for d in spec.datasets] + list(spec.service_roles)
@@ -263,12 +273,14 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
         role(service, {"purpose": service}, [service_policy_name(service)], "10m", "30m")
     jwt_roles = [lease_role_name(d.name) for d in spec.datasets] + [tune_role_name(d.name) for d in spec.datasets]
     jwt_roles += [REVOKER_ROLE, PROVENANCE_ROLE, *spec.service_roles]
-    from airflow_finetune_gov.registry.provenance import transit_public_keys
+    from airflow_finetune_gov.registry.provenance import transit_public_key, transit_public_keys
 
     return {
         "transit_mount": spec.transit_mount,
         "provenance_key": spec.provenance_key,
         "provenance_public_keys": transit_public_keys(client, spec.transit_mount, spec.provenance_key),
+        "model_signing_key": spec.model_signing_key,
+        "model_signing_public_key": transit_public_key(client, spec.transit_mount, spec.model_signing_key),
         "database_mount": spec.database_mount,
         "handover_mount": spec.handover_mount,
         "backends_mount": spec.backends_mount,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -135,16 +137,29 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert envelope["signatures"][0]["keyid"] == "fgov-transit/fgov-provenance:v1"
     verify = ["--state-dir", str(stack.dir), "models", "verify", "fgov-demo-tiny", tuned["version"]]
     assert fgov(verify) == 0
+
+    def model_signing() -> subprocess.CompletedProcess[str]:  # the OpenSSF tool, with the public key only
+        return subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
+                               str(folder / "model.sig"), "--public_key", state_of(stack)["model_signing_public_key"],
+                               str(folder)], capture_output=True, text=True, check=False, timeout=120)
+
+    checked = model_signing()
+    assert checked.returncode == 0, checked.stdout + checked.stderr
     adapter = folder / "adapter_model.safetensors"
     original = adapter.read_bytes()
     try:
         adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one byte of the promoted adapter
         assert fgov(verify) == 1
+        assert model_signing().returncode != 0
     finally:
         adapter.write_bytes(original)  # later tests promote the same (deterministic) version again
     assert fgov(verify) == 0
     key = StackView(stack).bao().secrets.transit.read_key(name="fgov-provenance", mount_point="fgov-transit")
     assert key["data"]["exportable"] is False and key["data"]["type"] == "ed25519"  # never leaves OpenBao
+    key = StackView(stack).bao().secrets.transit.read_key(name="fgov-model-signing", mount_point="fgov-transit")
+    assert key["data"]["exportable"] is False and key["data"]["type"] == "ecdsa-p256"
+    bundled = [e.payload_dict() for e in events if e.event_type == "provenance.bundled"]
+    assert bool(bundled) == bool(signed)  # the run that signed the provenance wrote the bundle too
     leases = [e for e in events if e.event_type == "lease.issued"]
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
         ("policy_check", "catalog"), ("acquire_lease", "training"), ("evaluate", "inference")]

@@ -113,3 +113,35 @@ def test_url_safe_unpadded_base64_verifies_and_timestamps_are_utc_z(signed) -> N
 def test_missing_public_keys_name_where_they_come_from(tmp_path: Path) -> None:
     with pytest.raises(provenance.ProvenanceError, match="fgov vault bootstrap --provenance-keys-out"):
         provenance.load_public_keys(tmp_path / "nope.json")
+
+
+def test_the_model_signing_bundle_verifies_with_the_openssf_tool(signed, tmp_path: Path) -> None:
+    """``model.sig`` as the promotion writes it, checked by ``model_signing verify key`` (PyPI ``model-signing``,
+    the OpenSSF tool) with only the public key: it passes, and fails once a file changes."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    store, name, version, _, _ = signed
+    key = ec.generate_private_key(ec.SECP256R1())  # the transit key's kind; a local one stands in for OpenBao here
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    folder = store.path(name, version)
+    bundle = provenance.model_signing_bundle(provenance.model_signing_statement(folder, name), pem,
+                                             lambda message: ("", key.sign(message, ec.ECDSA(hashes.SHA256()))))
+    provenance.write_file(folder / provenance.MODEL_SIGNATURE, bundle)
+    (tmp_path / "key.pub").write_text(pem)
+
+    def verify() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
+                               str(folder / provenance.MODEL_SIGNATURE), "--public_key", str(tmp_path / "key.pub"),
+                               str(folder)], capture_output=True, text=True, check=False, timeout=120)
+
+    ok = verify()
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert provenance.verify_model(store, name, version, signed[3])  # the SLSA envelope ignores model.sig
+    (folder / "adapter_config.json").write_text('{"r": 64}')
+    bad = verify()
+    assert bad.returncode != 0 and "adapter_config.json" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
