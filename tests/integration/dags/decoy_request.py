@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pendulum
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
-
-from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
+from requesters_dag import requesters_dag
 
 
 def forge_grant() -> str:
@@ -27,18 +24,7 @@ def forge_grant() -> str:
     return "appended"
 
 
-with DAG(
-    dag_id="decoy_request",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    tags=["finetune-gov", "test"],
-    default_args={"retries": 0},
-) as dag:
-    governed_finetune(
-        dataset="benign", target_environment="staging",
-        approval=Approval(response_timeout=timedelta(minutes=5)), lease=Lease(expected_duration=60),
-        tuning=Tuning(tuning_method="full"), evaluation=None, promotion=None, prefix_group_id=False)
+with requesters_dag("decoy_request") as dag:
     decoy = HITLOperator(task_id="lunch_order", subject="Approve the team lunch order for Friday",
                          body="Pizza for 12, as every month.", options=["Approve", "Reject"], defaults=None,
                          assigned_users=[{"id": "approver1", "name": "approver1"}],

@@ -8,14 +8,10 @@ secret, to ``forged_approval.report.json`` beside this file."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
-import pendulum
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
-
-from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
+from requesters_dag import requesters_dag
 
 REPORT = Path(__file__).with_name("forged_approval.report.json")
 
@@ -50,17 +46,6 @@ def forge() -> dict:
     return {k: v.split(":")[0] for k, v in report.items()}
 
 
-with DAG(
-    dag_id="forged_approval",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    tags=["finetune-gov", "test"],
-    default_args={"retries": 0},
-) as dag:
-    governed_finetune(
-        dataset="benign", target_environment="staging",
-        approval=Approval(response_timeout=timedelta(minutes=5)), lease=Lease(expected_duration=60),
-        tuning=Tuning(tuning_method="full"), evaluation=None, promotion=None, prefix_group_id=False)
+with requesters_dag("forged_approval") as dag:
     forger = PythonOperator(task_id="forge", python_callable=forge)
     dag.get_task("policy_check") >> forger >> dag.get_task("acquire_lease")

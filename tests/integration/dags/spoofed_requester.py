@@ -6,13 +6,9 @@ writes what it did to ``spoofed_requester.report.json`` (no secret)."""
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 from pathlib import Path
 
-import pendulum
-from airflow.sdk import DAG
-
-from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
+from requesters_dag import requesters_dag
 
 HERE = Path(__file__).resolve().parent
 _SPOOF = HERE / "spoofed_requester.spoof"
@@ -38,15 +34,4 @@ def _spoof() -> None:
 if _SPOOF.exists():
     _spoof()
 
-with DAG(
-    dag_id="spoofed_requester",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    tags=["finetune-gov", "test"],
-    default_args={"retries": 0},
-) as dag:
-    governed_finetune(
-        dataset="benign", target_environment="staging",
-        approval=Approval(response_timeout=timedelta(minutes=5)), lease=Lease(expected_duration=60),
-        tuning=Tuning(tuning_method="full"), evaluation=None, promotion=None, prefix_group_id=False)
+dag = requesters_dag("spoofed_requester")

@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 
-import pendulum
 from airflow.providers.standard.operators.python import PythonOperator
-from airflow.sdk import DAG
-
-from airflow_finetune_gov.factory import Approval, Lease, Tuning, governed_finetune
+from requesters_dag import requesters_dag
 
 REPORT = Path(__file__).with_name("store_tamper.report.json")
 SECRET = "/etc/shadow"
@@ -61,17 +57,6 @@ def tamper() -> dict:
     return {k: v.split(":")[0] for k, v in report.items()}
 
 
-with DAG(
-    dag_id="store_tamper",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    tags=["finetune-gov", "test"],
-    default_args={"retries": 0},
-) as dag:
-    governed_finetune(
-        dataset="benign", target_environment="staging",
-        approval=Approval(response_timeout=timedelta(minutes=5)), lease=Lease(expected_duration=120),
-        tuning=Tuning(tuning_method="full"), evaluation=None, promotion=None, prefix_group_id=False)
+with requesters_dag("store_tamper", lease_seconds=120) as dag:
     tamperer = PythonOperator(task_id="tamper", python_callable=tamper)
     dag.get_task("approval_gate") >> tamperer >> dag.get_task("acquire_lease")
