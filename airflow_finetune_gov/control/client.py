@@ -42,6 +42,12 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
+def _exchange(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(FRAME.pack(len(data)) + data)
+    (size,) = FRAME.unpack(read_exactly(sock, FRAME.size))
+    return read_exactly(sock, size)
+
+
 def read_exactly(sock: socket.socket, n: int) -> bytes:
     chunks, left = [], n
     while left:
@@ -64,9 +70,22 @@ class ControlPlaneClient:
 
     def _send(self, path: str, data: bytes) -> bytes:
         """One request and its answer on this thread's connection, kept alive between calls; a connection the
-        control plane closed meanwhile (a restart) is opened again once."""
+        control plane closed meanwhile (a restart) is opened again once.
+
+        A call made while this thread's connection is in the middle of another (a signal handler such as a
+        task's ``on_kill`` interrupting it) goes on a connection of its own: sharing one would hand each call
+        the other's answer. A call interrupted by an exception leaves its connection closed, never reused."""
         import os
 
+        if getattr(self._local, "busy", False):
+            own = _connect(self.socket_path, self.timeout)
+            try:
+                return _exchange(own, data)
+            except OSError as exc:
+                raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during "
+                                                       f"{path}: {type(exc).__name__}: {exc}") from None
+            finally:
+                own.close()
         for attempt in (1, 2):
             sock: socket.socket | None = getattr(self._local, "sock", None)
             if sock is not None and getattr(self._local, "pid", None) != os.getpid():
@@ -75,16 +94,21 @@ class ControlPlaneClient:
             if sock is None:
                 sock = self._local.sock = _connect(self.socket_path, self.timeout)
                 self._local.pid = os.getpid()
+            self._local.busy = True
             try:
-                sock.sendall(FRAME.pack(len(data)) + data)
-                (size,) = FRAME.unpack(read_exactly(sock, FRAME.size))
-                return read_exactly(sock, size)
+                return _exchange(sock, data)
             except OSError as exc:
                 sock.close()
                 self._local.sock = None
                 if fresh or attempt == 2:
                     raise ControlPlaneError("unreachable", f"the control plane at {self.socket_path} failed during "
                                                            f"{path}: {type(exc).__name__}: {exc}") from None
+            except BaseException:
+                sock.close()  # interrupted half-way: what is left to read on it belongs to no later call
+                self._local.sock = None
+                raise
+            finally:
+                self._local.busy = False
         raise AssertionError("unreachable")
 
     def call(self, path: str, body: Mapping[str, Any] | None = None, *, log: Any = None) -> Any:

@@ -136,3 +136,32 @@ def test_over_the_socket_the_kernel_names_the_caller(tmp_path: Path, store: Line
         client.whoami()                                          # named once is trusted only while registered
     client.register(os.getpid(), {"dag_id": "d", "run_id": "r2", "task_id": "tune", "try_number": 1})
     assert client.whoami()["run_id"] == "r2"
+
+
+def test_a_call_from_a_signal_handler_during_a_call_gets_its_own_answer(tmp_path: Path, store: LineageStore,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A task's ``on_kill`` runs in a signal handler, possibly while the same thread waits for an answer: its
+    call must not read the interrupted call's answer (nor leave its own for that call to read)."""
+    import signal
+
+    sock = tmp_path / "control.sock"
+    plane = ControlPlane(task_uid=os.getuid())
+    slow = plane.delegate
+    monkeypatch.setattr(plane, "delegate", lambda ident, body: (time.sleep(0.6), slow(ident, body))[1])
+    ready = threading.Event()
+    threading.Thread(target=serve, args=(sock, plane), kwargs={"ready": ready.set}, daemon=True).start()
+    assert ready.wait(10)
+    client = ControlPlaneClient(str(sock), timeout=10)
+    client.register(os.getpid(), {"dag_id": "d", "run_id": "r", "task_id": "tune", "try_number": 1})
+    inner: list[dict] = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: inner.append(client.whoami()))
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        outer = client.call("/v1/tasks/delegate", {"seconds": 60})
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert inner == [{"dag_id": "d", "run_id": "r", "task_id": "tune", "try_number": 1, "map_index": -1}]
+    assert set(outer) == {"delegation", "expires_in"}
+    assert client.whoami()["task_id"] == "tune"  # and the thread's connection still answers in turn
+    client.deregister(os.getpid())
