@@ -174,6 +174,7 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         self._context: Any = None
         self._keeper: broker.LeaseKeeper | None = None
         self._job: TuningJob | None = None
+        self._failure_recorded = False  # on_kill recorded tuning.failed: the interrupted execute does not again
         self._kv_path: str | None = None
 
     def _refuse(self, context: Any, reason: str, **details: Any) -> AirflowFailException:
@@ -341,8 +342,10 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         return self._complete(context, pending, result, store, **remote)
 
     def _failed(self, context: Any, backend: str, error: str, **details: Any) -> AirflowFailException:
-        common.record(context, "tuning.failed", {"backend": backend, "error": error[:1000], **details},
-                      actor="tuning")
+        if not self._failure_recorded:
+            common.record(context, "tuning.failed", {"backend": backend, "error": error[:1000], **details},
+                          actor="tuning")
+            self._failure_recorded = True
         return AirflowFailException(f"tuning failed ({backend}): {error}")
 
     def _submitted(self, context: Any, lease: lifecycle.LeaseState, pending: dict[str, Any],
@@ -395,6 +398,7 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
 
     def _complete(self, context: Any, pending: dict[str, Any], result: TuningResult, store: ModelStore | None,
                   **details: Any) -> dict[str, Any]:
+        self._job = None  # it ended with a result: a kill from here on is not the job's failure
         payload = {k: v for k, v in pending.items() if k != "started_at"}
         out: dict[str, Any] = {"name": pending["model"], "version": None, "sha256": None}
         if result.files:
@@ -427,3 +431,9 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         except Exception:
             self.log.exception("revoking the run's leases on kill failed; the teardown task and "
                                "`fgov leases sweep` will retry")
+        if self._job is not None:
+            # recorded here, not only by the interrupted execute: the process may be killed before it resumes
+            try:
+                self._failed(self._context, self.backend, "cancelled: the tuning task was killed")
+            except Exception:
+                self.log.exception("recording tuning.failed on kill failed")
