@@ -156,18 +156,13 @@ def _run_worker(logger_name: str, input: Any, output: Any, unread_messages: Any,
 
     from setproctitle import setproctitle
 
+    from airflow_finetune_gov.executors.zygote import TermWhenIdle
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Under the LocalExecutor the worker is the task's supervisor and waits for it on SIGTERM; here the
     # supervisor is the zygote's child: keep waiting for it (its on_kill reaches the control plane through
     # its registration), then stop.
-    busy = {"running": False, "stop": False}
-
-    def on_term(signum: int, frame: object) -> None:
-        if not busy["running"]:
-            os._exit(0)
-        busy["stop"] = True
-
-    signal.signal(signal.SIGTERM, on_term)
+    busy = TermWhenIdle()
     wlog = structlog.get_logger(logger_name)
     prefix = _get_executor_process_title_prefix(team_conf.team_name)
     zygote = Zygote(user, home)
@@ -184,7 +179,7 @@ def _run_worker(logger_name: str, input: Any, output: Any, unread_messages: Any,
         if workload.running_state is not None:
             output.put((workload.key, workload.running_state, None))
         setproctitle(f"{prefix} {workload.display_name} (as {user})")
-        busy["running"] = True
+        busy.running = True
         try:
             code = run_as_task_user(workload, user=user, home=home, socket_path=socket_path, zygote=zygote)
             if code != 0:
@@ -194,8 +189,8 @@ def _run_worker(logger_name: str, input: Any, output: Any, unread_messages: Any,
             wlog.exception("Workload execution failed.", workload_type=type(workload).__name__)
             output.put((workload.key, workload.failure_state, e))
         finally:
-            busy["running"] = False
-        if busy["stop"]:
+            busy.running = False
+        if busy.stop:
             return
 
 

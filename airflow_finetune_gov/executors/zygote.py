@@ -21,6 +21,23 @@ PRELOADED = ("airflow.executors.base_executor", "airflow.sdk.execution_time.exec
              "airflow.sdk.execution_time.supervisor")
 
 
+class TermWhenIdle:
+    """SIGTERM for a process that waits on a workload: it exits at once when idle; while ``running`` it only
+    sets ``stop``, so the workload (and its task's ``on_kill``) ends first and the caller stops after it."""
+
+    def __init__(self) -> None:
+        import signal
+
+        self.running = False
+        self.stop = False
+        signal.signal(signal.SIGTERM, self._on_term)
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        if not self.running:
+            os._exit(0)
+        self.stop = True
+
+
 def _read_exact(fd: int, n: int) -> bytes:
     chunks = []
     while n:
@@ -67,22 +84,15 @@ def main() -> int:
     # SIGTERM (the scheduler stopping: its whole process group gets it) must not take the zygote down while
     # a workload runs, or the worker stops waiting and the scheduler's exit kills the supervisor before the
     # task's on_kill has run: wait for the running child, then go.
-    state = {"running": False, "stop": False}
-
-    def on_term(signum: int, frame: object) -> None:
-        if not state["running"]:
-            os._exit(0)
-        state["stop"] = True
-
-    signal.signal(signal.SIGTERM, on_term)
+    state = TermWhenIdle()
     while True:
-        if state["stop"]:
+        if state.stop:
             return 0
         header = _read_exact(cmd_fd, 4)
         if not header:
             return 0  # the worker closed its end: the executor is ending
         data = _read_exact(cmd_fd, struct.unpack(">I", header)[0])
-        state["running"] = True
+        state.running = True
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the supervisor installs its own
@@ -97,7 +107,7 @@ def main() -> int:
                 os._exit(code)
         os.write(res_fd, f"pid {pid}\n".encode())
         _, status = os.waitpid(pid, 0)
-        state["running"] = False
+        state.running = False
         os.write(res_fd, f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
 
 

@@ -29,6 +29,8 @@ from __future__ import annotations
 import json
 import pwd
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support import StackView
@@ -39,14 +41,21 @@ pytestmark = pytest.mark.stack
 DAG_ID = "forged_approval"
 
 
+def requested_run(view: StackView, dag_id: str) -> tuple[Any, str, Path]:
+    """The requester's run of attack DAG ``dag_id``, its gate waiting for an answer, and the (cleared) report
+    file its attacking task writes beside it."""
+    client = view.client("requester")
+    client.wait_for_dag(dag_id)
+    report_file = view.stack.dir / "dags" / f"{dag_id}.report.json"
+    report_file.unlink(missing_ok=True)
+    run_id = view.trigger(dag_id)
+    client.wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    return client, run_id, report_file
+
+
 def test_a_task_cannot_approve_its_own_run(stack: Stack) -> None:
     view = StackView(stack)
-    client = view.client("requester")
-    client.wait_for_dag(DAG_ID)
-    report_file = stack.dir / "dags" / "forged_approval.report.json"
-    report_file.unlink(missing_ok=True)
-    run_id = view.trigger(DAG_ID)
-    client.wait_task_state(DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    client, run_id, report_file = requested_run(view, DAG_ID)
     deadline = time.monotonic() + 180
     while not report_file.exists():
         assert time.monotonic() < deadline, client.task_states(DAG_ID, run_id)
@@ -152,12 +161,7 @@ def test_an_approve_given_to_a_decoy_request_approves_nothing(stack: Stack) -> N
 
 def test_the_model_store_is_written_by_the_control_plane_only(stack: Stack) -> None:
     view, dag_id = StackView(stack), "store_tamper"
-    requester = view.client("requester")
-    requester.wait_for_dag(dag_id)
-    report_file = stack.dir / "dags" / "store_tamper.report.json"
-    report_file.unlink(missing_ok=True)
-    run_id = view.trigger(dag_id)
-    requester.wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=180)
+    requester, run_id, report_file = requested_run(view, dag_id)
     time.sleep(8)  # see SETTLE_SECONDS in test_approval_binding
     view.answer(dag_id, run_id, "approver1", "Approve")
     assert requester.wait_run(dag_id, run_id, timeout=400) == "success", requester.task_states(dag_id, run_id)
