@@ -542,16 +542,16 @@ class ControlPlane:
             base_version = str(body["base_version"]) if body.get("base_version") else None
         except (KeyError, TypeError) as exc:
             raise ControlError("bad", f"storing a model needs name, files, base_model, base_version: {exc}") from None
-        try:
-            approval = granted_approval(self._run_events(identity), identity.run_id)
-        except ApprovalMissing as exc:
-            raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
-        if approval.get("base_version") and approval["base_version"] != base_version:
-            raise ControlError("refused", f"the base {base_model}@{base_version} is not the approved base version "
-                                          f"{approval['base_version']}")
         store = ModelStore(settings.get("model_store"))
         folder = self._staging(identity)
-        try:
+        try:  # whatever the outcome, the staged files go: a refused hand-over leaves nothing behind
+            try:
+                approval = granted_approval(self._run_events(identity), identity.run_id)
+            except ApprovalMissing as exc:
+                raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
+            if approval.get("base_version") and approval["base_version"] != base_version:
+                raise ControlError("refused", f"the base {base_model}@{base_version} is not the approved base "
+                                              f"version {approval['base_version']}")
             problems = store.verify(base_model, base_version) if base_version else []
             if problems:
                 raise ControlError("refused", f"the base {base_model}@{base_version} does not match its manifest: "
