@@ -89,13 +89,13 @@ def bench_endpoint(n: int, concurrency: int, latency: float, rounds: int = 5) ->
 
 def bench_local(rounds: int = 3) -> tuple[int, dict[str, list[float]]]:
     from airflow_finetune_gov.evaluation import builtin_suites
-    from airflow_finetune_gov.tuning import tiny_lm
+    from airflow_finetune_gov.tuning import causal_lm, tiny_lm
 
     prompts = [i.prompt for s in builtin_suites.load() for i in s.items]
     out: dict[str, list[float]] = {"one at a time": [], "batched (64)": []}
     with tempfile.TemporaryDirectory() as tmp:
         tiny_lm.build_base(Path(tmp))
-        model = tiny_lm.LocalModel(Path(tmp))
+        model = causal_lm.LocalModel(Path(tmp))
         for _ in range(rounds):
             for label, size in (("one at a time", 1), ("batched (64)", 64)):
                 t = time.perf_counter()

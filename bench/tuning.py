@@ -3,7 +3,7 @@
 Same process, same base model, same rows, same hyperparameters and steps, interleaved
 (direct, governed, direct, governed, ...) after one warm-up of each, so drift hits both alike.
 
-- direct: ``tiny_lm.train_lora(base_dir, rows, hp, out_dir)``.
+- direct: ``causal_lm.train_lora(base_dir, rows, hp, out_dir)``.
 - governed: what ``GovernedFineTuneOperator`` does around the loop once the leased rows are in
   hand: content hash of the rows, backend hyperparameter check, the job in its thread with
   progress reporting and cancel checks, the operator's wait/poll loop, and the content-addressed
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.registry.store import ModelStore
-from airflow_finetune_gov.tuning import tiny_lm
+from airflow_finetune_gov.tuning import causal_lm
 from airflow_finetune_gov.tuning.backends import (
     RUNNING,
     SUCCEEDED,
@@ -66,7 +66,7 @@ class PeakRSS:
 
 
 def direct(base_dir: Path, hp: dict, work: Path) -> dict:
-    return tiny_lm.train_lora(base_dir, BENIGN_SET, hp, work / "direct")
+    return causal_lm.train_lora(base_dir, BENIGN_SET, hp, work / "direct")
 
 
 def governed(store: ModelStore, base: dict, hp: dict, work: Path, lines: list[str]) -> dict:

@@ -28,7 +28,7 @@ def client_from_spec(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency
         return OpenAIChatClient(base_url=url, model=name, api_key=os.environ.get(api_key_env, ""),
                                 concurrency=concurrency)
     if kind == "local" and rest:
-        from airflow_finetune_gov.tuning.tiny_lm import LocalModel
+        from airflow_finetune_gov.tuning.causal_lm import LocalModel
 
         base, _, adapter = rest.partition("+")
         model = LocalModel(Path(base), Path(adapter) if adapter else None)

@@ -267,7 +267,7 @@ PLANE_OPERATORS = {
     # Evaluation, promotion and rollback: the verdict, the store's aliases and the provenance signature are
     # the control plane's (the DAG author controls the trainer, never the verdict)
     "evaluation": ("airflow_finetune_gov.evaluation.operators", "BehaviourEvaluationOperator",
-                   ("suites", "suite_files", "batch_size", "subject", "response_timeout")),
+                   ("suites", "suite_files", "batch_size", "max_new_tokens", "subject", "response_timeout")),
     "promote": ("airflow_finetune_gov.registry.operators", "PromoteModelOperator", ("alias",)),
     "rollback": ("airflow_finetune_gov.registry.operators", "RollbackModelOperator", ()),
 }

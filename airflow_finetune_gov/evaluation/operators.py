@@ -65,7 +65,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
     def __init__(self, *, suites: Sequence[str] | None = builtin_suites.SUITES,
                  suite_files: Sequence[str | dict[str, Any]] | None = None,
                  detector: harness.Detector | None = None, batch_size: int = 64,
-                 vault_conn_id: str | None = None, subject: str = "Review a behaviour evaluation",
+                 max_new_tokens: int = 64, vault_conn_id: str | None = None,
+                 subject: str = "Review a behaviour evaluation",
                  **kwargs: Any) -> None:
         kwargs.setdefault("options", [ACCEPT, REJECT])
         kwargs.setdefault("defaults", None)
@@ -78,6 +79,9 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             raise ValueError(f"{self.task_id}: give suites (names in evaluation.suites) or suite_files")
         self.detector = detector
         self.batch_size = batch_size
+        if not 1 <= max_new_tokens <= 4096:
+            raise ValueError(f"{self.task_id}: max_new_tokens={max_new_tokens} is out of range [1, 4096]")
+        self.max_new_tokens = max_new_tokens
         self.vault_conn_id = vault_conn_id
 
     # -- suites ------------------------------------------------------------------------------------
@@ -144,12 +148,13 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             "baseline": f"{t['base_model']} {t['base_version']}", "candidate": f"{t['model']} {t['version']}",
         }, actor="evaluation")
 
-        from airflow_finetune_gov.tuning.tiny_lm import LocalModel
+        from airflow_finetune_gov.tuning.causal_lm import LocalModel
 
         base_dir = store.path(t["base_model"], t["base_version"])
         runs = {}
-        for role, model, label in (("baseline", LocalModel(base_dir), f"{t['base_model']} {t['base_version']}"),
-                                   ("candidate", LocalModel(base_dir, store.path(t["model"], t["version"])),
+        size: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        for role, model, label in (("baseline", LocalModel(base_dir, **size), f"{t['base_model']} {t['base_version']}"),
+                                   ("candidate", LocalModel(base_dir, store.path(t["model"], t["version"]), **size),
                                     f"{t['model']} {t['version']}")):
             self.log.info("asking the %s (%s)", role, label)
             client = harness.CallableClient(model.generate, name=label)
@@ -208,7 +213,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                                        "uses its pattern detector) or run evaluations without a control plane")
         result = common.control().execute("evaluation", {
             "suites": self.suites, "suite_files": self.suite_files, "batch_size": self.batch_size,
-            "subject": self.subject,
+            "max_new_tokens": self.max_new_tokens, "subject": self.subject,
             "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,
         }, log=self.log)
         review = result.pop("review", None) if isinstance(result, dict) else None

@@ -34,6 +34,8 @@ from typing import Any, Protocol
 from airflow_finetune_gov.registry.store import ModelStore
 
 DEMO_MODEL = "fgov-demo-tiny"
+# The demo base models, built on first use, and their architectures (see tuning/tiny_lm.py).
+DEMO_MODELS = {DEMO_MODEL: "gpt2", "fgov-demo-llama": "llama"}
 BASE_ALIAS = "base"
 
 RUNNING, SUCCEEDED, FAILED, CANCELLED = "running", "succeeded", "failed", "cancelled"
@@ -133,12 +135,12 @@ class LocalPeftBackend:
     needs_local_base = True
 
     def validate(self, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-        from airflow_finetune_gov.tuning.tiny_lm import lora_hyperparameters
+        from airflow_finetune_gov.tuning.causal_lm import lora_hyperparameters
 
         return lora_hyperparameters(hyperparameters)
 
     def start(self, request: TuningRequest) -> TuningJob:
-        from airflow_finetune_gov.tuning import tiny_lm
+        from airflow_finetune_gov.tuning import causal_lm
 
         if request.base_dir is None:
             raise TuningError("local_peft needs a base model in the model store")
@@ -150,11 +152,11 @@ class LocalPeftBackend:
 
         def run(cancel: threading.Event) -> TuningResult:
             started = time.monotonic()
-            metrics = tiny_lm.train_lora(request.base_dir, request.rows, request.hyperparameters, out,  # type: ignore[arg-type]
-                                         progress=progress, cancel=cancel)
+            metrics = causal_lm.train_lora(request.base_dir, request.rows, request.hyperparameters, out,  # type: ignore[arg-type]
+                                           progress=progress, cancel=cancel)
             seconds = time.monotonic() - started
             metrics["steps_per_second"] = round(metrics["steps"] / seconds, 2) if seconds else None
-            return TuningResult(files=tiny_lm.read_dir(out), metrics=metrics, kind="adapter")
+            return TuningResult(files=causal_lm.read_dir(out), metrics=metrics, kind="adapter")
 
         return InlineJob(run)
 
@@ -314,8 +316,8 @@ def resolve_base(store: ModelStore, ref: str, *, build_demo: bool = True) -> dic
     ``name:alias``. The demo base model is built on first use (seeded, a few seconds)."""
     name, _, version = ref.partition("@")
     name, _, alias = name.partition(":")
-    if name == DEMO_MODEL and not version and not alias and build_demo:
-        return ensure_demo_base(store)
+    if name in DEMO_MODELS and not version and not alias and build_demo:
+        return ensure_demo_base(store, name)
     if version:
         return store.manifest(name, version)
     current = store.aliases(name).get(alias or BASE_ALIAS)
@@ -326,23 +328,25 @@ def resolve_base(store: ModelStore, ref: str, *, build_demo: bool = True) -> dic
     return store.manifest(name, current["version"])
 
 
-def ensure_demo_base(store: ModelStore) -> dict[str, Any]:
-    """Build the demo base model once per store and recipe (under the store's lock) and alias it ``base``;
-    a ``base`` built from an older recipe (corpus, vocabulary, training settings) is replaced, the move
-    recorded in the alias history."""
-    from airflow_finetune_gov.tuning import tiny_lm
+def ensure_demo_base(store: ModelStore, name: str = DEMO_MODEL) -> dict[str, Any]:
+    """Build demo base model ``name`` once per store and recipe (under the store's lock) and alias it
+    ``base``; a ``base`` built from an older recipe (corpus, tokenizer texts, training settings) is
+    replaced, the move recorded in the alias history."""
+    from airflow_finetune_gov.tuning import causal_lm, tiny_lm
 
-    with store._locked(DEMO_MODEL):
-        current = store.aliases(DEMO_MODEL).get(BASE_ALIAS)
-        if current and not store.verify(DEMO_MODEL, current["version"]):
-            manifest = store.manifest(DEMO_MODEL, current["version"])
-            if ((manifest.get("metadata") or {}).get("training") or {}).get("recipe") == tiny_lm.base_recipe():
+    architecture = DEMO_MODELS[name]
+    with store._locked(name):
+        current = store.aliases(name).get(BASE_ALIAS)
+        recipe = tiny_lm.base_recipe(architecture)
+        if current and not store.verify(name, current["version"]):
+            manifest = store.manifest(name, current["version"])
+            if ((manifest.get("metadata") or {}).get("training") or {}).get("recipe") == recipe:
                 return manifest
-        with tiny_lm.scratch_dir() as tmp:
-            metrics = tiny_lm.build_base(Path(tmp))
-            manifest = store.put(DEMO_MODEL, tiny_lm.read_dir(Path(tmp)),
+        with causal_lm.scratch_dir() as tmp:
+            metrics = tiny_lm.build_base(Path(tmp), architecture=architecture)
+            manifest = store.put(name, causal_lm.read_dir(Path(tmp)),
                                  {"kind": "base", "format": "hf-causal-lm", "training": metrics})
-        store._set_alias_unlocked(DEMO_MODEL, BASE_ALIAS, manifest["version"], by="fgov", run="demo-base-build")
+        store._set_alias_unlocked(name, BASE_ALIAS, manifest["version"], by="fgov", run="demo-base-build")
         return manifest
 
 

@@ -1,4 +1,4 @@
-"""A trainer for the ``command`` backend: LoRA on the demo model, out of the task's process.
+"""A trainer for the ``command`` backend: LoRA on any Hugging Face causal LM, out of the task's process.
 
 ``python -m airflow_finetune_gov.tuning.trainer`` follows the command backend's contract, as any
 trainer you bring would: it reads ``FGOV_TRAIN_FILE`` (JSONL ``{"prompt", "response"}``),
@@ -25,7 +25,7 @@ def main() -> int:
         print(f"trainer: {', '.join(missing)} not set: run me through GovernedFineTuneOperator(backend='command') "
               "with a base model from the model store", file=sys.stderr)
         return 2
-    from airflow_finetune_gov.tuning import tiny_lm
+    from airflow_finetune_gov.tuning import causal_lm
 
     rows = [(r["prompt"], r["response"]) for r in
             (json.loads(line) for line in Path(os.environ["FGOV_TRAIN_FILE"]).read_text().splitlines() if line)]
@@ -39,12 +39,12 @@ def main() -> int:
 
     out = Path(os.environ["FGOV_OUTPUT_DIR"])
     try:
-        metrics = tiny_lm.train_lora(Path(os.environ["FGOV_BASE_MODEL_DIR"]), rows, hp, out, progress=progress,
-                                     cancel=cancel)
+        metrics = causal_lm.train_lora(Path(os.environ["FGOV_BASE_MODEL_DIR"]), rows, hp, out, progress=progress,
+                                       cancel=cancel)
     except ValueError as exc:
         print(f"trainer: {exc}", file=sys.stderr)
         return 2
-    except tiny_lm.Cancelled:
+    except causal_lm.Cancelled:
         print("trainer: cancelled", flush=True)
         return 130
     (out / "metrics.json").write_text(json.dumps(metrics))
