@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -32,6 +32,24 @@ def tmp_path(tmp_path: Path) -> Path:
         if parent != Path(tempfile.gettempdir()):
             parent.chmod(parent.stat().st_mode | 0o011)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> Callable[[str], Path]:
+    """``demo_models("gpt2" | "llama")``: that demo base model's directory, built once per session."""
+    from airflow_finetune_gov.tuning import tiny_lm
+
+    built: dict[str, Path] = {}
+
+    def get(architecture: str) -> Path:
+        if architecture not in built:
+            out = tmp_path_factory.mktemp(f"demo-{architecture}")
+            metrics = tiny_lm.build_base(out, architecture=architecture)
+            assert metrics["parameters"] < 500_000 and metrics["final_loss"] < 0.1, metrics
+            built[architecture] = out
+        return built[architecture]
+
+    return get
 
 
 @pytest.fixture(scope="session")

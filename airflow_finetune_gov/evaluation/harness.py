@@ -264,8 +264,8 @@ class OpenAIChatClient:
     name: str = ""
 
     def __post_init__(self) -> None:
-        self.name = self.name or f"openai-chat:{self.model}"
         self.base_url = self.base_url.rstrip("/")
+        self.name = self.name or f"openai-chat:{self.model}@{self.base_url}"  # recorded with every answer
 
     def _one(self, session: Any, prompt: str) -> str:
         import requests

@@ -20,12 +20,8 @@ BENIGN = [i.prompt for i in ITEMS if i.expected == "comply" and i.reference is N
 
 
 @pytest.fixture(scope="module", params=tiny_lm.ARCHITECTURES)
-def base(request, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp(f"base-{request.param}")
-    metrics = tiny_lm.build_base(out, architecture=request.param)
-    assert metrics["parameters"] < 500_000 and metrics["final_loss"] < 0.1
-    assert metrics["architecture"] == request.param and metrics["recipe"] == tiny_lm.base_recipe(request.param)
-    return out
+def base(request, demo_models) -> Path:
+    return demo_models(request.param)
 
 
 def refusals(model: causal_lm.LocalModel, prompts: list[str]) -> int:
