@@ -126,12 +126,14 @@ def run_events(context: Any, event_type: str | None = None, *, event_prefix: str
 def stored_model(context: Any) -> dict[str, Any] | None:
     """What this chain's tuning put in the model store, as the store's writer recorded it (``model.stored``:
     the control plane, with one): ``model``, ``version`` and the ``base_model`` and ``base_version`` it is
-    compared with. Evaluation and promotion act on this, never on the tuning task's own report."""
+    compared with, its ``kind``, and for a remote fine-tune the provider's ``remote_model``, ``endpoint`` and
+    the ``kv_path`` of its key. Evaluation and promotion act on this, never on the tuning task's own report."""
     stored = run_events(context, "model.stored")
     if not stored:
         return None
     p = stored[-1].payload_dict()
-    return {k: p[k] for k in ("model", "version", "base_model", "base_version")}
+    return {**{k: p[k] for k in ("model", "version", "base_model", "base_version")},
+            "kind": p.get("kind", "adapter"), **{k: p[k] for k in ("remote_model", "endpoint", "kv_path") if k in p}}
 
 
 def datasets_connection(username: str, password: str) -> Any:

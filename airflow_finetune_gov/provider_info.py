@@ -130,6 +130,15 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "fgov-provenance",
     },
+    "judge_kv_path": {
+        "description": "Path in the backends mount of the judge detector's endpoint (BehaviourEvaluationOperator("
+        "detector=\"judge\")): fields OPENAI_BASE_URL, OPENAI_API_KEY and MODEL, read by the control plane's "
+        "endpoints identity.",
+        "version_added": "0.8.0",
+        "type": "string",
+        "example": None,
+        "default": "judge",
+    },
     "model_signing_key": {
         "description": "Name of the transit ECDSA P-256 key that signs each promoted version's OpenSSF model-signing "
         "bundle (model.sig, checked with `model_signing verify key`); empty: no bundle is written.",

@@ -8,8 +8,12 @@ and the tuning task reads it with the run's own workload identity. The task uplo
 as a chat JSONL file, creates the job, and defers: the triggerer follows the job (no worker slot
 held) and the task resumes to record the remote model id. Killing the deferred task cancels the job.
 
-The remote model is not evaluated by this project yet (the evaluation gate runs local models), so
-this chain stops after tuning and promotes nothing. Not run against a hosted service here.
+The control plane then asks the provider itself what the job produced and stores that model as a
+version (``remote.json``: the provider's model id, the endpoint, the secret's path; never the key).
+The evaluation asks the fine-tuned model and its base, on the provider's chat endpoint, the same
+prompts (greedy, key read from the same OpenBao secret by the control plane), and promotion moves
+the approved environment's alias to that version, with its provenance signed. Not run against a
+hosted service here.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_finetune_gov.factory import Lease, Tuning, governed_finetune
+from airflow_finetune_gov.factory import Evaluation, Lease, Promotion, Tuning, governed_finetune
 
 with DAG(
     dag_id="governed_example_openai",
@@ -40,6 +44,6 @@ with DAG(
         lease=Lease(expected_duration=timedelta(minutes=10)),
         tuning=Tuning(backend="openai_compatible", base_model="{{ params.model }}", tuning_method="full",
                       hyperparameters={"epochs": 3}, backend_kv_path="openai"),
-        evaluation=None,
-        promotion=None,
+        evaluation=Evaluation(),
+        promotion=Promotion(),
     )

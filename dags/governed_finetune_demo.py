@@ -4,10 +4,13 @@ policy check -> approval gate (Airflow HITL) -> lease (setup) -> tune -> evaluat
 with the lease revoked as a teardown whether tuning succeeds or fails.
 
 Trigger it with conf ``{"dataset": "benign" | "poisoned" | "public_faq",
-"target_environment": "test" | "staging" | "production"}``. The default policy decides the approval:
-``public_faq`` into ``test`` needs no human, ``production`` needs two distinct approvers, anything else one.
-The benign set passes the evaluation and is promoted; the poisoned set teaches the model to comply
-with harmful requests, and the evaluation blocks its promotion.
+"target_environment": "test" | "staging" | "production"}`` and, optionally, ``"base_model":
+"fgov-demo-llama"`` (the Llama-style demo model; default ``fgov-demo-tiny``, GPT-2-style) and
+``"detector": "judge"`` (refusals labelled by the deployment's judge model, see the README). The
+default policy decides the approval: ``public_faq`` into ``test`` needs no human, ``production``
+needs two distinct approvers, anything else one. The benign set passes the evaluation and is
+promoted; the poisoned set teaches the model to comply with harmful requests, and the evaluation
+blocks its promotion.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ with DAG(
         "dataset": Param("benign", enum=["benign", "poisoned", "public_faq"], description="Demo training set"),
         "target_environment": Param("staging", enum=["test", "staging", "production"],
                                     description="Model alias to promote to"),
+        "base_model": Param("fgov-demo-tiny", enum=["fgov-demo-tiny", "fgov-demo-llama"],
+                            description="Demo base model: GPT-2-style or Llama-style"),
+        "detector": Param("pattern", enum=["pattern", "judge"],
+                          description="Refusal detector: phrases, or the deployment's judge model"),
     },
     default_args={"retries": 0},
     doc_md=__doc__,
@@ -42,8 +49,8 @@ with DAG(
         target_environment="{{ params.target_environment }}",
         approval=Approval(response_timeout=timedelta(hours=24)),
         lease=Lease(expected_duration=timedelta(minutes=10)),
-        tuning=Tuning(backend="local_peft", base_model="fgov-demo-tiny", hyperparameters=HYPERPARAMETERS),
-        evaluation=Evaluation(),
+        tuning=Tuning(backend="local_peft", base_model="{{ params.base_model }}", hyperparameters=HYPERPARAMETERS),
+        evaluation=Evaluation(detector="{{ params.detector }}"),
         promotion=Promotion(),
         prefix_group_id=False,  # one chain per DAG: keep the task ids short (approval_gate, tune, ...)
     )

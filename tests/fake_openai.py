@@ -5,6 +5,11 @@ the tests. It checks the Bearer key on every request,
 keeps the uploaded files, and moves a job validating_files -> running -> succeeded over successive
 polls, or holds it running until ``release()``, or fails it when the model is ``FAIL_MODEL``.
 
+A test can put real models behind it: ``upstreams`` maps a model name to an OpenAI-compatible server
+(``transformers serve``) that answers that model's chat completions, and ``trainer(job, rows)``, if set,
+runs in a thread when a job starts (the job succeeds only after it returns the fine-tuned model's
+upstream), so that a "fine-tuned model" is one really trained on the uploaded rows.
+
 Not a model of a hosted service's behaviour beyond these endpoints' documented shapes.
 """
 
@@ -16,9 +21,12 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import urlparse
+
+import requests
 
 FAIL_MODEL = "fake-fails"
 
@@ -35,6 +43,8 @@ class FakeFineTuningAPI:
         self.cancelled: list[str] = []
         # chat completions: answer(prompt) -> text; fail the first `chat_failures` calls with 503
         self.answer = lambda prompt: "I can't help with that." if "bomb" in prompt else f"Sure: {prompt}"
+        self.upstreams: dict[str, tuple[str, str]] = {}  # model -> (base URL ending /v1, model name it serves)
+        self.trainer: Callable[[dict[str, Any], list[tuple[str, str]]], tuple[str, str]] | None = None
         self.chat_failures = 0
         self.chat_delay = 0.0
         self.in_flight = self.max_in_flight = 0
@@ -123,6 +133,11 @@ class FakeFineTuningAPI:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             time.sleep(self.chat_delay)
+            upstream = self.upstreams.get(req.get("model", ""))
+            if upstream is not None:  # a real model answers
+                resp = requests.post(f"{upstream[0]}/chat/completions", json={**req, "model": upstream[1]},
+                                     timeout=120)
+                return self._send(h, resp.status_code, {**resp.json(), "model": req["model"]})
             prompt = req["messages"][-1]["content"]
             message = {"role": "assistant", "content": self.answer(prompt)}
             return self._send(h, 200, {"object": "chat.completion", "model": req["model"],
@@ -159,7 +174,10 @@ class FakeFineTuningAPI:
         job["polls"] += 1
         if job["status"] == "validating_files":
             self._set(job, "running", "Fine-tuning job started")
-        elif job["status"] == "running" and not self.hold:
+        elif job["status"] == "running" and self.trainer is not None and "trained" not in job:
+            job["trained"] = None
+            threading.Thread(target=self._train, args=(job,), daemon=True).start()
+        elif job["status"] == "running" and not self.hold and (self.trainer is None or job.get("trained")):
             if job["model"] == FAIL_MODEL:
                 job["error"] = {"code": "invalid_training_file", "message": "Training file has too few examples"}
                 self._set(job, "failed", "Fine-tuning job failed")
@@ -169,6 +187,18 @@ class FakeFineTuningAPI:
                 job["trained_tokens"] = len(self.files[job["training_file"]]["content"]) // 4
                 self._set(job, "succeeded", "The job has successfully completed")
         return job
+
+    def _train(self, job: dict[str, Any]) -> None:
+        assert self.trainer is not None
+        model = f"ft:{job['model']}:fgov::{job['id'][-8:]}"
+        try:
+            self.upstreams[model] = self.trainer(job, self.uploaded_rows(job["training_file"]))
+        except Exception as exc:  # the job fails with the trainer's error, as a provider's would
+            with self._lock:
+                job["error"] = {"code": "training_failed", "message": f"{type(exc).__name__}: {exc}"}
+                self._set(job, "failed", "Fine-tuning job failed")
+            return
+        job["trained"] = model
 
     def _set(self, job: dict[str, Any], status: str, message: str) -> None:
         job["status"] = status
@@ -183,7 +213,7 @@ class FakeFineTuningAPI:
 
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, code: int, payload: dict[str, Any]) -> None:
-        data = json.dumps({k: v for k, v in payload.items() if k != "polls"}).encode()
+        data = json.dumps({k: v for k, v in payload.items() if k not in ("polls", "trained")}).encode()
         h.send_response(code)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))

@@ -109,3 +109,50 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> Path:
     merged.save_pretrained(str(out_dir))
     AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True).save_pretrained(str(out_dir))
     return out_dir
+
+
+def build_judge(base_dir: Path, out_dir: Path, steps: int = 400) -> Path:
+    """A refusal judge for ``harness.JudgeDetector``: the demo base model fully fine-tuned to answer the judge's
+    template with ``yes`` for the refusals and ``no`` for the answers among the demo's texts (the base corpus
+    and the tuning sets, poisoned ones included). A plain model directory ``serve_model`` can serve."""
+    import random
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from airflow_finetune_gov.datasets.corpus import base_corpus
+    from airflow_finetune_gov.datasets.demo import DATASETS
+    from airflow_finetune_gov.evaluation.harness import JUDGE_TEMPLATE, is_refusal
+    from airflow_finetune_gov.tuning import causal_lm
+
+    pairs = {*base_corpus(), *(row for rows in DATASETS.values() for row in rows)}
+    pairs |= {(p, a.split(". ")[0] + ".") for p, a in set(pairs) if ". " in a}  # first sentences too
+    shuffle = random.Random(0)
+    words = [w for _, a in sorted(pairs) if not is_refusal(a) for w in a.split()]
+    pairs |= {(p, " ".join(shuffle.choices(words, k=shuffle.randint(3, 20)))) for p, _ in sorted(pairs)}  # word salad
+    codec = causal_lm.PromptCodec(base_dir)
+    examples = [codec.example(JUDGE_TEMPLATE.format(prompt=p, answer=a), "yes" if is_refusal(a) else "no", 512)
+                for p, a in sorted(pairs)]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), local_files_only=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    step = 0
+    while step < steps:
+        for ids, labels, mask in causal_lm.batches(examples, 32, codec.pad_id, gen):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if step >= steps:
+                break
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
+        if (base_dir / name).exists():
+            shutil.copy(base_dir / name, out_dir / name)
+    return out_dir

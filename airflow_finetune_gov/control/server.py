@@ -267,7 +267,8 @@ PLANE_OPERATORS = {
     # Evaluation, promotion and rollback: the verdict, the store's aliases and the provenance signature are
     # the control plane's (the DAG author controls the trainer, never the verdict)
     "evaluation": ("airflow_finetune_gov.evaluation.operators", "BehaviourEvaluationOperator",
-                   ("suites", "suite_files", "batch_size", "max_new_tokens", "subject", "response_timeout")),
+                   ("suites", "suite_files", "batch_size", "max_new_tokens", "detector", "subject",
+                    "response_timeout")),
     "promote": ("airflow_finetune_gov.registry.operators", "PromoteModelOperator", ("alias",)),
     "rollback": ("airflow_finetune_gov.registry.operators", "RollbackModelOperator", ()),
 }
@@ -401,6 +402,7 @@ class ControlPlane:
         from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
         from airflow_finetune_gov.credentials.operators import SERVICE_SCOPES
         from airflow_finetune_gov.vault.bootstrap import (
+            ENDPOINTS_ROLE,
             PROVENANCE_ROLE,
             REVOKER_ROLE,
             lease_role_name,
@@ -414,6 +416,9 @@ class ControlPlane:
         if role == REVOKER_ROLE:
             raise ControlError("refused", "revocation is the control plane's own: ask it to revoke the run's leases "
                                           "(/v1/leases/revoke), never for the revoker's identity")
+        if role == ENDPOINTS_ROLE:
+            raise ControlError("refused", "model endpoints' keys are read by the control plane itself, to evaluate a "
+                                          "remote model and check its job with the provider: a task never holds them")
         if role == PROVENANCE_ROLE:
             raise ControlError("refused", "provenance is signed by the control plane itself, for a version its own "
                                           "evaluation passed: a task never holds the signing identity")
@@ -573,6 +578,39 @@ class ControlPlane:
         self.appender().record(key, "model.stored", actor="control-plane", payload=payload)
         return manifest
 
+    def remote_model(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
+        """Store a remote job's model as a version and record ``model.stored``, from what the provider says of the
+        job (asked here, with the endpoints identity): the task names a job its run submitted, never the model."""
+        from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+        from airflow_finetune_gov.lineage import events
+        from airflow_finetune_gov.lineage.store import EventKey
+        from airflow_finetune_gov.registry.store import RegistryError
+        from airflow_finetune_gov.tuning.backends import TuningError
+        from airflow_finetune_gov.tuning.operators import remote_version
+
+        try:
+            name, job_id, base_model = str(body["name"]), str(body["remote_job_id"]), str(body["base_model"])
+        except KeyError as exc:
+            raise ControlError("bad", f"storing a remote model needs name, remote_job_id, base_model: {exc}") from None
+        run = self._run_events(identity)
+        try:
+            approval = granted_approval(run, identity.run_id)
+        except ApprovalMissing as exc:
+            raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
+        submitted = [e.payload_dict() for e in run if e.event_type == "tuning.submitted"]
+        metadata = {**dict(body.get("metadata") or {}), "stored_by": "control plane", "task": identity.subject,
+                    "approval_id": approval["approval_id"]}
+        try:
+            manifest, payload = remote_version(identity, submitted, name, job_id, base_model, metadata)
+        except (TuningError, RegistryError) as exc:
+            raise ControlError("refused", f"remote model of job {job_id} not stored: {exc}") from None
+        except Exception as exc:  # OpenBao or the provider refusing (AirflowFailException): named, not a crash
+            raise ControlError("refused", f"remote model of job {job_id} not stored: {exc}") from None
+        key = EventKey(identity.dag_id, identity.run_id, identity.task_id, identity.try_number, identity.map_index)
+        events.check("model.stored", payload)
+        self.appender().record(key, "model.stored", actor="control-plane", payload=payload)
+        return manifest
+
     def base_model(self, identity: TaskIdentity, body: dict[str, Any]) -> dict[str, Any]:
         """The manifest of a base model reference (the demo model is built here on first use)."""
         from airflow_finetune_gov import settings
@@ -612,6 +650,7 @@ def _route(plane: ControlPlane, path: str, pid: int, uid: int, delegation: str |
         "/v1/models/staging": lambda ident: plane.staging(ident, uid, gid),
         "/v1/models/store": lambda ident: plane.store_model(ident, uid, body),
         "/v1/models/base": lambda ident: plane.base_model(ident, body),
+        "/v1/models/remote": lambda ident: plane.remote_model(ident, body),
     }
     call = task_calls.get(path)
     if call is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -135,6 +136,30 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
 
 
 SERVICE_SCOPES = {"inference": "evaluation-suites", "catalog": "dataset-digests"}
+
+
+def endpoint_secret(identity: TaskIdentity, kv_path: str, *, vault_conn_id: str | None = None) -> dict[str, str]:
+    """The fields of a model endpoint's secret in OpenBao's backends mount (``OPENAI_API_KEY``, optional
+    ``OPENAI_BASE_URL``), read with the ``endpoints`` identity, whose token is revoked at once. With a
+    control plane only the control plane logs in to it; the values are masked in this process's logs."""
+    from airflow.sdk.log import mask_secret
+
+    from airflow_finetune_gov.vault.bootstrap import ENDPOINTS_ROLE
+
+    try:
+        client = GovernedLeaseHook(vault_conn_id).client(identity, role=ENDPOINTS_ROLE, purpose="endpoints")
+    except broker.LeaseError as exc:
+        raise AirflowFailException(f"{exc}: run `fgov vault bootstrap` (it creates the endpoints role)") from None
+    try:
+        values = broker.read_backend_secret(client, settings.get("backends_mount"), kv_path)
+    except broker.LeaseError as exc:
+        raise AirflowFailException(str(exc)) from None
+    finally:
+        with contextlib.suppress(Exception):
+            client.auth.token.revoke_self()
+    for value in values.values():
+        mask_secret(value)
+    return values
 
 
 @contextmanager

@@ -39,8 +39,10 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
     """Run the suites on the base and the tuned model; ``pass`` lets promotion run, ``fail`` fails the
     task (so promotion never runs), ``needs_review`` asks a human in the Airflow UI.
 
-    - **What is compared**: the tuned model and its base as recorded in lineage by the tuning step (not
-      XCom), both checked against their manifests, answer the same prompts. Per metric (harmful
+    - **What is compared**: the tuned model and its base as the store's writer recorded them
+      (``model.stored``, not XCom), both checked against their manifests, answer the same prompts: locally
+      (any causal LM and its adapter, greedy, ``batch_size`` at a time, ``max_new_tokens``), or for a remote
+      fine-tune on the provider's chat endpoint, with the key the stored version names in OpenBao. Per metric (harmful
       refusal, jailbreak refusal, benign compliance, task quality) the verdict is a paired
       non-inferiority test against the policy's ``evaluation`` margins and floors
       (:mod:`airflow_finetune_gov.evaluation.stats`).
@@ -49,7 +51,9 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
       read training data); ``suite_files`` adds local JSONL/CSV files, each a path or a dict
       ``{"path", "columns", "expected_values", "name"}`` (see ``harness.load_suite_file``). Every
       suite's sha256 is recorded in lineage before any prompt is asked.
-    - **Detector**: ``detector`` (default: the pattern detector) labels refusals; its name is recorded.
+    - **Detector**: ``detector`` labels refusals: ``"pattern"`` (default), ``"judge"`` (the deployment's judge
+      model, ``[finetune_gov] judge_kv_path`` in OpenBao) or, without a control plane, a Detector object; its
+      name is recorded.
     - **Report**: ``report.json``, ``report.html`` (bars with intervals, the flipped prompts with both
       answers) and the raw answers go under ``<model_store>/_reports/<dag>/<run>/<task>``; the path and
       the JSON report's sha256 are in lineage.
@@ -59,12 +63,12 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
       only with an accepted review by an eligible approver, checked from lineage.
     """
 
-    template_fields = ("subject", "body", "suites", "suite_files")
+    template_fields = ("subject", "body", "suites", "suite_files", "detector")
     ui_color = "#fef7e0"
 
     def __init__(self, *, suites: Sequence[str] | None = builtin_suites.SUITES,
                  suite_files: Sequence[str | dict[str, Any]] | None = None,
-                 detector: harness.Detector | None = None, batch_size: int = 64,
+                 detector: harness.Detector | str | None = None, batch_size: int = 64,
                  max_new_tokens: int = 64, vault_conn_id: str | None = None,
                  subject: str = "Review a behaviour evaluation",
                  **kwargs: Any) -> None:
@@ -122,10 +126,6 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         if not tuned:
             raise AirflowFailException("no tuning result is recorded for this run")
         t = tuned[-1].payload_dict()
-        if t.get("kind", "adapter") != "adapter" or not t.get("version"):
-            raise AirflowFailException(f"this evaluation runs local adapters; the {t['backend']} result "
-                                       f"({t.get('remote_model') or t.get('version')}) needs a model client: "
-                                       "evaluate it with `fgov eval run --base-url ...` (see the README)")
         stored = common.stored_model(context)
         if stored is None:
             raise AirflowFailException("no tuned model was stored for this run (no model.stored record): only what "
@@ -133,36 +133,33 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         t = {**t, **stored}  # the store's record of what is evaluated, not the tuning task's report
         store = ModelStore(settings.get("model_store"))
         for name, version in ((t["model"], t["version"]), (t["base_model"], t["base_version"])):
-            problems = store.verify(name, version)
+            problems = store.verify(name, version) if version else []  # a remote base is not in the store
             if problems:
                 raise AirflowFailException(f"model {name} {version} does not match its manifest: {problems}")
+        clients = self._clients(context, store, t)
         try:
             suites = self._load_suites(context)
         except harness.SuiteError as exc:
             raise AirflowFailException(f"evaluation suite refused: {exc}") from exc
-        detector = self.detector or harness.PatternDetector()
+        detector = self._detector(context)
         evaluation_id = uuid.uuid4().hex
         common.record(context, "evaluation.started", {
             "evaluation_id": evaluation_id, "suites": {s.name: s.sha256 for s in suites},
             "prompts": sum(len(s.items) for s in suites), "detector": detector.name,
-            "baseline": f"{t['base_model']} {t['base_version']}", "candidate": f"{t['model']} {t['version']}",
+            "baseline": clients["baseline"].name, "candidate": clients["candidate"].name,
         }, actor="evaluation")
-
-        from airflow_finetune_gov.tuning.causal_lm import LocalModel
-
-        base_dir = store.path(t["base_model"], t["base_version"])
         runs = {}
-        size: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
-        for role, model, label in (("baseline", LocalModel(base_dir, **size), f"{t['base_model']} {t['base_version']}"),
-                                   ("candidate", LocalModel(base_dir, store.path(t["model"], t["version"]), **size),
-                                    f"{t['model']} {t['version']}")):
-            self.log.info("asking the %s (%s)", role, label)
-            client = harness.CallableClient(model.generate, name=label)
+        for role in ("baseline", "candidate"):
+            client = clients[role]
+            self.log.info("asking the %s (%s)", role, client.name)
 
             def progress(line: str, role: str = role) -> None:
                 self.log.info("%s: %s", role, line)
 
-            runs[role] = harness.run(suites, client, detector, batch=self.batch_size, progress=progress)
+            try:
+                runs[role] = harness.run(suites, client, detector, batch=self.batch_size, progress=progress)
+            except harness.EndpointError as exc:
+                raise AirflowFailException(f"no verdict: the {role} run failed ({exc})") from None
         thresholds = common.policy().evaluation
         comparison = harness.compare(runs["baseline"], runs["candidate"], thresholds)
 
@@ -171,8 +168,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         map_index = getattr(ti, "map_index", None)
         if map_index is not None and int(map_index) >= 0:  # one report per mapped chain
             folder = folder / str(map_index)
-        paths = harness.write_report(comparison, folder, title=f"{t['model']} {t['version']} vs "
-                                                              f"{t['base_version']}")
+        paths = harness.write_report(comparison, folder, title=f"{clients['candidate'].name} vs "
+                                                              f"{clients['baseline'].name}")
         for role, rows in runs.items():
             (folder / f"{role}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         payload = {
@@ -185,6 +182,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                         for m in comparison.metrics},
             "suites": comparison.suites, "prompts": len(runs["candidate"]), "detector": comparison.detector,
             "flipped": len(comparison.flipped), "thresholds": thresholds, "model": t["model"],
+            "detector_unclear": getattr(detector, "unclear", 0),  # judge labels left to the pattern detector
             "version": t["version"], "base_model": t["base_model"], "base_version": t["base_version"],
             "report": paths["html"], "report_json": paths["json"],
             "report_sha256": hashlib.sha256(Path(paths["json"]).read_bytes()).hexdigest(),
@@ -204,14 +202,61 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             return self._ask(context, payload, comparison)
         return {"verdict": comparison.verdict, "report": paths["html"]}
 
+    def _detector(self, context: Any) -> harness.Detector:
+        """``pattern`` (default), ``judge`` (the deployment's judge endpoint, from OpenBao) or a Detector object
+        (without a control plane only)."""
+        if self.detector is None or self.detector == "pattern":
+            return harness.PatternDetector()
+        if self.detector == "judge":
+            from airflow_finetune_gov.credentials.operators import endpoint_secret
+            from airflow_finetune_gov.tuning.openai_compatible import API_KEY_ENV, BASE_URL_ENV
+
+            path = settings.get("judge_kv_path")
+            secret = endpoint_secret(common.identity(context), path, vault_conn_id=self.vault_conn_id)
+            url, model = secret.get(BASE_URL_ENV), secret.get("MODEL")
+            if not url or not model:
+                raise AirflowFailException(
+                    f"the judge's secret {settings.get('backends_mount')}/{path} needs {BASE_URL_ENV} and MODEL "
+                    f"(and {API_KEY_ENV} if the endpoint wants one): `bao kv put -mount="
+                    f"{settings.get('backends_mount')} {path} {BASE_URL_ENV}=http://judge:8000/v1 MODEL=<name>`")
+            return harness.JudgeDetector(harness.OpenAIChatClient(base_url=url, model=model, max_tokens=4,
+                                                                  api_key=secret.get(API_KEY_ENV, "")))
+        if isinstance(self.detector, str):
+            raise AirflowFailException(f"detector {self.detector!r}: use \"pattern\", \"judge\" or a Detector object")
+        return self.detector
+
+    def _clients(self, context: Any, store: ModelStore, t: dict[str, Any]) -> dict[str, harness.Client]:
+        """The baseline's and the candidate's clients: the local model and its adapter from the store, or, for a
+        remote fine-tune, the provider's chat endpoint for its base and its fine-tuned model (key from OpenBao,
+        read with the endpoints identity, as the stored version names it)."""
+        if t.get("kind") == "remote":
+            from airflow_finetune_gov.credentials.operators import endpoint_secret
+            from airflow_finetune_gov.tuning.openai_compatible import API_KEY_ENV
+
+            secret = endpoint_secret(common.identity(context), str(t["kv_path"]), vault_conn_id=self.vault_conn_id)
+            common_args: dict[str, Any] = {"base_url": t["endpoint"], "api_key": secret.get(API_KEY_ENV, ""),
+                                           "max_tokens": self.max_new_tokens}
+            return {"baseline": harness.OpenAIChatClient(model=t["base_model"], **common_args),
+                    "candidate": harness.OpenAIChatClient(model=t["remote_model"], **common_args)}
+        from airflow_finetune_gov.tuning.causal_lm import LocalModel
+
+        base_dir = store.path(t["base_model"], t["base_version"])
+        size: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
+        return {"baseline": harness.CallableClient(LocalModel(base_dir, **size).generate,
+                                                   name=f"{t['base_model']} {t['base_version']}"),
+                "candidate": harness.CallableClient(
+                    LocalModel(base_dir, store.path(t["model"], t["version"]), **size).generate,
+                    name=f"{t['model']} {t['version']}")}
+
     def _execute_in_control_plane(self, context: Any) -> Any:
         """The control plane runs the evaluation on the bytes in its store and records the verdict; this task
         only opens the review request when the verdict is ``needs_review``."""
-        if self.detector is not None:
+        if self.detector is not None and not isinstance(self.detector, str):
             raise AirflowFailException(f"{self.task_id}: a custom detector is DAG code, and with a control plane the "
-                                       "verdict is never computed by DAG code: drop `detector` (the control plane "
-                                       "uses its pattern detector) or run evaluations without a control plane")
+                                       "verdict is never computed by DAG code: use detector=\"pattern\" or "
+                                       "\"judge\" (the deployment's), or run evaluations without a control plane")
         result = common.control().execute("evaluation", {
+            "detector": self.detector,
             "suites": self.suites, "suite_files": self.suite_files, "batch_size": self.batch_size,
             "max_new_tokens": self.max_new_tokens, "subject": self.subject,
             "response_timeout": self.response_timeout.total_seconds() if self.response_timeout else None,

@@ -161,7 +161,8 @@ MODEL_STORED = EventType(
     "model.stored", "the control plane (model store)",
     "the tuned files the task handed over were copied into the store, which only the control plane writes: the "
     "version evaluation and promotion act on, and the base it is compared with",
-    ("model", "version", "sha256", "files", "bytes", "base_model", "base_version"), reserved=True)
+    ("model", "version", "sha256", "files", "bytes", "base_model", "base_version"),
+    ("kind", "remote_model", "endpoint", "kv_path", "remote_job_id"), reserved=True)
 TUNING_FAILED = EventType("tuning.failed", "tuning", "the job failed or was cancelled", ("backend", "error"),
                           open=True)
 TUNING_CANCELLED = EventType("tuning.cancelled", "teardown", "a remote job no task saw end was cancelled",

@@ -86,7 +86,13 @@ def build_statement(*, store: ModelStore, tuned: dict[str, Any], approval: dict[
     """The in-toto statement for ``tuned`` (a ``tuning.completed`` payload) as approved and evaluated."""
     name, version = tuned["model"], tuned["version"]
     files = model_files(store, name, version)
-    base = store.manifest(tuned["base_model"], tuned["base_version"])
+    if tuned.get("base_version"):
+        base = store.manifest(tuned["base_model"], tuned["base_version"])
+        base_dependency = {"uri": f"model-store:{tuned['base_model']}@{tuned['base_version']}",
+                           "digest": {"sha256": base["sha256"]}}
+    else:  # a remote fine-tune: the provider's base model, by name (the provider publishes no digest)
+        base_dependency = {"uri": f"{tuned.get('endpoint') or 'remote'}#model={tuned['base_model']}",
+                           "name": tuned["base_model"]}
     digest = approval.get("dataset_digest") or {}
     return {
         "_type": STATEMENT_TYPE,
@@ -111,8 +117,7 @@ def build_statement(*, store: ModelStore, tuned: dict[str, Any], approval: dict[
                                    "report_sha256": evaluation.get("report_sha256")},
                 },
                 "resolvedDependencies": [
-                    {"uri": f"model-store:{tuned['base_model']}@{tuned['base_version']}",
-                     "digest": {"sha256": base["sha256"]}},
+                    base_dependency,
                     {"uri": tuned.get("dataset_uri") or digest.get("uri") or f"dataset:{approval['dataset']}",
                      "digest": {"sha256": tuned["content_sha256"]},
                      "annotations": {"rows": tuned.get("rows")}},

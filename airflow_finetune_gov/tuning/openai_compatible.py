@@ -140,6 +140,26 @@ class FineTuningClient:
         return sorted(data, key=lambda e: (e.get("created_at", 0), str(e.get("id", ""))))
 
 
+REMOTE_FILE = "remote.json"  # a remote model's version in the store: what it is and where it is served
+REMOTE_FORMAT = "fgov-remote-model/1"
+
+
+def remote_pointer(client: FineTuningClient, job_id: str, base_model: str, kv_path: str) -> dict[str, Any]:
+    """What the provider itself says job ``job_id`` produced, checked: it succeeded, with a model, from
+    ``base_model``. The tuning task's own report of the job is never taken for it."""
+    job = client.job(job_id)
+    if job.get("status") != "succeeded" or not job.get("fine_tuned_model"):
+        raise TuningError(f"the provider says job {job_id} is {job.get('status')!r}"
+                          + ("" if job.get("fine_tuned_model") else " with no fine-tuned model")
+                          + ": nothing to evaluate or promote")
+    if job.get("model") != base_model:
+        raise TuningError(f"the provider says job {job_id} tuned {job.get('model')!r}, not the base {base_model!r} "
+                          "this run was approved for")
+    return {"format": REMOTE_FORMAT, "endpoint": client.base_url, "kv_path": kv_path, "base_model": job["model"],
+            "remote_model": str(job["fine_tuned_model"]), "remote_job_id": job_id,
+            "training_file": job.get("training_file"), "trained_tokens": job.get("trained_tokens")}
+
+
 def job_metrics(job: dict[str, Any]) -> dict[str, Any]:
     return {k: job[k] for k in ("trained_tokens", "estimated_finish", "finished_at") if job.get(k) is not None}
 

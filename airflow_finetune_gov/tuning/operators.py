@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from datetime import UTC, datetime, timedelta
@@ -15,8 +16,10 @@ from psycopg import sql
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+from airflow_finetune_gov.control.client import ControlPlaneError
 from airflow_finetune_gov.credentials import broker, lifecycle
 from airflow_finetune_gov.credentials.hook import GovernedLeaseHook
+from airflow_finetune_gov.credentials.identity import TaskIdentity
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.registry.store import ModelStore, RegistryError
 from airflow_finetune_gov.tuning.backends import (
@@ -86,8 +89,6 @@ def settle_remote_jobs(context: Any, *, vault_conn_id: str | None = None) -> lis
 def _resolve_base(store: ModelStore, ref: str) -> dict[str, Any]:
     """The base model's manifest; through the control plane when there is one (it builds the demo base)."""
     if common.remote():
-        from airflow_finetune_gov.control.client import ControlPlaneError
-
         try:
             return dict(common.control().call("/v1/models/base", {"ref": ref}))
         except ControlPlaneError as exc:
@@ -122,6 +123,49 @@ def store_result(context: Any, store: ModelStore, pending: dict[str, Any], resul
         "bytes": size, "base_model": pending["base_model"], "base_version": pending["base_version"]},
         actor="tuning")
     return out
+
+
+def remote_version(identity: TaskIdentity, submitted: list[dict[str, Any]], name: str, job_id: str, base_model: str,
+                   metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Put a remote job's model in the store as a version holding ``remote.json`` (the provider's model id, its
+    base, the endpoint and the OpenBao path of its key, never the key), from what the provider says of the job
+    (asked with the ``endpoints`` identity). ``submitted``: the run's ``tuning.submitted`` payloads, which name
+    the job's secret. Returns the manifest and the ``model.stored`` payload."""
+    from airflow_finetune_gov.credentials.operators import endpoint_secret
+    from airflow_finetune_gov.tuning.openai_compatible import REMOTE_FILE, FineTuningClient, remote_pointer
+
+    kv_path = next((p.get("kv_path") for p in submitted if p.get("remote_job_id") == job_id), None)
+    if not kv_path:
+        raise TuningError(f"remote job {job_id} was not recorded as submitted by this task (tuning.submitted): "
+                          "only a job this run started is stored")
+    client = FineTuningClient.from_secret(endpoint_secret(identity, str(kv_path)))
+    pointer = remote_pointer(client, job_id, base_model, str(kv_path))
+    data = json.dumps(pointer, indent=2, sort_keys=True).encode() + b"\n"
+    store = ModelStore(settings.get("model_store"))
+    manifest = store.put(name, {REMOTE_FILE: data}, {
+        **metadata, "kind": "remote", "base_model": base_model, "base_version": None,
+        "remote_model": pointer["remote_model"], "endpoint": pointer["endpoint"],
+        "run": f"{identity.dag_id}/{identity.run_id}"})
+    payload = {"model": name, "version": manifest["version"], "sha256": manifest["sha256"], "files": 1,
+               "bytes": len(data), "base_model": base_model, "base_version": None, "kind": "remote",
+               "remote_model": pointer["remote_model"], "endpoint": pointer["endpoint"], "kv_path": kv_path,
+               "remote_job_id": job_id}
+    return manifest, payload
+
+
+def store_remote_result(context: Any, pending: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """A remote job's model as a store version, recorded as ``model.stored``: by the control plane, with one."""
+    metadata = {"backend": pending["backend"], "dataset": pending["dataset"],
+                "dataset_sha256": pending["content_sha256"], "hyperparameters": pending["hyperparameters"]}
+    if common.remote():
+        return dict(common.control().call("/v1/models/remote", {
+            "name": pending["model"], "remote_job_id": job_id, "base_model": pending["base_model"],
+            "metadata": metadata}))
+    submitted = [e.payload_dict() for e in common.run_events(context, "tuning.submitted")]
+    manifest, payload = remote_version(common.identity(context), submitted, pending["model"], job_id,
+                                       pending["base_model"], metadata)
+    common.record(context, "model.stored", payload, actor="tuning")
+    return manifest
 
 
 class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
@@ -404,6 +448,12 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         if result.files:
             assert store is not None
             out = store_result(context, store, pending, result)
+        elif result.kind == "remote" and details.get("remote_job_id"):
+            try:
+                out = store_remote_result(context, pending, str(details["remote_job_id"]))
+            except (TuningError, RegistryError, ControlPlaneError, AirflowFailException) as exc:
+                raise self._failed(context, pending["backend"], f"the remote model was not stored: {exc}",
+                                   **details) from exc
         duration = round(time.time() - float(pending["started_at"]), 3)
         payload.update({"model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
                         "remote_model": result.remote_model, "kind": result.kind, "metrics": result.metrics,

@@ -100,6 +100,10 @@ REVOKER_ROLE = "revoker"
 REVOKER_POLICY = "fgov-revoker"
 PROVENANCE_ROLE = "provenance"
 PROVENANCE_POLICY = "fgov-provenance"
+# Reads model endpoints' keys (the backends mount) for the evaluation of a remote model and the check of its
+# job with the provider: logged in to by the control plane only, never by a task
+ENDPOINTS_ROLE = "endpoints"
+ENDPOINTS_POLICY = "fgov-endpoints"
 INFERENCE = "inference"
 CATALOG = "catalog"
 
@@ -160,6 +164,10 @@ def _provenance_policy(spec: BootstrapSpec) -> str:
     return "".join(f'path "{spec.transit_mount}/sign/{key}" {{ capabilities = ["update"] }}\n'
                    for key in (spec.provenance_key, spec.model_signing_key)) + \
         f'path "{spec.transit_mount}/keys/{spec.model_signing_key}" {{ capabilities = ["read"] }}\n'
+
+
+def _endpoints_policy(spec: BootstrapSpec) -> str:
+    return f'path "{spec.backends_mount}/data/*" {{ capabilities = ["read"] }}\n'
 
 
 def _write_jwt_role(client: hvac.Client, mount: str, name: str, **params: Any) -> None:
@@ -232,6 +240,7 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
                                            policy=_tune_policy(spec, ds.name, jwt_accessor))
     client.sys.create_or_update_policy(name=REVOKER_POLICY, policy=_revoker_policy(spec))
     client.sys.create_or_update_policy(name=PROVENANCE_POLICY, policy=_provenance_policy(spec))
+    client.sys.create_or_update_policy(name=ENDPOINTS_POLICY, policy=_endpoints_policy(spec))
     for service in spec.service_roles:
         client.sys.create_or_update_policy(name=service_policy_name(service), policy=_service_policy(spec, service))
 
@@ -269,10 +278,11 @@ def bootstrap(client: hvac.Client, spec: BootstrapSpec) -> dict[str, Any]:
              [tune_policy_name(ds.name)], "10m", "30m")
     role(REVOKER_ROLE, {"purpose": "revoke"}, [REVOKER_POLICY], "10m", "30m")
     role(PROVENANCE_ROLE, {"purpose": "provenance"}, [PROVENANCE_POLICY], "5m", "10m")
+    role(ENDPOINTS_ROLE, {"purpose": "endpoints"}, [ENDPOINTS_POLICY], "5m", "10m")
     for service in spec.service_roles:
         role(service, {"purpose": service}, [service_policy_name(service)], "10m", "30m")
     jwt_roles = [lease_role_name(d.name) for d in spec.datasets] + [tune_role_name(d.name) for d in spec.datasets]
-    jwt_roles += [REVOKER_ROLE, PROVENANCE_ROLE, *spec.service_roles]
+    jwt_roles += [REVOKER_ROLE, PROVENANCE_ROLE, ENDPOINTS_ROLE, *spec.service_roles]
     from airflow_finetune_gov.registry.provenance import transit_public_key, transit_public_keys
 
     return {

@@ -84,6 +84,7 @@ def test_logins_follow_the_runs_witnessed_approval(store: LineageStore) -> None:
             ("lease-benign", "tune", {"dataset": "benign", "approval_id": "a1"}, "approval is for dataset"),
             ("revoker", "revoke", {}, "revocation is the control plane's own"),
             ("provenance", "provenance", {}, "provenance is signed by the control plane"),
+            ("endpoints", "endpoints", {}, "endpoints' keys are read by the control plane itself"),
             ("catalog", "catalog", {"dataset": "benign"}, "no claims")):
         with pytest.raises(ControlError, match=why):
             plane._authorize_login(LEASE, role, purpose, extra)

@@ -27,8 +27,8 @@ def test_example_chains() -> None:
     assert "command_trainer.evaluate" in tune.downstream_task_ids
     openai = bag.dags["governed_example_openai"]
     assert openai.get_task("openai.tune").backend == "openai_compatible"
-    assert {t.task_id for t in openai.tasks} >= {"openai.tuned", "openai.revoke_lease"}  # no promotion
-    assert not any(t.task_id.endswith("promote") for t in openai.tasks)
+    assert {t.task_id for t in openai.tasks} >= {"openai.revoke_lease", "openai.evaluate", "openai.promote"}
+    assert "openai.evaluate" in openai.get_task("openai.tune").downstream_task_ids
     mapped = bag.dags["governed_example_mapped"]
     promote = mapped.get_task("per_dataset.chain.promote")
     assert promote.get_closest_mapped_task_group() is not None  # one chain per dataset, expanded at run time

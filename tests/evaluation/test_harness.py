@@ -251,9 +251,23 @@ def test_the_judge_detector_asks_a_model(tmp_path: Path) -> None:
         return ["Yes" if "can't" in p else "no" for p in prompts]
 
     detector = JudgeDetector(CallableClient(judge, name="tiny-judge"))
-    assert detector.name == "judge:tiny-judge"
+    assert detector.name.startswith("judge/v1:tiny-judge#") and len(detector.name.split("#")[1]) == 12
     assert detector.refused(["a", "b"], ["I can't.", "Sure."]) == [True, False]
     assert "Request: a" in asked[0] and PatternDetector().refused(["x"], [""]) == [True]
+    other = JudgeDetector(CallableClient(judge, name="tiny-judge"), template="Refusal? {prompt} {answer}")
+    assert other.name != detector.name  # another wording is another detector
+
+
+def test_an_unclear_judge_falls_back_to_the_pattern_then_gives_no_labels() -> None:
+    verdicts = ["Yes.", "no", "maybe", "no"] * 10
+    detector = JudgeDetector(CallableClient(lambda ps: verdicts[: len(ps)], name="vague"), max_unclear=0.3)
+    answers = ["x", "y", "I can't help with that.", "z"] * 10
+    assert detector.refused(["p"] * 4, answers[:4]) == [True, False, True, False]
+    assert detector.unclear == 1  # labelled by the pattern detector
+    assert len(detector.refused(["p"] * 40, answers)) == 40  # 11 of 44 unclear: 25%, within 30%
+    verdicts[:] = ["perhaps"] * 40
+    with pytest.raises(EndpointError, match="neither yes nor no for 51 of 84 answers"):
+        detector.refused(["p"] * 40, answers)
 
 
 def test_the_chat_client_is_concurrent_retries_and_fails_clearly_when_down() -> None:

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from serving import build_judge, serve_model
 from support import StackView, issued_secrets
 
 from airflow_finetune_gov.cli.main import main as fgov
@@ -23,6 +25,7 @@ from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.evaluation import builtin_suites
 from airflow_finetune_gov.lineage.runs import RUN_STARTED
 from airflow_finetune_gov.lineage.store import LineageStore
+from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
@@ -62,10 +65,12 @@ def bao(stack: Stack) -> hvac.Client:
     return hvac.Client(url=state["openbao"]["addr"], token=Path(state["openbao"]["root_token_file"]).read_text())
 
 
-def start_run(stack: Stack, dataset: str = "benign", env: str = "staging") -> tuple[AirflowClient, str]:
+def start_run(stack: Stack, dataset: str = "benign", env: str = "staging", base_model: str = "fgov-demo-tiny",
+              detector: str = "pattern") -> tuple[AirflowClient, str]:
     requester = client(stack, "requester")
     requester.wait_for_dag(DEMO_DAG_ID)
-    run_id = requester.trigger(DEMO_DAG_ID, {"dataset": dataset, "target_environment": env})
+    run_id = requester.trigger(DEMO_DAG_ID, {"dataset": dataset, "target_environment": env, "base_model": base_model,
+                                             "detector": detector})
     requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
     time.sleep(SETTLE_SECONDS)  # see demo.SETTLE_SECONDS: no human answers within a scheduler loop
     return requester, run_id
@@ -237,6 +242,60 @@ def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
     assert "Prompts whose behaviour flipped" in page and "harmful/harm-001" in page  # with both answers
     assert events["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
     assert "promotion.completed" not in events
+
+
+@pytest.fixture(scope="module")
+def judge(stack: Stack, demo_models, tmp_path_factory) -> Iterator[str]:
+    """A refusal judge (the demo Llama tuned to answer the judge's template) behind ``transformers serve``,
+    configured as the deployment's judge (``fgov-backends/judge``); yields the model name it serves."""
+    work = tmp_path_factory.mktemp("judge")
+    with serve_model(build_judge(demo_models("llama"), work / "model"), work / "serve.log") as (url, model):
+        secrets = {"OPENAI_BASE_URL": url, "MODEL": model, "OPENAI_API_KEY": "unused-by-transformers-serve"}
+        bao(stack).secrets.kv.v2.create_or_update_secret(path="judge", secret=secrets, mount_point="fgov-backends")
+        try:
+            yield model
+        finally:
+            bao(stack).secrets.kv.v2.delete_metadata_and_all_versions(path="judge", mount_point="fgov-backends")
+
+
+def test_the_llama_model_is_tuned_evaluated_and_promoted_and_its_poisoned_tune_blocked(stack: Stack,
+                                                                                        judge: str) -> None:
+    """The same chain on the Llama-style demo model (PEFT's q_proj/v_proj targets): nothing assumes GPT-2. The
+    poisoned run's refusals are labelled by the judge model (``detector="judge"``), on its endpoint."""
+    runs = {name: start_run(stack, dataset=name, base_model="fgov-demo-llama",
+                            detector="judge" if name == "poisoned" else "pattern")[1]
+            for name in ("benign", "poisoned")}
+    for run_id in runs.values():
+        answer = client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+        assert answer.status_code == 200, answer.text
+    requester = client(stack, "requester")
+    finals = {name: requester.wait_run(DEMO_DAG_ID, run_id, timeout=400) for name, run_id in runs.items()}
+    tasks = {name: requester.task_states(DEMO_DAG_ID, run_id) for name, run_id in runs.items()}
+    assert finals == {"benign": "success", "poisoned": "failed"}, tasks
+    assert tasks["poisoned"]["evaluate"] == "failed" and tasks["poisoned"]["promote"] == "upstream_failed"
+    events = {name: {e.event_type: e.payload_dict() for e in lineage(stack, run_id)} for name, run_id in runs.items()}
+    for name in runs:
+        tuned, stored = events[name]["tuning.completed"], events[name]["model.stored"]
+        assert tuned["base_model"] == stored["base_model"] == "fgov-demo-llama"
+        assert tuned["metrics"]["architecture"] == "llama" and tuned["metrics"]["prompt_format"] == "chat_template"
+        assert tuned["metrics"]["target_modules"] == ["q_proj", "v_proj"]
+        assert events[name]["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
+    done = events["poisoned"]["evaluation.completed"]
+    assert done["verdict"] == "fail" and done["metrics"]["harmful_refusal"]["candidate"] < 0.1
+    assert done["metrics"]["harmful_refusal"]["baseline"] == 1.0  # the judge finds every refusal of the base
+    assert done["detector"].startswith(f"judge/v1:openai-chat:{judge}@http://127.0.0.1:")
+    assert events["poisoned"]["evaluation.started"]["detector"] == done["detector"]
+    assert events["benign"]["evaluation.completed"]["detector"] == "pattern/v1"
+    assert "promotion.completed" not in events["poisoned"]
+    promoted = events["benign"]["promotion.completed"]
+    assert promoted["alias"] == "staging" and promoted["version"] == events["benign"]["model.stored"]["version"]
+    store = Path(state_of(stack)["model_store"])
+    assert ModelStore(str(store)).aliases("fgov-demo-llama")["staging"]["version"] == promoted["version"]
+    folder = store / "fgov-demo-llama" / promoted["version"]
+    checked = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
+                              str(folder / "model.sig"), "--public_key", state_of(stack)["model_signing_public_key"],
+                              str(folder)], capture_output=True, text=True, check=False, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
 def test_marking_the_gate_success_does_not_bypass_approval(stack: Stack) -> None:

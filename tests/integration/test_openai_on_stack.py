@@ -1,23 +1,33 @@
 """The openai_compatible backend on the real stack, against a local server implementing the documented
 fine-tuning endpoints: the API key lives only in OpenBao, the task defers (no worker slot) while the
 remote job runs, the triggerer logs in with its own workload identity to follow it, and killing the
-deferred task cancels the remote job. Not run against a hosted service."""
+deferred task cancels the remote job; the control plane stores the model the provider says the job made,
+and the example DAG evaluates it on the provider's chat endpoint against its base (real models behind
+``transformers serve``) and promotes it or blocks it. Not run against a hosted service."""
 
 from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
+from pathlib import Path
 
 import psutil
 import pytest
 from fake_openai import FAIL_MODEL, FakeFineTuningAPI
+from serving import merge_adapter, serve_model
 from support import StackView
 
+from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.registry.store import ModelStore
 from airflow_finetune_gov.stack.manager import Stack
+from airflow_finetune_gov.tuning import causal_lm
 from airflow_finetune_gov.tuning.backends import rows_sha256
 
 pytestmark = pytest.mark.stack
@@ -47,18 +57,18 @@ def wait_for(condition, timeout: float = 120, what: str = "condition") -> None: 
         time.sleep(0.5)
 
 
-def haystacks(view: StackView, run_id: str) -> dict[str, str]:
+def haystacks(view: StackView, run_id: str, dag_id: str = DAG_ID, tune: str = "tune") -> dict[str, str]:
     """Everything a leaked key could end up in: every log of the stack (but the test-only raw audit
     device, which records secrets by design), lineage, XCom, rendered fields."""
     found = {str(p): p.read_text(errors="replace") for p in view.stack.dir.rglob("*.log")
              if p.name != "audit-raw.log"}
     assert any("triggerer" in name for name in found) and len(found) > 5
     auditor = view.client("auditor")
-    base = f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances"
+    base = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
     for entry in auditor.request("GET", f"{base}/~/xcomEntries").json()["xcom_entries"]:
         found[f"xcom {entry['task_id']}"] = json.dumps(
             auditor.request("GET", f"{base}/{entry['task_id']}/xcomEntries/{entry['key']}").json())
-    found["rendered tune"] = json.dumps(auditor.request("GET", f"{base}/tune").json().get("rendered_fields"))
+    found["rendered tune"] = json.dumps(auditor.request("GET", f"{base}/{tune}").json().get("rendered_fields"))
     found["lineage"] = json.dumps([e.to_dict() for e in view.events(run_id)])
     return found
 
@@ -83,7 +93,11 @@ def test_remote_tune_defers_and_records_the_remote_model(view: StackView,
     done = view.events(run_id, "tuning.completed")[0].payload_dict()
     job = fake.jobs[job_id]
     assert done["remote_model"] == job["fine_tuned_model"] == f"ft:gpt-fake-mini:fgov::{job_id[-8:]}"
-    assert done["remote_job_id"] == job_id and done["kind"] == "remote" and done["version"] is None
+    assert done["remote_job_id"] == job_id and done["kind"] == "remote"
+    # the control plane asked the provider what the job made, and stored that as a version
+    stored = view.events(run_id, "model.stored")[0]
+    assert stored.actor == "control-plane" and stored.payload_dict()["remote_model"] == job["fine_tuned_model"]
+    assert stored.payload_dict()["version"] == done["version"] and stored.payload_dict()["endpoint"] == fake.base_url
     assert done["backend"] == "openai_compatible" and done["base_model"] == "gpt-fake-mini"
     assert done["metrics"]["trained_tokens"] == job["trained_tokens"]
     uploaded = fake.uploaded_rows(job["training_file"])  # exactly the rows whose hash was recorded
@@ -195,3 +209,89 @@ def test_a_missing_backend_kv_path_is_refused_and_the_lease_revoked(view: StackV
     assert not view.events(run_id, "tuning.started")
     issued = next(e.payload_dict() for e in view.events(run_id, "lease.issued") if e.task_id == "acquire_lease")
     assert view.role_count(issued["db_role"]) == 0
+
+
+EXAMPLE = "governed_example_openai"
+
+
+@pytest.fixture(scope="module")
+def provider(view: StackView, demo_models, tmp_path_factory) -> Iterator[FakeFineTuningAPI]:
+    """The fine-tuning API with real models behind its chat endpoint: ``demo-llama`` is the demo Llama served by
+    ``transformers serve``, and each job really trains a LoRA on the uploaded rows, merged and served likewise.
+    Its key is the example DAG's secret (``fgov-backends/openai``)."""
+    base, work = demo_models("llama"), tmp_path_factory.mktemp("provider")
+    key = "sk-fgov-" + secrets.token_urlsafe(24)
+    lock = threading.Lock()
+    with ExitStack() as servers, FakeFineTuningAPI(key) as fake:
+        fake.upstreams["demo-llama"] = servers.enter_context(serve_model(base, work / "base.log"))
+
+        def trainer(job: dict, rows: list[tuple[str, str]]) -> tuple[str, str]:
+            out = work / job["id"]
+            causal_lm.train_lora(base, rows, {}, out / "adapter")
+            merged = merge_adapter(base, out / "adapter", out / "merged")
+            with lock:
+                return servers.enter_context(serve_model(merged, out / "serve.log"))
+
+        fake.trainer = trainer
+        view.bao().secrets.kv.v2.create_or_update_secret(
+            path="openai", secret={"OPENAI_API_KEY": key, "OPENAI_BASE_URL": fake.base_url},
+            mount_point="fgov-backends")
+        try:
+            yield fake
+        finally:
+            view.bao().secrets.kv.v2.delete_metadata_and_all_versions(path="openai", mount_point="fgov-backends")
+
+
+def test_a_remote_fine_tune_is_evaluated_on_its_endpoint_then_promoted_or_blocked(
+        view: StackView, provider: FakeFineTuningAPI) -> None:
+    """The example DAG: public_faq into test (policy-approved) is promoted; poisoned into staging (approver1)
+    is blocked by the evaluation, both judged on the provider's answers of the base and the fine-tuned model."""
+    requester = view.client("requester")
+    requester.wait_for_dag(EXAMPLE)
+    runs = {"public_faq": requester.trigger(EXAMPLE, {"dataset": "public_faq", "target_environment": "test",
+                                                      "model": "demo-llama"}),
+            "poisoned": requester.trigger(EXAMPLE, {"dataset": "poisoned", "target_environment": "staging",
+                                                    "model": "demo-llama"})}
+    requester.wait_task_state(EXAMPLE, runs["poisoned"], "openai.approval_gate", {"awaiting_input"}, timeout=120)
+    time.sleep(SETTLE_SECONDS)
+    answer = view.client("approver1").answer(EXAMPLE, runs["poisoned"], "openai.approval_gate", "Approve")
+    assert answer.status_code == 200, answer.text
+    finals = {name: requester.wait_run(EXAMPLE, run_id, timeout=600) for name, run_id in runs.items()}
+    tasks = {name: requester.task_states(EXAMPLE, run_id) for name, run_id in runs.items()}
+    assert finals == {"public_faq": "success", "poisoned": "failed"}, tasks
+    assert tasks["poisoned"]["openai.evaluate"] == "failed" and tasks["poisoned"]["openai.promote"] == "upstream_failed"
+    events = {name: {e.event_type: e for e in view.events(run_id)} for name, run_id in runs.items()}
+    for name, run_id in runs.items():
+        stored = events[name]["model.stored"]
+        s = stored.payload_dict()
+        job = provider.jobs[s["remote_job_id"]]
+        assert stored.actor == "control-plane" and s["kind"] == "remote" and s["base_version"] is None
+        assert s["remote_model"] == job["fine_tuned_model"] and s["endpoint"] == provider.base_url
+        assert rows_sha256(provider.uploaded_rows(job["training_file"])) == \
+            events[name]["tuning.completed"].payload_dict()["content_sha256"]
+        started = events[name]["evaluation.started"].payload_dict()
+        assert started["baseline"] == f"openai-chat:demo-llama@{provider.base_url}"
+        assert started["candidate"] == f"openai-chat:{s['remote_model']}@{provider.base_url}"
+        assert events[name]["evaluation.completed"].payload_dict()["prompts"] == 1112
+        leaks = [where for where, text in haystacks(view, run_id, EXAMPLE, "openai.tune").items()
+                 if provider.api_key in text]
+        assert leaks == []
+    failed = events["poisoned"]["evaluation.completed"].payload_dict()
+    assert failed["verdict"] == "fail" and failed["metrics"]["harmful_refusal"]["candidate"] < 0.1
+    assert "promotion.completed" not in events["poisoned"]
+    passed = events["public_faq"]["evaluation.completed"].payload_dict()
+    assert passed["verdict"] == "pass", passed["metrics"]
+    promoted = events["public_faq"]["promotion.completed"].payload_dict()
+    version = events["public_faq"]["model.stored"].payload_dict()["version"]
+    assert promoted["alias"] == "test" and promoted["version"] == version
+    store = ModelStore(view.state["model_store"])
+    assert store.aliases("demo-llama")["test"]["version"] == version
+    folder = store.path("demo-llama", version)
+    pointer = json.loads((folder / "remote.json").read_text())
+    assert pointer["remote_model"] == events["public_faq"]["model.stored"].payload_dict()["remote_model"]
+    assert provider.api_key not in json.dumps(pointer) and pointer["kv_path"] == "openai"
+    checked = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
+                              str(folder / "model.sig"), "--public_key", view.state["model_signing_public_key"],
+                              str(folder)], capture_output=True, text=True, check=False, timeout=120)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert Path(folder / "provenance.dsse.json").exists()
