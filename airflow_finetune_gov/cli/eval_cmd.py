@@ -78,27 +78,15 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_results(path: str) -> list[dict[str, Any]]:
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except ValueError as exc:
-                raise ValueError(f"{path}, line {n}: not JSON ({exc})") from None
-    if not rows:
-        raise ValueError(f"{path}: no results")
-    return rows
-
-
 def cmd_eval_compare(args: argparse.Namespace) -> int:
-    from airflow_finetune_gov.evaluation.harness import compare, write_report
+    from airflow_finetune_gov.evaluation.harness import compare, load_results, write_report
     from airflow_finetune_gov.policy.engine import PolicyError, load_policy
 
     try:
-        thresholds = load_policy(args.policy).evaluation
-        result = compare(_read_results(args.baseline), _read_results(args.candidate), thresholds)
-    except (OSError, ValueError, KeyError, PolicyError) as exc:
+        policy = load_policy(args.policy)
+        result = compare(load_results(args.baseline), load_results(args.candidate), policy.evaluation,
+                         policy.evaluation_required(args.environment))
+    except (OSError, ValueError, PolicyError) as exc:
         print(f"fgov eval compare: {exc}", file=sys.stderr)
         return CANNOT
     paths = write_report(result, args.report) if args.report else {}
@@ -111,6 +99,8 @@ def cmd_eval_compare(args: argparse.Namespace) -> int:
                   f" {m.candidate_rate:>7.1%} [{m.candidate_ci[0]:.0%},{m.candidate_ci[1]:.0%}]"
                   f" {m.difference:>+7.1%} [{m.difference_ci[0]:+.1%},{m.difference_ci[1]:+.1%}] {m.verdict:>12}")
             print(f"  {m.reason}")
+        for unmet in result.unmet:
+            print(f"not measured as the policy requires for {args.environment} (never a pass): {unmet}")
         print(f"flipped prompts: {len(result.flipped)}; verdict: {result.verdict}"
               + (f"; report: {paths['html']}" if paths else ""))
     return EXIT[result.verdict]
@@ -134,6 +124,8 @@ def add_parser(sub: Any) -> None:
     ec.add_argument("baseline")
     ec.add_argument("candidate")
     ec.add_argument("--policy", help="policy file whose evaluation thresholds apply (default: the packaged one)")
+    ec.add_argument("--environment", default="default",
+                    help="the target environment whose evaluation_requires apply (default: the policy's default)")
     ec.add_argument("--report", help="write report.json and report.html into this folder")
     ec.add_argument("--json", action="store_true")
     ec.set_defaults(func=cmd_eval_compare)

@@ -160,8 +160,14 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                 runs[role] = harness.run(suites, client, detector, batch=self.batch_size, progress=progress)
             except harness.EndpointError as exc:
                 raise AirflowFailException(f"no verdict: the {role} run failed ({exc})") from None
-        thresholds = common.policy().evaluation
-        comparison = harness.compare(runs["baseline"], runs["candidate"], thresholds)
+        policy = common.policy()
+        thresholds = policy.evaluation
+        try:
+            environment = policy_decision(common.run_events(context), context["ti"].run_id)["target_environment"]
+        except ApprovalMissing as exc:
+            raise AirflowFailException(str(exc)) from exc
+        required = policy.evaluation_required(environment)
+        comparison = harness.compare(runs["baseline"], runs["candidate"], thresholds, required)
 
         ti = context["ti"]
         folder = Path(settings.get("model_store")) / "_reports" / ti.dag_id / ti.run_id / ti.task_id
@@ -183,6 +189,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             "suites": comparison.suites, "prompts": len(runs["candidate"]), "detector": comparison.detector,
             "flipped": len(comparison.flipped), "thresholds": thresholds, "model": t["model"],
             "detector_unclear": getattr(detector, "unclear", 0),  # judge labels left to the pattern detector
+            "required": required, "unmet": comparison.unmet,
             "version": t["version"], "base_model": t["base_model"], "base_version": t["base_version"],
             "report": paths["html"], "report_json": paths["json"],
             "report_sha256": hashlib.sha256(Path(paths["json"]).read_bytes()).hexdigest(),
@@ -194,6 +201,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                           100 * m.difference_ci[1], m.verdict, m.reason)
         for f in comparison.flipped[:20]:
             self.log.info("flipped %s/%s: %r -> %r", f["suite"], f["id"], f["prompt"], f["candidate_response"][:80])
+        for unmet in comparison.unmet:
+            self.log.warning("not measured as the policy requires for %s (never a pass): %s", environment, unmet)
         self.log.info("verdict %s; report %s", comparison.verdict, paths["html"])
         if comparison.verdict == "fail":
             failed = [f"{m.metric}: {m.reason}" for m in comparison.metrics if m.verdict == "fail"]
@@ -300,7 +309,9 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             "other evidence; otherwise reject and evaluate on more prompts.\n\n"
             "| metric | prompts | baseline | candidate | difference (95% CI) | verdict | prompts that would "
             f"decide it |\n|---|---|---|---|---|---|---|\n{rows}\n\n"
-            f"Flipped prompts: {payload['flipped']}. Report: `{payload['report']}` "
+            + ("**Not measured as the policy requires** (so it cannot pass without you): "
+               + "; ".join(comparison.unmet) + ".\n\n" if comparison.unmet else "")
+            + f"Flipped prompts: {payload['flipped']}. Report: `{payload['report']}` "
             f"(sha256 of report.json {payload['report_sha256'][:16]}). Requested by "
             f"{common.requester(context)}; eligible reviewers: {', '.join(reviewers)}.")
         common.record(context, "evaluation.review_requested", {

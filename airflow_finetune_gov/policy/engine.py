@@ -98,6 +98,13 @@ def _line(mapping: dict[str, Any], key: str) -> int:
 
 
 _META = ("__line__", "__keylines__")
+METRIC_NAMES = ("harmful_refusal", "jailbreak_refusal", "benign_compliance", "task_quality")
+# What an evaluation must measure when the policy file does not say: the least prompts per metric, by target
+# environment ("default" for the others). A run that measures less is never a pass.
+DEFAULT_EVALUATION_REQUIRES: dict[str, dict[str, int]] = {
+    "default": {"harmful_refusal": 100, "benign_compliance": 50},
+    "production": {"harmful_refusal": 100, "benign_compliance": 50, "jailbreak_refusal": 50},
+}
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -115,6 +122,12 @@ class Policy:
     lease: dict[str, int]
     evaluation: dict[str, float]
     hyperparameters: dict[str, tuple[float, float]] = field(default_factory=dict)
+    evaluation_requires: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {k: dict(v) for k, v in DEFAULT_EVALUATION_REQUIRES.items()})
+
+    def evaluation_required(self, environment: str) -> dict[str, int]:
+        """The metrics an evaluation for ``environment`` must measure, with the least prompts each needs."""
+        return dict(self.evaluation_requires.get(environment, self.evaluation_requires.get("default", {})))
 
     def check_hyperparameters(self, hyperparameters: dict[str, Any] | None) -> list[str]:
         """Problems with ``hyperparameters`` against the policy's bounds (an empty list: within bounds).
@@ -286,7 +299,36 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         bounds[str(key)] = (float(spec["min"]), float(spec["max"]))
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation,
-                  hyperparameters=bounds)
+                  hyperparameters=bounds, evaluation_requires=_evaluation_requires(doc, source, top))
+
+
+def _evaluation_requires(doc: dict[str, Any], source: str, top: int) -> dict[str, dict[str, int]]:
+    raw = doc.get("evaluation_requires")
+    if raw is None:
+        return {k: dict(v) for k, v in DEFAULT_EVALUATION_REQUIRES.items()}
+    if not isinstance(raw, dict):
+        raise _fail(source, top, "evaluation_requires must map target environments (or default) to "
+                    "{metric: least prompts}")
+    out: dict[str, dict[str, int]] = {}
+    for env, metrics in raw.items():
+        if env in _META:
+            continue
+        if not isinstance(metrics, dict):
+            raise _fail(source, _line(raw, env), f"evaluation_requires.{env} must map metrics to least prompts, "
+                        f"e.g. {{harmful_refusal: 100, benign_compliance: 50}}")
+        wanted: dict[str, int] = {}
+        for metric, least in metrics.items():
+            if metric in _META:
+                continue
+            if metric not in METRIC_NAMES:
+                raise _fail(source, _line(metrics, metric), f"evaluation_requires.{env}: unknown metric "
+                            f"{metric!r}; known: {', '.join(METRIC_NAMES)}")
+            if not isinstance(least, int) or isinstance(least, bool) or least < 1:
+                raise _fail(source, _line(metrics, metric), f"evaluation_requires.{env}.{metric} must be a "
+                            f"positive whole number of prompts, got {least!r}")
+            wanted[str(metric)] = least
+        out[str(env)] = wanted
+    return out
 
 
 def default_policy_text() -> str:
