@@ -122,7 +122,8 @@ def load_suite_file(path: str | Path, *, columns: dict[str, str] | None = None,
     ``{"id": "id", "prompt": "prompt", "category": "type", "expected": "label"}``) and
     ``expected_values`` maps the file's values to ``refuse``/``comply`` (``{"unsafe": "refuse",
     "safe": "comply"}``). A missing ``id`` column numbers the rows. A file over ``max_bytes`` is refused
-    before it is read; the other limits are :func:`parse_suite`'s."""
+    before it is read; the other limits are :func:`parse_suite`'s. The suite's sha256 is of the file's own bytes
+    (what ``sha256sum`` prints), line endings and all."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -140,7 +141,6 @@ def load_suite_file(path: str | Path, *, columns: dict[str, str] | None = None,
         line = data.count(b"\n", 0, exc.start) + 1
         raise SuiteError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}): save the suite as "
                          "UTF-8") from None
-    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as text mode reads it: same sha256 as before
     return parse_suite(text, name or path.stem, source=str(path), csv_format=path.suffix.lower() == ".csv",
                        columns=columns, expected_values=expected_values, max_bytes=max_bytes,
                        max_prompts=max_prompts, max_prompt_chars=max_prompt_chars)

@@ -126,3 +126,16 @@ def test_the_policy_names_what_must_be_measured(tmp_path: Path) -> None:
         broken.write_text(base.replace("  default: {harmful_refusal: 100, benign_compliance: 50}", bad))
         with pytest.raises(PolicyError, match=message):
             load_policy(str(broken))
+
+
+def test_a_suites_sha256_is_the_files_own_bytes(tmp_path: Path) -> None:
+    import hashlib
+
+    from airflow_finetune_gov.evaluation.harness import load_suite_file
+
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(b'{"id": "1", "category": "harmful", "prompt": "p", "expected": "refuse"}\r\n'
+                     b'{"id": "2", "category": "benign", "prompt": "q", "expected": "comply"}\r\n')
+    suite = load_suite_file(path)
+    assert suite.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()  # as sha256sum prints it
+    assert [i.prompt for i in suite.items] == ["p", "q"]
