@@ -43,7 +43,15 @@ def client_from_spec(spec: str, api_key_env: str = "OPENAI_API_KEY", concurrency
 
 
 def _pairs(text: str | None) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in text.split(",")) if text else {}
+    """``a=b,c=d`` as a dict; anything else is an error that shows the form."""
+    pairs = {}
+    for kv in (text or "").split(","):
+        if kv:
+            key, sep, value = kv.partition("=")
+            if not sep or not key:
+                raise ValueError(f"{kv!r} is not field=value (give pairs as a=b,c=d)")
+            pairs[key] = value
+    return pairs
 
 
 def cmd_eval_run(args: argparse.Namespace) -> int:
@@ -65,7 +73,9 @@ def cmd_eval_run(args: argparse.Namespace) -> int:
                 suites += builtin_suites.load(names.split(",") if names else builtin_suites.SUITES)
             else:
                 suites.append(load_suite_file(p, columns=_pairs(args.columns),
-                                              expected_values=_pairs(args.expected_values), **limits))
+                                              expected_values=_pairs(args.expected_values),
+                                              category_values=_pairs(args.category_values),
+                                              constants=_pairs(args.constants), **limits))
         client = client_from_spec(args.model, args.api_key_env, args.concurrency)
         rows = run(suites, client, progress=lambda line: print(line, file=sys.stderr))
     except (SuiteError, EndpointError, ValueError, ImportError, AttributeError) as exc:
@@ -117,6 +127,9 @@ def add_parser(sub: Any) -> None:
     er.add_argument("--out", required=True)
     er.add_argument("--columns", help="for other suite files: field=column,... e.g. expected=label,category=type")
     er.add_argument("--expected-values", help="label=refuse|comply,... e.g. unsafe=refuse,safe=comply")
+    er.add_argument("--category-values", help="theirs=ours,... e.g. DAN=jailbreak (only 'jailbreak' counts for "
+                                              "the jailbreak metric)")
+    er.add_argument("--constants", help="field=value,... for the whole file, e.g. expected=refuse,category=harmful")
     er.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     er.add_argument("--concurrency", type=int, default=8)
     er.set_defaults(func=cmd_eval_run)

@@ -116,12 +116,18 @@ class LoadedSuite:
 
 def load_suite_file(path: str | Path, *, columns: dict[str, str] | None = None,
                     expected_values: dict[str, str] | None = None, name: str | None = None,
+                    constants: dict[str, str] | None = None, category_values: dict[str, str] | None = None,
                     max_bytes: int = MAX_SUITE_BYTES, max_prompts: int = MAX_SUITE_PROMPTS,
                     max_prompt_chars: int = MAX_PROMPT_CHARS) -> LoadedSuite:
-    """Read a UTF-8 JSONL or CSV suite. ``columns`` maps our fields to the file's (e.g. XSTest's CSV:
+    """Read a UTF-8 suite: JSONL, CSV, a JSON array (``.json``: of objects, or of prompt strings) or plain
+    text (``.txt``: one prompt per line). ``columns`` maps our fields to the file's (e.g. XSTest's CSV:
     ``{"id": "id", "prompt": "prompt", "category": "type", "expected": "label"}``) and
     ``expected_values`` maps the file's values to ``refuse``/``comply`` (``{"unsafe": "refuse",
-    "safe": "comply"}``). A missing ``id`` column numbers the rows. A file over ``max_bytes`` is refused
+    "safe": "comply"}``); ``category_values`` maps its categories to ours (``{"DAN": "jailbreak"}``: only
+    the category ``jailbreak`` counts for the jailbreak metric); ``constants`` gives a field one value for
+    the whole file (``{"expected": "refuse", "category": "jailbreak"}``). A list-valued label (``["unsafe",
+    "violence"]``) counts by its first element that maps. A missing ``id`` column numbers the rows. A file
+    over ``max_bytes`` is refused
     before it is read; the other limits are :func:`parse_suite`'s. The suite's sha256 is of the file's own bytes
     (what ``sha256sum`` prints), line endings and all."""
     path = Path(path)
@@ -141,18 +147,32 @@ def load_suite_file(path: str | Path, *, columns: dict[str, str] | None = None,
         line = data.count(b"\n", 0, exc.start) + 1
         raise SuiteError(f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}): save the suite as "
                          "UTF-8") from None
-    return parse_suite(text, name or path.stem, source=str(path), csv_format=path.suffix.lower() == ".csv",
-                       columns=columns, expected_values=expected_values, max_bytes=max_bytes,
-                       max_prompts=max_prompts, max_prompt_chars=max_prompt_chars)
+    suffix = path.suffix.lower()
+    file_format = {".csv": "csv", ".json": "json", ".txt": "text"}.get(suffix, "jsonl")
+    return parse_suite(text, name or path.stem, source=str(path), file_format=file_format,
+                       columns=columns, expected_values=expected_values, constants=constants,
+                       category_values=category_values, max_bytes=max_bytes, max_prompts=max_prompts,
+                       max_prompt_chars=max_prompt_chars)
 
 
 def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: bool = False,
+                file_format: str | None = None,
                 columns: dict[str, str] | None = None, expected_values: dict[str, str] | None = None,
+                constants: dict[str, str] | None = None, category_values: dict[str, str] | None = None,
                 max_bytes: int = MAX_SUITE_BYTES, max_prompts: int = MAX_SUITE_PROMPTS,
                 max_prompt_chars: int = MAX_PROMPT_CHARS) -> LoadedSuite:
-    """Parse a suite's text (a file's, or a body held in ``evaluation.suites``); errors name ``source``
-    (default: the suite's name) and the line. Refused: over ``max_bytes`` (UTF-8), over ``max_prompts``
-    rows, or a field used (prompt, reference, ...) over ``max_prompt_chars`` characters."""
+    """Parse a suite's text (a file's, or a body held in ``evaluation.suites``): ``file_format`` ``jsonl``
+    (default), ``csv``, ``json`` or ``text``; the mappings as :func:`load_suite_file` says. Errors name
+    ``source`` (default: the suite's name) and the line, and a missing field the columns the file has.
+    Refused: over ``max_bytes`` (UTF-8), over ``max_prompts`` rows, or a field used (prompt, reference,
+    ...) over ``max_prompt_chars`` characters."""
+    file_format = file_format or ("csv" if csv_format else "jsonl")
+    if file_format not in ("jsonl", "csv", "json", "text"):
+        raise SuiteError(f"{source or name}: unknown suite format {file_format!r}; use jsonl, csv, json or text")
+    unknown = sorted(set(constants or {}) - {"id", "category", "prompt", "expected", "reference"})
+    if unknown:
+        raise SuiteError(f"{source or name}: constants for unknown field(s) {', '.join(unknown)}; the fields are "
+                         "id, category, prompt, expected, reference")
     path = source or name
     try:
         raw = text.encode()
@@ -164,7 +184,31 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
             "reference": "reference", **(columns or {})}
     rows: list[tuple[int, dict[str, Any]]] = []
     count = 0
-    if csv_format:
+    if file_format == "text":
+        for n, line in enumerate(_lines(text), 1):
+            if line.strip():
+                count += 1
+                if count <= max_prompts:
+                    rows.append((n, {cols["prompt"]: line.rstrip("\r\n")}))
+    elif file_format == "json":
+        try:
+            array = json.loads(text)
+        except ValueError as exc:
+            raise SuiteError(f"{path}, line {getattr(exc, 'lineno', '?')}: not JSON ({getattr(exc, 'msg', exc)})"
+                             ) from None
+        except RecursionError:
+            raise SuiteError(f"{path}: not JSON (nested too deeply)") from None
+        if not isinstance(array, list):
+            raise SuiteError(f"{path}: a .json suite is an array of objects or of prompt strings; for one object "
+                             "per line name it .jsonl")
+        count = len(array)
+        for n, item in enumerate(array[:max_prompts], 1):
+            if isinstance(item, str):
+                item = {cols["prompt"]: item}
+            if not isinstance(item, dict):
+                raise SuiteError(f"{path}, item {n}: expected a JSON object or a prompt string")
+            rows.append((n, item))
+    elif file_format == "csv":
         csv.field_size_limit(max(csv.field_size_limit(), max_bytes))  # then max_prompt_chars applies
         reader = csv.DictReader(_lines(text), strict=True)
         try:
@@ -193,13 +237,28 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
     if count > max_prompts:
         raise SuiteError(f"{path}: {count} prompts, over the limit of {max_prompts}: split the suite or raise "
                          "[finetune_gov] max_suite_prompts")
+    where = "item" if file_format == "json" else "line"
+    present = sorted({str(k) for _, row in rows for k in row})
+    for key, column in (columns or {}).items():  # a misspelt mapping is named, with what the file has
+        if rows and key not in (constants or {}) and not any(column in row for _, row in rows):
+            raise SuiteError(f"{path}: no column {column!r} (mapped to {key}) in any row; the columns are: "
+                             f"{', '.join(present) or 'none'}")
     items = []
     for n, row in rows:
-        def get(key: str, default: str | None = None, n: int = n, row: dict = row) -> str | None:
+        def get(key: str, default: str | None = None, n: int = n, row: dict = row,
+                values: dict[str, str] | None = None) -> str | None:
             value = row.get(cols[key])
+            if (value is None or value == "") and constants and key in constants:
+                value = constants[key]
+            if isinstance(value, list):  # a list-valued label: its first element that maps, else its first
+                known = [str(v) for v in value if values and str(v) in values]
+                value = known[0] if known else (value[0] if value else None)
             if value is None or value == "":
                 if default is None and key in ("prompt", "expected"):
-                    raise SuiteError(f"{path}, line {n}: no {key!r} (column {cols[key]!r})")
+                    hint = (f" (map it with columns={{{key!r}: <column>}}, or give constants={{{key!r}: ...}} "
+                            "for the whole file)")
+                    raise SuiteError(f"{path}, {where} {n}: no {key!r} (column {cols[key]!r}); the row has: "
+                                     f"{', '.join(sorted(map(str, row))) or 'nothing'}{hint}")
                 return default
             value = str(value)
             if len(value) > max_prompt_chars:
@@ -208,12 +267,14 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
                                  "max_prompt_chars")
             return value
 
-        expected = str(get("expected"))
+        expected = str(get("expected", values=expected_values))
         expected = (expected_values or {}).get(expected, expected)
         if expected not in EXPECTED:
-            raise SuiteError(f"{path}, line {n}: expected must be refuse or comply, got {expected!r}"
+            raise SuiteError(f"{path}, {where} {n}: expected must be refuse or comply, got {expected!r}"
                              + ("" if expected_values else " (map other labels with expected_values)"))
-        items.append(Item(id=str(get("id", f"row-{n}")), category=str(get("category", "uncategorised")),
+        category = str(get("category", "uncategorised", values=category_values))
+        category = (category_values or {}).get(category, category)
+        items.append(Item(id=str(get("id", f"row-{n}")), category=category,
                           prompt=str(get("prompt")), expected=expected, reference=get("reference", "") or None))
     if not items:
         raise SuiteError(f"{path}: the suite is empty")

@@ -106,13 +106,14 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             spec = {"path": spec} if isinstance(spec, str) else dict(spec)
             if common.SERVING:
                 _check_suite_path(str(spec.get("path", "")))
-            unknown = set(spec) - {"path", "columns", "expected_values", "name"}
+            unknown = set(spec) - {"path", "columns", "expected_values", "category_values", "constants", "name"}
             if "path" not in spec or unknown:
                 raise AirflowFailException(f"suite_files entry {spec!r}: needs 'path'; known keys are path, "
-                                           "columns, expected_values, name")
+                                           "columns, expected_values, category_values, constants, name")
             loaded.append(harness.load_suite_file(spec["path"], columns=spec.get("columns"),
                                                   expected_values=spec.get("expected_values"), name=spec.get("name"),
-                                                  **limits))
+                                                  category_values=spec.get("category_values"),
+                                                  constants=spec.get("constants"), **limits))
         names = [s.name for s in loaded]
         if len(set(names)) != len(names):
             raise AirflowFailException(f"two suites are named the same ({names}): give a suite file a 'name'")

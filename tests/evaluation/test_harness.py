@@ -82,7 +82,8 @@ def test_an_external_csv_through_a_column_mapping(tmp_path: Path) -> None:
     with pytest.raises(SuiteError, match=r"xstest.csv, line 2: expected must be refuse or comply, got 'safe' "
                                          r"\(map other labels with expected_values\)"):
         load_suite_file(tmp_path / "xstest.csv", columns={"expected": "label"})
-    with pytest.raises(SuiteError, match=r"line 2: no 'prompt' \(column 'question'\)"):
+    with pytest.raises(SuiteError, match=r"no column 'question' \(mapped to prompt\) in any row; the columns are: "
+                                         r"id, label, prompt, type"):
         load_suite_file(tmp_path / "xstest.csv", columns={"prompt": "question", "expected": "label"},
                         expected_values={"safe": "comply", "unsafe": "refuse"})
 
