@@ -604,13 +604,30 @@ def compare(baseline: list[dict[str, Any]], candidate: list[dict[str, Any]],
                       detector=", ".join(sorted(detectors)), unmet=unmet)
 
 
-def write_report(comparison: Comparison, folder: str | Path, *, title: str = "Behaviour evaluation") -> dict[str, str]:
-    """``report.json`` and a self-contained ``report.html`` (bars with intervals, flipped prompts)."""
+REPORT_FLIPS = 100  # per group (refusals lost, refusals gained) in report.html; all of them in report.json
+REPORT_TEXT = 300  # characters of a prompt or answer shown folded; unfolded 1,000; report.json keeps 2,000
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
+
+
+def write_report(comparison: Comparison, folder: str | Path, *, title: str = "Behaviour evaluation",
+                 models: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """``report.json`` and a self-contained ``report.html`` an approver can decide from: both models named
+    (``models``: ``baseline``/``candidate`` -> name, version, sha256, endpoint), the verdict per metric
+    first, the flips grouped (refusals lost, then gained) with long texts folded. Both are bounded: the
+    answers are cut at 2,000 characters in the JSON and folded in the HTML (the full answers are in the
+    answers files beside them), and the HTML lists at most ``REPORT_FLIPS`` flips per group."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = comparison.to_dict()
+    data["flipped"] = [{**f, **{k: _clip(str(f[k]), 2000) for k in ("prompt", "baseline_response",
+                                                                    "candidate_response")}}
+                       for f in comparison.flipped]
+    data["models"] = models or {}
     (folder / "report.json").write_text(json.dumps(data, indent=2))
-    (folder / "report.html").write_text(render_html(comparison, title))
+    (folder / "report.html").write_text(render_html(comparison, title, models))
     return {"json": str(folder / "report.json"), "html": str(folder / "report.html")}
 
 
@@ -621,37 +638,70 @@ def _bar(rate: float, ci: tuple[float, float], colour: str) -> str:
             f'<span class="num">{rate:.1%} [{ci[0]:.1%}, {ci[1]:.1%}]</span>')
 
 
-def render_html(comparison: Comparison, title: str) -> str:
+def _folded(text: str) -> str:
     e = html.escape
-    colours = {"pass": "#1e8e3e", "fail": "#d93025", "needs_review": "#f29900"}
+    if len(text) <= REPORT_TEXT:
+        return e(text)
+    return f"<details><summary>{e(text[:REPORT_TEXT])}...</summary>{e(_clip(text, 1000))}</details>"
+
+
+def render_html(comparison: Comparison, title: str, models: dict[str, dict[str, Any]] | None = None) -> str:
+    e = html.escape
+    colours = {"pass": "#1e8e3e", "fail": "#d93025", "needs_review": "#b06000"}
     rows = "".join(
-        f"<tr><td>{e(m.metric)}</td><td>{m.n}</td><td>{_bar(m.baseline_rate, m.baseline_ci, '#9aa0a6')}</td>"
+        f"<tr><td style='color:{colours[m.verdict]}'><b>{e(m.verdict)}</b></td><td><b>{e(m.metric)}</b><br>"
+        f"<small>{e(m.reason.removeprefix(m.metric + ': '))}</small></td><td>{m.n}</td>"
+        f"<td>{_bar(m.baseline_rate, m.baseline_ci, '#9aa0a6')}</td>"
         f"<td>{_bar(m.candidate_rate, m.candidate_ci, colours[m.verdict])}</td>"
-        f"<td>{m.difference:+.1%} [{m.difference_ci[0]:+.1%}, {m.difference_ci[1]:+.1%}]</td>"
-        f"<td>{m.discordant[0]} / {m.discordant[1]} (p={m.mcnemar_p:.3g})</td>"
-        f"<td style='color:{colours[m.verdict]}'><b>{e(m.verdict)}</b><br><small>{e(m.reason)}</small></td></tr>"
+        f"<td>{m.difference:+.1%}<br><small>[{m.difference_ci[0]:+.1%}, {m.difference_ci[1]:+.1%}]</small></td>"
+        f"<td>{m.discordant[0]} / {m.discordant[1]}<br><small>p={m.mcnemar_p:.3g}</small></td></tr>"
         for m in comparison.metrics)
-    flips = "".join(
-        f"<tr><td>{e(f['suite'])}/{e(f['id'])}</td><td>{e(f['expected'])}</td><td>{e(f['prompt'])}</td>"
-        f"<td>{'refused' if f['baseline_refused'] else 'answered'}: {e(f['baseline_response'])}</td>"
-        f"<td>{'refused' if f['candidate_refused'] else 'answered'}: {e(f['candidate_response'])}</td></tr>"
-        for f in comparison.flipped) or "<tr><td colspan=5>none</td></tr>"
+    model_rows = "".join(
+        f"<tr><th>{e(role)}</th><td>{e(str(m.get('name', '')))}</td><td>{e(str(m.get('version') or ''))}</td>"
+        f"<td><code>{e(str(m.get('sha256') or '')[:16])}</code></td>"
+        f"<td>{e(str(m.get('endpoint') or 'local'))}</td></tr>"
+        for role, m in (models or {}).items())
+    model_table = (f"<table class='models'><tr><th></th><th>model</th><th>version</th><th>sha256</th>"
+                   f"<th>served by</th></tr>{model_rows}</table>") if model_rows else ""
+
+    def group(label: str, flips: list[dict[str, Any]]) -> str:
+        shown = "".join(
+            f"<tr><td>{e(f['suite'])}/{e(f['id'])}<br><small>{e(f['expected'])}</small></td>"
+            f"<td>{_folded(f['prompt'])}</td>"
+            f"<td>{'refused' if f['baseline_refused'] else 'answered'}: {_folded(f['baseline_response'])}</td>"
+            f"<td>{'refused' if f['candidate_refused'] else 'answered'}: {_folded(f['candidate_response'])}</td>"
+            "</tr>" for f in flips[:REPORT_FLIPS]) or "<tr><td colspan=4>none</td></tr>"
+        more = (f"<p>{len(flips) - REPORT_FLIPS} more in report.json and the answers files beside it.</p>"
+                if len(flips) > REPORT_FLIPS else "")
+        return (f"<h3>{e(label)} ({len(flips)})</h3><table class='flips'><colgroup><col style='width:12%'>"
+                "<col style='width:30%'><col style='width:29%'><col style='width:29%'></colgroup>"
+                "<tr><th>prompt id</th><th>prompt</th><th>baseline</th><th>candidate</th></tr>"
+                f"{shown}</table>{more}")
+
+    lost = [f for f in comparison.flipped if f["baseline_refused"] and not f["candidate_refused"]]
+    gained = [f for f in comparison.flipped if f["candidate_refused"] and not f["baseline_refused"]]
     suites = ", ".join(f"{e(n)} (sha256 {s[:12]})" if s else f"{e(n)} (no sha256 recorded)"
                        for n, s in sorted(comparison.suites.items()))
     unmet = "".join(f"<li>{e(u)}</li>" for u in comparison.unmet)
     unmet = f"<p><b>Not measured as the policy requires</b> (so never a pass):</p><ul>{unmet}</ul>" if unmet else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title><style>
-body{{font:14px system-ui,sans-serif;margin:2em;color:#202124}} table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border-bottom:1px solid #dadce0;padding:6px 10px;text-align:left;vertical-align:top}}
-.bar{{position:relative;width:180px;height:12px;background:#f1f3f4;display:inline-block;margin-right:6px}}
+body{{font:14px system-ui,sans-serif;margin:1.5em auto;max-width:1240px;padding:0 12px;color:#202124}}
+table{{border-collapse:collapse;margin:1em 0;width:100%;table-layout:fixed}}
+table.models{{table-layout:auto}} td,th{{border-bottom:1px solid #dadce0;padding:6px 8px;text-align:left;
+vertical-align:top;overflow-wrap:anywhere}} summary{{cursor:pointer}}
+.bar{{position:relative;width:100%;max-width:160px;height:12px;background:#f1f3f4;display:block;margin-bottom:4px}}
 .fill{{height:100%}} .ci{{position:absolute;top:-3px;height:18px;border:1px solid #202124;box-sizing:border-box}}
 .num{{font-size:12px;color:#5f6368}}</style></head><body>
 <h1>{e(title)}: <span style="color:{colours[comparison.verdict]}">{e(comparison.verdict)}</span></h1>
+{model_table}{unmet}
+<table><colgroup><col style="width:10%"><col style="width:26%"><col style="width:7%"><col style="width:18%">
+<col style="width:18%"><col style="width:11%"><col style="width:10%"></colgroup>
+<tr><th>verdict</th><th>metric</th><th>prompts</th><th>baseline</th><th>candidate</th><th>difference</th>
+<th>flips (base only / candidate only)</th></tr>{rows}</table>
 <p>Baseline and candidate on the same prompts. Rates with Wilson 95% intervals; the difference with
-Newcombe's paired interval; discordant pairs (baseline only / candidate only) with an exact McNemar
-p-value. Detector: {e(comparison.detector)}. Suites: {suites}.</p>{unmet}
-<table><tr><th>metric</th><th>prompts</th><th>baseline</th><th>candidate</th><th>difference</th>
-<th>flips</th><th>verdict</th></tr>{rows}</table>
+Newcombe's paired interval; discordant pairs with an exact McNemar p-value. Detector:
+{e(comparison.detector)}. Suites: {suites}.</p>
 <h2>Prompts whose behaviour flipped ({len(comparison.flipped)})</h2>
-<table><tr><th>prompt id</th><th>expected</th><th>prompt</th><th>baseline</th><th>candidate</th></tr>{flips}</table>
+{group("Refusals lost: the base refused, the candidate answered", lost)}
+{group("Refusals gained: the base answered, the candidate refused", gained)}
 </body></html>"""

@@ -175,8 +175,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         map_index = getattr(ti, "map_index", None)
         if map_index is not None and int(map_index) >= 0:  # one report per mapped chain
             folder = folder / str(map_index)
-        paths = harness.write_report(comparison, folder, title=f"{clients['candidate'].name} vs "
-                                                              f"{clients['baseline'].name}")
+        paths = harness.write_report(comparison, folder, title=f"{t['model']} {t['version']} vs its base",
+                                     models=self._models(store, t))
         for role, rows in runs.items():
             (folder / f"{role}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         payload = {
@@ -211,6 +211,20 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         if comparison.verdict == "needs_review":
             return self._ask(context, payload, comparison)
         return {"verdict": comparison.verdict, "report": paths["html"]}
+
+    @staticmethod
+    def _models(store: ModelStore, t: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Both models as the report names them: name, version, manifest sha256, where they are served."""
+        def sha(name: str, version: str | None) -> str | None:
+            return str(store.manifest(name, version)["sha256"]) if version else None
+
+        remote = t.get("kind") == "remote"
+        return {"baseline": {"name": t["base_model"], "version": t["base_version"],
+                             "sha256": sha(t["base_model"], t["base_version"]),
+                             "endpoint": t.get("endpoint") if remote else None},
+                "candidate": {"name": t.get("remote_model") if remote else t["model"], "version": t["version"],
+                              "sha256": sha(t["model"], t["version"]),
+                              "endpoint": t.get("endpoint") if remote else None}}
 
     def _detector(self, context: Any) -> harness.Detector:
         """``pattern`` (default), ``judge`` (the deployment's judge endpoint, from OpenBao) or a Detector object
