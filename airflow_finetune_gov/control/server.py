@@ -597,6 +597,9 @@ class ControlPlane:
             approval = granted_approval(run, identity.run_id)
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
+        if approval["model"] not in (base_model, name):
+            raise ControlError("refused", f"remote job {job_id} tuned {base_model!r} into {name!r}; this run was "
+                                          f"approved for {approval['model']!r}: not stored")
         submitted = [e.payload_dict() for e in run if e.event_type == "tuning.submitted"]
         metadata = {**dict(body.get("metadata") or {}), "stored_by": "control plane", "task": identity.subject,
                     "approval_id": approval["approval_id"]}

@@ -201,6 +201,21 @@ def test_a_task_killed_before_its_trigger_ran_has_its_job_cancelled_by_the_teard
     assert fake.cancelled == [job_id] and fake.jobs[job_id]["status"] == "cancelled"
 
 
+def test_a_remote_job_on_another_base_than_approved_is_not_stored(view: StackView,
+                                                                   api: tuple[FakeFineTuningAPI, str]) -> None:
+    """The DAG's tuning task fine-tunes another provider model than the run was approved for: the control plane
+    asks the provider what the job tuned and stores nothing, so nothing can be evaluated or promoted."""
+    fake, path = api
+    fake.release()
+    run_id, state, tasks = view.run(DAG_ID, secret=path, model="gpt-fake-mini", tuned_model="gpt-fake-other")
+    assert state == "failed" and tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
+    failed = view.events(run_id, "tuning.failed")[0].payload_dict()
+    assert "tuned 'gpt-fake-other'" in failed["error"] and "approved for 'gpt-fake-mini'" in failed["error"]
+    assert not view.events(run_id, "model.stored") and not view.events(run_id, "tuning.completed")
+    (job,) = fake.jobs.values()
+    assert job["model"] == "gpt-fake-other" and job["status"] == "succeeded"
+
+
 def test_a_missing_backend_kv_path_is_refused_and_the_lease_revoked(view: StackView) -> None:
     run_id, state, tasks = view.run(DAG_ID, secret="no-such-secret")
     assert state == "failed" and tasks["tune"] == "failed", tasks

@@ -134,10 +134,11 @@ inputs_dag = governed_chain(
 # A remote fine-tune on an OpenAI-compatible API (the test's local server): the API key and base URL
 # come from OpenBao (``backend_kv_path``); the task defers while the remote job runs, or polls from the
 # worker (``deferrable=False``).
-OPENAI_PARAMS = {"model": Param("gpt-fake-mini", type="string"), "secret": Param("openai", type="string")}
+OPENAI_PARAMS = {"model": Param("gpt-fake-mini", type="string"), "secret": Param("openai", type="string"),
+                 "tuned_model": Param("", type="string")}  # a DAG author's other base than the approved one
 OPENAI_POLICY = {"model": "{{ params.model }}", "dataset": "public_faq", "target_environment": "test",
                  "tuning_method": "full"}
-OPENAI_TUNE = {"backend": "openai_compatible", "base_model": "{{ params.model }}",
+OPENAI_TUNE = {"backend": "openai_compatible", "base_model": "{{ params.tuned_model or params.model }}",
                "backend_kv_path": "{{ params.secret }}", "hyperparameters": {"epochs": 3}, "poll_interval": 1}
 openai_dag = governed_chain("governed_finetune_openai", OPENAI_PARAMS, OPENAI_POLICY, OPENAI_TUNE)
 openai_polling_dag = governed_chain("governed_finetune_openai_polling", OPENAI_PARAMS, OPENAI_POLICY,
