@@ -554,6 +554,9 @@ class ControlPlane:
                 approval = granted_approval(self._run_events(identity), identity.run_id)
             except ApprovalMissing as exc:
                 raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
+            if approval["model"] not in (base_model, name):
+                raise ControlError("refused", f"the task tuned {base_model!r} into {name!r}; this run was approved "
+                                              f"for {approval['model']!r}")
             if approval.get("base_version") and approval["base_version"] != base_version:
                 raise ControlError("refused", f"the base {base_model}@{base_version} is not the approved base "
                                               f"version {approval['base_version']}")

@@ -445,15 +445,15 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         self._job = None  # it ended with a result: a kill from here on is not the job's failure
         payload = {k: v for k, v in pending.items() if k != "started_at"}
         out: dict[str, Any] = {"name": pending["model"], "version": None, "sha256": None}
-        if result.files:
-            assert store is not None
-            out = store_result(context, store, pending, result)
-        elif result.kind == "remote" and details.get("remote_job_id"):
-            try:
+        try:
+            if result.files:
+                assert store is not None
+                out = store_result(context, store, pending, result)
+            elif result.kind == "remote" and details.get("remote_job_id"):
                 out = store_remote_result(context, pending, str(details["remote_job_id"]))
-            except (TuningError, RegistryError, ControlPlaneError, AirflowFailException) as exc:
-                raise self._failed(context, pending["backend"], f"the remote model was not stored: {exc}",
-                                   **details) from exc
+        except (TuningError, RegistryError, ControlPlaneError, AirflowFailException) as exc:
+            what = "remote model" if result.kind == "remote" else "tuned model"
+            raise self._failed(context, pending["backend"], f"the {what} was not stored: {exc}", **details) from exc
         duration = round(time.time() - float(pending["started_at"]), 3)
         payload.update({"model": out["name"], "version": out["version"], "output_sha256": out["sha256"],
                         "remote_model": result.remote_model, "kind": result.kind, "metrics": result.metrics,

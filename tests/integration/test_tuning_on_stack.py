@@ -111,6 +111,17 @@ def test_missing_base_model_fails_and_the_lease_is_revoked(view: View) -> None:
     assert ("revoke_lease", "lease.verified") in kinds
 
 
+def test_a_tune_of_another_base_than_approved_is_not_stored(view: View) -> None:
+    """The run is approved for fgov-demo-tiny; the DAG's tuning task trains fgov-demo-llama instead. The control
+    plane stores nothing, so nothing of it can be evaluated or promoted, and the lease ends with the run."""
+    run_id, state, tasks = view.run(INPUTS_DAG, base_model="fgov-demo-tiny", tuned_base="fgov-demo-llama", epochs=1)
+    assert state == "failed" and tasks["tune"] == "failed" and tasks["revoke_lease"] == "success", tasks
+    failed = view.events(run_id, "tuning.failed")[0].payload_dict()
+    assert "tuned 'fgov-demo-llama'" in failed["error"] and "approved for 'fgov-demo-tiny'" in failed["error"], failed
+    assert not view.events(run_id, "model.stored") and not view.events(run_id, "tuning.completed")
+    assert ("revoke_lease", "lease.verified") in view.kinds(run_id)
+
+
 def test_local_peft_run_logs_progress_and_records_what_it_trained(view: View) -> None:
     run_id, state, tasks = view.run(INPUTS_DAG, epochs=2)
     assert state == "success", tasks

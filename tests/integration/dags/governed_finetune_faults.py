@@ -124,10 +124,12 @@ concurrency_dag = governed_chain(
 inputs_dag = governed_chain(
     "governed_finetune_inputs",
     params={"dataset": Param("public_faq", type="string"), "base_model": Param("fgov-demo-tiny", type="string"),
-            "epochs": Param(2, type="integer")},
+            "epochs": Param(2, type="integer"),
+            "tuned_base": Param("", type="string")},  # a DAG author's other base than the approved one
     policy_check={"model": "{{ params.base_model }}", "dataset": "{{ params.dataset }}",
                   "target_environment": "test", "tuning_method": "lora"},
-    tune={"base_model": "{{ params.base_model }}", "hyperparameters": {"epochs": "{{ params.epochs }}"}},
+    tune={"base_model": "{{ params.tuned_base or params.base_model }}",
+          "hyperparameters": {"epochs": "{{ params.epochs }}"}},
     render_template_as_native_obj=True,
 )
 
