@@ -164,7 +164,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         policy = common.policy()
         thresholds = policy.evaluation
         try:
-            environment = policy_decision(common.run_events(context), context["ti"].run_id)["target_environment"]
+            decision = policy_decision(common.run_events(context), context["ti"].run_id)
+            environment = str(decision["request"]["target_environment"])
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
         required = policy.evaluation_required(environment)
