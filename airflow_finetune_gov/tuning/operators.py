@@ -474,6 +474,14 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
                 self.log.exception("cancelling the tuning job failed")
         if self._context is None:
             return
+        if self._job is not None:
+            # recorded here, not only by the interrupted execute: the process may be killed before it resumes.
+            # First, before the revocation: it is one record, and the kill's grace may end during a revocation
+            # (the teardown and the sweep revoke what this one does not)
+            try:
+                self._failed(self._context, self.backend, "cancelled: the tuning task was killed")
+            except Exception:
+                self.log.exception("recording tuning.failed on kill failed")
         from airflow_finetune_gov.credentials.operators import revoke_run_leases
 
         try:
@@ -481,9 +489,3 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         except Exception:
             self.log.exception("revoking the run's leases on kill failed; the teardown task and "
                                "`fgov leases sweep` will retry")
-        if self._job is not None:
-            # recorded here, not only by the interrupted execute: the process may be killed before it resumes
-            try:
-                self._failed(self._context, self.backend, "cancelled: the tuning task was killed")
-            except Exception:
-                self.log.exception("recording tuning.failed on kill failed")
