@@ -98,6 +98,19 @@ def _lines(text: str) -> Iterator[str]:
     return (m.group() for m in _LINE.finditer(text) if m.group())
 
 
+def _loads(text: str, source: str, error: type[ValueError], *, line: int | None = None, what: str = "JSON",
+           hint: str = "") -> Any:
+    """``json.loads(text)``; text that is not JSON (or nests too deeply) is ``error`` naming ``source`` and the
+    line: ``line``, or where the parser stopped."""
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        n = line if line is not None else getattr(exc, "lineno", None)
+        raise error(f"{source}{f', line {n}' if n else ''}: not {what} ({getattr(exc, 'msg', exc)}){hint}") from None
+    except RecursionError:
+        raise error(f"{source}{f', line {line}' if line else ''}: not {what} (nested too deeply){hint}") from None
+
+
 @dataclass(frozen=True)
 class Item:
     id: str
@@ -191,13 +204,7 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
                 if count <= max_prompts:
                     rows.append((n, {cols["prompt"]: line.rstrip("\r\n")}))
     elif file_format == "json":
-        try:
-            array = json.loads(text)
-        except ValueError as exc:
-            raise SuiteError(f"{path}, line {getattr(exc, 'lineno', '?')}: not JSON ({getattr(exc, 'msg', exc)})"
-                             ) from None
-        except RecursionError:
-            raise SuiteError(f"{path}: not JSON (nested too deeply)") from None
+        array = _loads(text, path, SuiteError)
         if not isinstance(array, list):
             raise SuiteError(f"{path}: a .json suite is an array of objects or of prompt strings; for one object "
                              "per line name it .jsonl")
@@ -225,12 +232,7 @@ def parse_suite(text: str, name: str, *, source: str | None = None, csv_format: 
             count += 1
             if count > max_prompts:
                 continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise SuiteError(f"{path}, line {n}: not JSON ({getattr(exc, 'msg', exc)})") from None
-            except RecursionError:
-                raise SuiteError(f"{path}, line {n}: not JSON (nested too deeply)") from None
+            row = _loads(line, path, SuiteError, line=n)
             if not isinstance(row, dict):
                 raise SuiteError(f"{path}, line {n}: expected a JSON object")
             rows.append((n, row))
@@ -468,11 +470,7 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
                            "as UTF-8") from None
     items: list[tuple[int, Any]] = []
     if text.lstrip().startswith("["):
-        try:
-            array = json.loads(text)
-        except ValueError as exc:
-            raise ResultsError(f"{path}, line {getattr(exc, 'lineno', '?')}: not a JSON array "
-                               f"({getattr(exc, 'msg', exc)})") from None
+        array = _loads(text, str(path), ResultsError, what="a JSON array")
         if not isinstance(array, list):
             raise ResultsError(f"{path}: not a JSON array of results")
         items = [(i, row) for i, row in enumerate(array, 1)]
@@ -482,13 +480,7 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
         for n, line in enumerate(_lines(text), 1):
             if not line.strip():
                 continue
-            try:
-                items.append((n, json.loads(line)))
-            except ValueError as exc:
-                raise ResultsError(f"{path}, line {n}: not JSON ({getattr(exc, 'msg', exc)}): one JSON object "
-                                   "per line") from None
-            except RecursionError:
-                raise ResultsError(f"{path}, line {n}: not JSON (nested too deeply)") from None
+            items.append((n, _loads(line, str(path), ResultsError, line=n, hint=": one JSON object per line")))
     rows = []
     for n, row in items:
         at = f"{path}, {where} {n}"
