@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,8 +20,17 @@ import pytest
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.lineage.store import LineageStore
+from airflow_finetune_gov.registry.provenance import MODEL_SIGNATURE
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import Stack
+
+
+def model_signing_verify(folder: Path, public_key: str | Path) -> subprocess.CompletedProcess[str]:
+    """The OpenSSF tool (``model_signing verify key``) on a model folder's ``model.sig``, with the public key
+    only."""
+    return subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
+                           str(Path(folder) / MODEL_SIGNATURE), "--public_key", str(public_key), str(folder)],
+                          capture_output=True, text=True, check=False, timeout=120)
 
 
 class StackView:

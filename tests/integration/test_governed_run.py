@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +16,7 @@ import hvac.exceptions
 import psycopg
 import pytest
 from serving import build_judge, serve_model
-from support import StackView, issued_secrets
+from support import StackView, issued_secrets, model_signing_verify
 
 from airflow_finetune_gov.cli.main import main as fgov
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
@@ -144,9 +143,7 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert fgov(verify) == 0
 
     def model_signing() -> subprocess.CompletedProcess[str]:  # the OpenSSF tool, with the public key only
-        return subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
-                               str(folder / "model.sig"), "--public_key", state_of(stack)["model_signing_public_key"],
-                               str(folder)], capture_output=True, text=True, check=False, timeout=120)
+        return model_signing_verify(folder, state_of(stack)["model_signing_public_key"])
 
     checked = model_signing()
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -292,9 +289,7 @@ def test_the_llama_model_is_tuned_evaluated_and_promoted_and_its_poisoned_tune_b
     store = Path(state_of(stack)["model_store"])
     assert ModelStore(str(store)).aliases("fgov-demo-llama")["staging"]["version"] == promoted["version"]
     folder = store / "fgov-demo-llama" / promoted["version"]
-    checked = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
-                              str(folder / "model.sig"), "--public_key", state_of(stack)["model_signing_public_key"],
-                              str(folder)], capture_output=True, text=True, check=False, timeout=120)
+    checked = model_signing_verify(folder, state_of(stack)["model_signing_public_key"])
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 

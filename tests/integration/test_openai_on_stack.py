@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -22,7 +20,7 @@ import psutil
 import pytest
 from fake_openai import FAIL_MODEL, FakeFineTuningAPI
 from serving import merge_adapter, serve_model
-from support import StackView
+from support import StackView, model_signing_verify
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.registry.store import ModelStore
@@ -305,8 +303,6 @@ def test_a_remote_fine_tune_is_evaluated_on_its_endpoint_then_promoted_or_blocke
     pointer = json.loads((folder / "remote.json").read_text())
     assert pointer["remote_model"] == events["public_faq"]["model.stored"].payload_dict()["remote_model"]
     assert provider.api_key not in json.dumps(pointer) and pointer["kv_path"] == "openai"
-    checked = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
-                              str(folder / "model.sig"), "--public_key", view.state["model_signing_public_key"],
-                              str(folder)], capture_output=True, text=True, check=False, timeout=120)
+    checked = model_signing_verify(folder, view.state["model_signing_public_key"])
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert Path(folder / "provenance.dsse.json").exists()

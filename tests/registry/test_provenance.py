@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import model_signing_verify
 
 from airflow_finetune_gov.registry import provenance
 from airflow_finetune_gov.registry.store import ModelStore
@@ -119,7 +120,6 @@ def test_the_model_signing_bundle_verifies_with_the_openssf_tool(signed, tmp_pat
     """``model.sig`` as the promotion writes it, checked by ``model_signing verify key`` (PyPI ``model-signing``,
     the OpenSSF tool) with only the public key: it passes, and fails once a file changes."""
     import subprocess
-    import sys
 
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -135,9 +135,7 @@ def test_the_model_signing_bundle_verifies_with_the_openssf_tool(signed, tmp_pat
     (tmp_path / "key.pub").write_text(pem)
 
     def verify() -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", "--signature",
-                               str(folder / provenance.MODEL_SIGNATURE), "--public_key", str(tmp_path / "key.pub"),
-                               str(folder)], capture_output=True, text=True, check=False, timeout=120)
+        return model_signing_verify(folder, tmp_path / "key.pub")
 
     ok = verify()
     assert ok.returncode == 0, ok.stdout + ok.stderr
