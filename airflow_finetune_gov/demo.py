@@ -29,13 +29,17 @@ SETTLE_SECONDS = 8.0
 EXPECTED = {"benign": "success", "poisoned": "failed"}
 
 
-def evaluation_summary(stack: Stack, run_id: str) -> str:
-    """The run's evaluation verdict as recorded in lineage, one line per metric."""
+def _events(stack: Stack, run_id: str, kind: str) -> list[dict]:
     from airflow_finetune_gov.lineage.store import LineageStore
 
     state = stack.load() or {}
     events = LineageStore(Path(state["governance_db_url_file"]).read_text()).events(run_id=run_id)
-    done = [e.payload_dict() for e in events if e.event_type == "evaluation.completed"]
+    return [e.payload_dict() for e in events if e.event_type == kind]
+
+
+def evaluation_summary(stack: Stack, run_id: str) -> str:
+    """The run's evaluation verdict as recorded in lineage, one line per metric."""
+    done = _events(stack, run_id, "evaluation.completed")
     if not done:
         return "no evaluation recorded"
     e = done[-1]
@@ -57,6 +61,8 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
     t0 = time.monotonic()
     requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"})
     waiting = time.monotonic() - t0
+    decision = _events(stack, run_id, "policy.decided")[-1]
+    print(f"   policy: tier {decision['tier']} - {'; '.join(decision['reasons'])}")
     if manual:
         print(f"   approval requested. Open {url}/required_actions and sign in as approver1 or approver2\n"
               f"   (passwords in {state['airflow']['passwords_file']}); the requester cannot approve.")
@@ -72,6 +78,19 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
         if resp.status_code != 200:
             raise StackError(f"approval as approver1 failed: HTTP {resp.status_code} {resp.text[:200]}")
         print("   approver1 approved over the REST API")
+        if decision["tier"] == "quorum":  # the second approval is asked for in a new round of the request
+            deadline = time.monotonic() + 120
+            while len(_events(stack, run_id, "approval.requested")) < 2:
+                if time.monotonic() > deadline:
+                    raise StackError("the request's second round never opened")
+                time.sleep(0.5)
+            requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"})
+            time.sleep(SETTLE_SECONDS)
+            resp = AirflowClient(url, "approver2", stack.airflow_password("approver2")).answer(
+                DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+            if resp.status_code != 200:
+                raise StackError(f"approval as approver2 failed: HTTP {resp.status_code} {resp.text[:200]}")
+            print("   approver2 approved too (a quorum: 2 of 2)")
         t1 = time.monotonic()
         final = requester.wait_run(DEMO_DAG_ID, run_id)
         machine = waiting + (time.monotonic() - t1)

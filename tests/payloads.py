@@ -8,6 +8,7 @@ from typing import Any
 
 from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW as ACCEPT_REVIEW
 from airflow_finetune_gov.approval.verify import answered, seal_decision
+from airflow_finetune_gov.datasets.screening import ScreeningResult
 from airflow_finetune_gov.lineage import events
 from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
 
@@ -21,8 +22,11 @@ def decision(env: str = "staging", dataset: str = "benign", *, requester: str = 
              rows: int = 12, sha256: str = SHA, uri: str = URI, hyperparameters: dict[str, Any] | None = None,
              **fields: Any) -> dict[str, Any]:
     """The default policy's decision for model ``m``, with a dataset digest, then ``fields``, sealed."""
-    d = load_policy().decide(ChangeRequest("m", dataset, env, requester)).to_dict()
-    d.update(dataset={"uri": uri, "rows": rows, "sha256": sha256}, hyperparameters=hyperparameters, **fields)
+    found = ScreeningResult(status="screened", rows=rows, screened=rows, detector="pattern/v1",
+                            base={"name": "m", "version": "0123456789abcdef", "sha256": SHA})
+    d = load_policy().decide(ChangeRequest("m", dataset, env, requester), found.facts()).to_dict()
+    d.update({"dataset": {"uri": uri, "rows": rows, "sha256": sha256}, "hyperparameters": hyperparameters,
+              "screening": found.to_dict(), **fields})
     return events.POLICY_DECIDED.payload(**seal_decision(d))
 
 

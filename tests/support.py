@@ -102,13 +102,14 @@ class StackView:
         return hvac.Client(url=self.state["openbao"]["addr"],
                            token=Path(self.state["openbao"]["root_token_file"]).read_text())
 
-    def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120) -> None:
+    def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120,
+                   task_id: str = "approval_gate") -> None:
         """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
         deadline = time.monotonic() + timeout
         while len(self.events(run_id, "approval.requested")) < n:
             assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
             time.sleep(0.5)
-        self.client("requester").wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+        self.client("requester").wait_task_state(dag_id, run_id, task_id, {"awaiting_input"}, timeout=120)
         time.sleep(SETTLE_SECONDS)
 
     def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -23,6 +24,15 @@ from airflow_finetune_gov.approval.verify import (
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
+_MARKUP = re.compile(r"[\\`*_\[\]<>|~!#]")
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """``text`` (a training row's, written by whoever supplied the data) as one Markdown table cell: one line, at
+    most ``limit`` characters, Markdown's markup characters escaped so it shows as text (no link, image or HTML)."""
+    flat = " ".join(str(text).split())
+    flat = flat if len(flat) <= limit else flat[:limit - 1] + "…"
+    return _MARKUP.sub(r"\\\g<0>", flat)
 
 
 def dag_owners(context: Any) -> set[str]:
@@ -161,6 +171,32 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             rows.append(("Hyperparameters", ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) or "(none)"))
         return rows
 
+    def _screening_rows(self, context: Any, decision: dict[str, Any]) -> list[tuple[str, str]]:
+        """What the screening found, and the first flagged rows (read here through the screening lease: row text is
+        never in lineage, only in the request the approvers see)."""
+        found = decision.get("screening")
+        if not found:
+            return []
+        if found["status"] != "screened":
+            return [("Screening", f"not screened: {found['reason']}")]
+        base = found.get("base") or {}
+        rows = [("Screening", f"{found['flagged']} of {found['screened']} rows flagged ({found['flagged_share']:.0%}) "
+                 f"- the row answers a request that {base.get('name', 'the base model')} {base.get('version', '')} "
+                 f"refuses ({found['detector']})" + (f"; {found['screened']} of {found['rows']} rows screened (an "
+                                                    "even sample)" if found["screened"] < found["rows"] else ""))]
+        show = found["flagged_ids"][:common.policy().screening.examples]
+        if not show:
+            return rows
+        from airflow_finetune_gov.credentials.operators import service_credentials
+
+        with service_credentials(context, "screen") as creds, \
+                common.datasets_connection(creds.username, creds.password) as conn:
+            texts = conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s) WHERE id = ANY(%s)",
+                                 (decision["dataset_table"], show)).fetchall()
+        for row_id, prompt, response in texts:
+            rows.append((f"Flagged row {row_id}", f"{_cell(prompt)} → {_cell(response)}"))
+        return rows
+
     @staticmethod
     def _needed(decision: dict[str, Any]) -> int:
         return int(decision["quorum"]) if decision["tier"] == "quorum" else 1
@@ -182,6 +218,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                 ("Model", f"{req['model']} {req.get('base_version') or ''}".strip()),
                 ("Dataset", f"{req['dataset']} (table {decision['dataset_table']})"),
                 *self._data_rows(decision),
+                *self._screening_rows(context, decision),
                 ("Classification", decision["classification"]),
                 ("Target environment", req["target_environment"]),
                 ("Tuning method", req["tuning_method"]),

@@ -331,8 +331,37 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         settings.get(option)  # a missing setting fails here, naming it, and not at a task's first call
     _export_connection(settings.get("vault_conn_id"))
     socket_path = Path(args.socket or settings.get("control_plane_socket"))
+    if args.warm_demo_models:
+        _warm_demo_models([m for m in args.warm_demo_models.split(",") if m])
     serve(socket_path, ControlPlane(task_uid=task_uid))
     return 0
+
+
+def _warm_demo_models(names: list[str]) -> None:
+    """Build the named demo base models in the background while the control plane serves, so the first policy
+    check (whose screening asks the base model) does not wait for the build; a check that comes sooner waits on
+    the store's lock. A failure is logged and left to the first use, which reports it."""
+    import logging
+    import threading
+
+    from airflow_finetune_gov import settings
+    from airflow_finetune_gov.registry.store import ModelStore
+    from airflow_finetune_gov.tuning.backends import DEMO_MODELS, ensure_demo_base
+
+    unknown = [n for n in names if n not in DEMO_MODELS]
+    if unknown:
+        raise SystemExit(f"fgov control-plane serve: --warm-demo-models {','.join(unknown)}: the demo models are "
+                         f"{', '.join(sorted(DEMO_MODELS))}")
+
+    def build() -> None:
+        for name in names:
+            try:
+                ensure_demo_base(ModelStore(settings.get("model_store")), name)
+                logging.getLogger(__name__).info("demo base model %s ready", name)
+            except Exception:
+                logging.getLogger(__name__).exception("demo base model %s not built ahead", name)
+
+    threading.Thread(target=build, name="warm-demo-models", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     control_sub = control.add_subparsers(dest="action", required=True)
     serve_p = control_sub.add_parser("serve", help="serve on [finetune_gov] control_plane_socket until killed")
     serve_p.add_argument("--socket", help="default: [finetune_gov] control_plane_socket")
+    serve_p.add_argument("--warm-demo-models", default="",
+                         help="demo base models to build in the background at start (e.g. fgov-demo-tiny): the "
+                              "embedded stack's first policy check then does not wait for the build")
     serve_p.add_argument("--task-user", help="default: [finetune_gov] task_user")
     serve_p.set_defaults(func=cmd_control_plane)
 

@@ -400,7 +400,7 @@ class ControlPlane:
 
     def _authorize_login(self, identity: TaskIdentity, role: str, purpose: str, extra: dict[str, str]) -> None:
         from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
-        from airflow_finetune_gov.credentials.operators import SERVICE_SCOPES
+        from airflow_finetune_gov.credentials.operators import PLANE_SERVICES, SERVICE_SCOPES
         from airflow_finetune_gov.vault.bootstrap import (
             ENDPOINTS_ROLE,
             PROVENANCE_ROLE,
@@ -409,6 +409,9 @@ class ControlPlane:
             tune_role_name,
         )
 
+        if role in PLANE_SERVICES:
+            raise ControlError("refused", f"the {role} role reads training rows for the policy check's screening, "
+                                          "which the control plane runs itself: a task never holds it")
         if role in SERVICE_SCOPES:
             if purpose != role or extra:
                 raise ControlError("refused", f"the {role} role is logged in to with purpose {role} and no claims")

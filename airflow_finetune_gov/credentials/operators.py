@@ -135,7 +135,9 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
                 "token_accessor": issued.token_accessor}
 
 
-SERVICE_SCOPES = {"inference": "evaluation-suites", "catalog": "dataset-digests"}
+SERVICE_SCOPES = {"inference": "evaluation-suites", "catalog": "dataset-digests", "screen": "dataset-rows"}
+# Service roles only the control plane logs in to (a task asking for one is refused): ``screen`` reads rows
+PLANE_SERVICES = frozenset({"screen"})
 
 
 def endpoint_secret(identity: TaskIdentity, kv_path: str, *, vault_conn_id: str | None = None) -> dict[str, str]:
@@ -169,7 +171,8 @@ def service_credentials(context: Any, service: str, *,
 
     ``inference``: the evaluation task reads the evaluation suites and no training data.
     ``catalog``: the policy check reads a dataset's row count and content hash, never its rows.
-    Neither ever shares a lease (or a token) with training.
+    ``screen``: the policy check (in the control plane only) reads a dataset's rows to screen them.
+    None ever shares a lease (or a token) with training.
     """
     scope = SERVICE_SCOPES[service]
     ttl = int(common.policy().lease["min_ttl_minutes"]) * 60

@@ -82,6 +82,13 @@ POLICY_DECIDED = EventType(
 POLICY_ERROR = EventType("policy.error", "policy check", "the change could not be decided (nobody is asked)",
                          ("error",), open=True)
 
+DATASET_SCREENED = EventType(
+    "dataset.screened", "the control plane (policy check)",
+    "the training rows were screened before anyone was asked: how many the base model refuses and the row answers "
+    "anyway (flagged), by row id; never row text",
+    ("dataset", "table", "sha256", "status", "method", "rows", "screened", "flagged", "flagged_share", "flagged_ids",
+     "base_refused", "detector", "base", "reason"), reserved=True)
+
 APPROVAL_REQUESTED = EventType(
     "approval.requested", "the control plane (approval gate)",
     "a request for approval of one decision rendered from it and opened (or re-opened: round n); request_sha256 "

@@ -26,6 +26,7 @@ REFERENCES: dict[str, list[str]] = {
     "scoped_credentials": ["OWASP NHI5 (overprivileged NHI)", "OWASP NHI7 (long-lived secrets)",
                            "NIST CSF 2.0 PR.AA-05 (least privilege)"],
     "revocation": ["OWASP NHI1 (improper offboarding)", "OWASP NHI7 (long-lived secrets)"],
+    "data_screening": ["OWASP LLM04:2025 (data and model poisoning)", "NIST AI RMF MAP"],
     "data_integrity": ["OWASP LLM04:2025 (data and model poisoning)", "NIST CSF 2.0 PR.DS",
                        "NIST AI RMF MAP"],
     "evaluation": ["OWASP LLM04:2025 (data and model poisoning)", "NIST AI RMF MEASURE"],
@@ -38,6 +39,7 @@ TITLES = {
     "approval": "Approved by allowed people, never the requester, with the tier's quorum",
     "scoped_credentials": "Training data read only with a dynamic credential scoped to the approved dataset",
     "revocation": "Every credential of the run revoked, and proven gone on the database",
+    "data_screening": "Training rows screened before approval (rows answering what the base model refuses)",
     "data_integrity": "Tuned on exactly the approved content (hash of the rows trained on)",
     "evaluation": "Behaviour evaluated against the baseline before any promotion",
     "promotion_gate": "Promoted only after a passing evaluation, to the approved environment",
@@ -90,6 +92,8 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
     out.append(control("policy", "met", f"tier {d['tier']} by policy {d['policy_name']} (sha256 "
                        f"{d['policy_sha256'][:16]}, rule line {d['rule_line']}): {'; '.join(d['reasons'])}",
                        "policy.decided"))
+
+    out.append(_screening_control(d, control))
 
     # Only answers to the decision that governs the chain (its last): an approval answers one decision.
     grants = answers_to(events, "approval.granted", d)
@@ -175,6 +179,26 @@ def judge_chain(events: Sequence[LineageEvent]) -> list[Control]:
     else:
         out.append(control("promotion_gate", "n/a", "no promotion was attempted"))
     return out
+
+
+def _screening_control(d: dict[str, Any], control: Any) -> Control:
+    found = d.get("screening")
+    if d["request"].get("change", "finetune") != "finetune":
+        return control("data_screening", "n/a", f"a {d['request'].get('change')}: no data is read")
+    if not found:
+        return control("data_screening", "not met", "no screening of the training data is recorded",
+                       "policy.decided")
+    if found["status"] == "disabled":
+        return control("data_screening", "n/a", f"disabled: {found['reason']}", "dataset.screened")
+    if found["status"] != "screened":
+        return control("data_screening", "not met", f"not screened: {found['reason']}; tier {d['tier']}",
+                       "dataset.screened", "policy.decided")
+    base = found.get("base") or {}
+    sample = "" if found["screened"] == found["rows"] else f" (a sample of {found['rows']} rows)"
+    return control("data_screening", "met",
+                   f"{found['flagged']} of {found['screened']} rows flagged ({found['flagged_share']:.0%}){sample} "
+                   f"by {found['method']} ({found['detector']}) against {base.get('name')} {base.get('version')}; "
+                   f"tier {d['tier']}", "dataset.screened", "policy.decided")
 
 
 def evidence(events: Sequence[LineageEvent]) -> dict[str, Any]:

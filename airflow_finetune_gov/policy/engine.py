@@ -8,6 +8,8 @@ it fails at parse time rather than at 3 a.m.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +22,13 @@ ENVIRONMENTS = ("test", "staging", "production")
 CLASSIFICATIONS = ("public", "internal", "pii", "sensitive")
 TUNING_METHODS = ("full", "lora", "adapter", "prompt_tuning")
 CHANGES = ("finetune", "rollback")
-WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset", "change")
+WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset", "change", "screening")
+# Conditions on the training-data screening's counts, compared with a number: "> 0.2", ">= 1", "0"
+COMPARED_KEYS = ("flagged_rows", "flagged_share")
+SCREENING_STATUSES = ("screened", "unavailable", "disabled")
+SCREENING_DETECTORS = ("pattern",)
+_COMPARISON = re.compile(r"^\s*(>=|<=|>|<|==)?\s*(\d+(?:\.\d+)?)\s*$")
+_OPS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__, "==": float.__eq__}
 
 
 # Training leases one approval may issue: the first, and one more for a run cleared after a failure.
@@ -45,9 +53,29 @@ class Rule:
     tier: str
     reason: str
     line: int
+    compared: tuple[tuple[str, str, float], ...] = ()  # (key, operator, number): the screening's counts
 
-    def matches(self, facts: dict[str, str]) -> bool:
-        return all(facts.get(k) in allowed for k, allowed in self.when.items())
+    def matches(self, facts: Mapping[str, Any]) -> bool:
+        """Every condition holds; a condition on a fact this change does not have (a rollback's dataset, the
+        screening of a change that was not screened) never matches."""
+        if not all(facts.get(k) in allowed for k, allowed in self.when.items()):
+            return False
+        for key, op, number in self.compared:
+            value = facts.get(key)
+            if not isinstance(value, int | float) or not _OPS[op](float(value), number):
+                return False
+        return True
+
+
+@dataclass(frozen=True)
+class ScreeningSettings:
+    """The policy's ``screening`` section: the policy check screens the dataset's rows before anyone is asked."""
+
+    enabled: bool = True
+    detector: str = "pattern"
+    max_rows: int = 5000  # a larger dataset is screened on an even sample of this many rows (recorded)
+    examples: int = 3  # flagged rows shown in the approval request (their text is never in lineage)
+    max_new_tokens: int = 32  # of the base model's answer to each row's prompt
 
 
 @dataclass(frozen=True)
@@ -124,6 +152,7 @@ class Policy:
     hyperparameters: dict[str, tuple[float, float]] = field(default_factory=dict)
     evaluation_requires: dict[str, dict[str, int]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_EVALUATION_REQUIRES.items()})
+    screening: ScreeningSettings = field(default_factory=ScreeningSettings)
 
     def evaluation_required(self, environment: str) -> dict[str, int]:
         """The metrics an evaluation for ``environment`` must measure, with the least prompts each needs."""
@@ -156,7 +185,9 @@ class Policy:
                 f"known datasets: {', '.join(sorted(self.datasets))}"
             ) from None
 
-    def decide(self, request: ChangeRequest) -> Decision:
+    def decide(self, request: ChangeRequest, screening: Mapping[str, Any] | None = None) -> Decision:
+        """The first rule matching the request's facts; ``screening`` (the training-data screening's
+        ``status``, ``flagged_rows``, ``flagged_share``) adds the facts rules on screening match against."""
         if request.target_environment not in ENVIRONMENTS:
             raise PolicyError(f"target_environment {request.target_environment!r} is not one of "
                               f"{', '.join(ENVIRONMENTS)}")
@@ -168,7 +199,7 @@ class Policy:
             if not request.rollback_to:
                 raise PolicyError("a rollback names the version to go back to (rollback_to)")
             ds = DatasetEntry(name="", table="", classification="n/a")
-            facts = {"target_environment": request.target_environment, "change": "rollback"}
+            facts: dict[str, Any] = {"target_environment": request.target_environment, "change": "rollback"}
         else:
             if request.tuning_method not in TUNING_METHODS:
                 raise PolicyError(f"tuning_method {request.tuning_method!r} is not one of "
@@ -176,10 +207,15 @@ class Policy:
             ds = self.dataset(request.dataset)
             facts = {"target_environment": request.target_environment, "classification": ds.classification,
                      "tuning_method": request.tuning_method, "dataset": ds.name, "change": "finetune"}
+            if screening is not None:
+                facts |= {"screening": screening.get("status"), "flagged_rows": screening.get("flagged_rows"),
+                          "flagged_share": screening.get("flagged_share")}
         for rule in self.rules:
             if rule.matches(facts):
                 approvers = [a for a in self.approvers if a != request.requester]
                 reasons = [rule.reason]
+                if screening is not None and screening.get("summary"):
+                    reasons.append(str(screening["summary"]))  # what the screening found, whichever rule matched
                 tier = rule.tier
                 need = self.quorum if tier == "quorum" else 1
                 if tier in ("single", "quorum") and len(approvers) < need:
@@ -254,16 +290,32 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         if not isinstance(when, dict):
             raise _fail(source, _line(raw, "when"), "when must be a mapping")
         parsed: dict[str, tuple[str, ...]] = {}
+        compared: list[tuple[str, str, float]] = []
         for key, value in when.items():
             if key in _META:
                 continue
+            if key in COMPARED_KEYS:
+                match = _COMPARISON.match(str(value)) if not isinstance(value, bool | list | dict) else None
+                if match is None:
+                    raise _fail(source, _line(when, key), f"{key} is compared with a number, e.g. {key}: \">= 1\" "
+                                f"or \"> 0.2\" (operators >, >=, <, <=, ==), got {value!r}")
+                number = float(match.group(2))
+                if key == "flagged_share" and number > 1:
+                    raise _fail(source, _line(when, key), f"flagged_share is a share from 0 to 1 (0.2 is 20%), "
+                                f"got {number:g}")
+                compared.append((str(key), match.group(1) or "==", number))
+                continue
             if key not in WHEN_KEYS:
-                raise _fail(source, _line(when, key), f"unknown condition {key!r}; use one of {', '.join(WHEN_KEYS)}")
+                raise _fail(source, _line(when, key), f"unknown condition {key!r}; use one of "
+                            f"{', '.join(WHEN_KEYS + COMPARED_KEYS)}")
             parsed[key] = _as_tuple(value)
+            if key == "screening" and not set(parsed[key]) <= set(SCREENING_STATUSES):
+                raise _fail(source, _line(when, key),
+                            f"screening {value!r}: use one of {', '.join(SCREENING_STATUSES)}")
         reason = raw.get("reason")
         if not reason:
             raise _fail(source, line, "every rule needs a reason (it is shown to approvers and recorded)")
-        rules.append(Rule(when=parsed, tier=tier, reason=str(reason), line=line))
+        rules.append(Rule(when=parsed, tier=tier, reason=str(reason), line=line, compared=tuple(compared)))
     quorum = doc.get("quorum", 2)
     if not isinstance(quorum, int) or quorum < 2:
         raise _fail(source, top, f"quorum must be an integer >= 2, got {quorum!r}")
@@ -299,7 +351,36 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
         bounds[str(key)] = (float(spec["min"]), float(spec["max"]))
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation,
-                  hyperparameters=bounds, evaluation_requires=_evaluation_requires(doc, source, top))
+                  hyperparameters=bounds, evaluation_requires=_evaluation_requires(doc, source, top),
+                  screening=_screening(doc, source, top))
+
+
+def _screening(doc: dict[str, Any], source: str, top: int) -> ScreeningSettings:
+    raw = doc.get("screening")
+    if raw is None:
+        return ScreeningSettings()
+    if not isinstance(raw, dict):
+        raise _fail(source, top, "screening must be a mapping of enabled/detector/max_rows/examples/max_new_tokens")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _META:
+            continue
+        line = _line(raw, key)
+        if key == "enabled":
+            if not isinstance(value, bool):
+                raise _fail(source, line, f"screening.enabled must be true or false, got {value!r}")
+        elif key == "detector":
+            if value not in SCREENING_DETECTORS:
+                raise _fail(source, line, f"screening.detector {value!r}: use one of {', '.join(SCREENING_DETECTORS)}")
+        elif key in ("max_rows", "max_new_tokens", "examples"):
+            least = 0 if key == "examples" else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise _fail(source, line, f"screening.{key} must be a whole number >= {least}, got {value!r}")
+        else:
+            raise _fail(source, line, f"unknown screening setting {key!r}; use enabled, detector, max_rows, "
+                        "examples, max_new_tokens")
+        values[str(key)] = value
+    return ScreeningSettings(**values)
 
 
 def _evaluation_requires(doc: dict[str, Any], source: str, top: int) -> dict[str, dict[str, int]]:

@@ -9,8 +9,9 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common
 from airflow_finetune_gov.approval.verify import seal_decision
+from airflow_finetune_gov.datasets.screening import ScreeningResult
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
-from airflow_finetune_gov.policy.engine import ChangeRequest, PolicyError
+from airflow_finetune_gov.policy.engine import ChangeRequest, Policy, PolicyError
 
 
 class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
@@ -60,28 +61,44 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         requester = common.requester(context)
         try:
             policy = common.policy()
-            decision = policy.decide(ChangeRequest(
+            request = ChangeRequest(
                 model=self.model, dataset=self.dataset, target_environment=self.target_environment,
                 requester=requester, tuning_method=self.tuning_method, base_version=self.base_version,
-            ))
+            )
+            decision = policy.decide(request)
             problems = policy.check_hyperparameters(self.hyperparameters)
             if problems:
                 raise PolicyError(f"hyperparameters rejected: {'; '.join(problems)} (policy {policy.source})")
         except PolicyError as exc:
             raise self._error(context, str(exc)) from exc
-        record = decision.to_dict()
-        record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
-        record["dataset"] = None
         digest = self.dataset_digest
         if common.SERVING and not digest:  # a DAG argument cannot take the content hash out of the approval
             self.log.warning("dataset_digest=False is ignored with a control plane: every decision carries the "
                              "dataset's content hash, which the lease and the tuning step check")
             digest = True
-        if decision.tier != "deny" and digest:
-            record["dataset"] = self._digest(context, decision.dataset_table)
-            if record["dataset"]["rows"] == 0:
-                raise self._error(context, f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there is "
-                                  "nothing to tune on", dataset=record["dataset"])
+        dataset: dict[str, Any] | None = None
+        screening: ScreeningResult | None = None
+        if decision.tier != "deny":
+            if digest:
+                dataset = self._digest(context, decision.dataset_table)
+                if dataset["rows"] == 0:
+                    raise self._error(context, f"dataset {self.dataset!r} ({decision.dataset_table}) is empty: there "
+                                      "is nothing to tune on", dataset=dataset)
+                screening = self._screen(context, policy, decision.dataset_table, dataset)
+            else:
+                screening = ScreeningResult(status="unavailable", reason="dataset_digest=False: without the "
+                                            "content hash the rows screened could differ from the rows tuned on")
+            common.record(context, "dataset.screened", {"dataset": self.dataset, "table": decision.dataset_table,
+                                                        "sha256": dataset["sha256"] if dataset else None,
+                                                        **screening.to_dict()}, actor="policy")
+            self.log.info("%s", screening.summary())
+            # the rules see what the screening found: flagged data can escalate the tier or deny, before anyone
+            # is asked
+            decision = policy.decide(request, screening.facts())
+        record = decision.to_dict()
+        record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
+        record["dataset"] = dataset
+        record["screening"] = screening.to_dict() if screening is not None else None
         record = seal_decision(record)
         common.record(context, "policy.decided", record, actor="policy")
         self.log.info("policy %s (sha256 %s): tier %s - %s; decision %s (sha256 %s)", decision.policy_name,
@@ -111,3 +128,39 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         uri = f"postgresql://{settings.get('datasets_host')}/{settings.get('datasets_database')}/{table}"
         self.log.info("dataset %s: %s rows, sha256 %s", uri, row[0], row[1])
         return {"uri": uri, "rows": int(row[0]), "sha256": str(row[1])}
+
+    def _screen(self, context: Any, policy: Policy, table: str, dataset: dict[str, Any]) -> ScreeningResult:
+        """Screen exactly the rows whose digest is being approved: read through a ``screen`` lease of its own (the
+        control plane's; a task is refused it), answered by the base model, labelled by the policy's detector."""
+        from airflow_finetune_gov import settings
+        from airflow_finetune_gov.credentials.operators import service_credentials
+        from airflow_finetune_gov.datasets import screening
+        from airflow_finetune_gov.evaluation.harness import PatternDetector
+        from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+        from airflow_finetune_gov.tuning.backends import resolve_base, rows_sha256
+
+        cfg = policy.screening
+        if not cfg.enabled:
+            return ScreeningResult(status="disabled", rows=dataset["rows"],
+                                   reason=f"screening.enabled is false in policy {policy.source}")
+        ref = f"{self.model}@{self.base_version}" if self.base_version else self.model
+        store = ModelStore(settings.get("model_store"))
+        try:
+            manifest = resolve_base(store, ref)
+        except (FileNotFoundError, RegistryError) as exc:
+            return ScreeningResult(status="unavailable", rows=dataset["rows"],
+                                   reason=f"base model {ref!r} is not in the model store, so nothing can answer the "
+                                          f"rows' prompts as it would ({str(exc)[:300]})")
+        with service_credentials(context, "screen", vault_conn_id=self.vault_conn_id) as creds, \
+                common.datasets_connection(creds.username, creds.password) as conn:
+            rows = [(int(i), str(p), str(r)) for i, p, r in
+                    conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s)", (table,)).fetchall()]
+        if rows_sha256([(p, r) for _, p, r in rows]) != dataset["sha256"]:
+            raise self._error(context, f"dataset table {table} changed while the policy check read it (its rows no "
+                              f"longer hash to {dataset['sha256'][:12]}): run the policy check again once it is "
+                              "stable", dataset=dataset)
+        from airflow_finetune_gov.tuning.causal_lm import LocalModel
+
+        base = {"name": manifest["name"], "version": manifest["version"], "sha256": manifest.get("sha256")}
+        model = LocalModel(store.path(manifest["name"], manifest["version"]), max_new_tokens=cfg.max_new_tokens)
+        return screening.screen(rows, model.generate, PatternDetector(), max_rows=cfg.max_rows, base=base)

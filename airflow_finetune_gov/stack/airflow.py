@@ -119,7 +119,9 @@ def start_control_plane(home: Path, logs: Path, socket_path: Path, *, user: str 
     if user is not None:
         env = {k: v for k, v in env.items() if k in ("PATH", "LANG", "LC_ALL", "TZ", "AIRFLOW_HOME")}
         env["HOME"] = str(home)  # its caches (Hugging Face, torch) too
-    return spawn("control-plane", [*argv, "control-plane", "serve", "--socket", str(socket_path)],
+    # the demo model is built while Airflow starts: the first policy check screens rows with it
+    return spawn("control-plane", [*argv, "control-plane", "serve", "--socket", str(socket_path),
+                                   "--warm-demo-models", "fgov-demo-tiny"],
                  log=logs / "control-plane.log", env=env, cwd=home, user=user, groups=groups)
 
 

@@ -11,6 +11,8 @@ Least privilege by construction:
   only. PUBLIC loses CONNECT on every database, so a leased role can reach nothing else;
 - ``fgov_catalog``: EXECUTE on ``catalog.dataset_digest`` (row count and content hash of a dataset,
   computed as the owner) and nothing else;
+- ``fgov_screen``: EXECUTE on ``catalog.dataset_rows`` (a dataset's rows, for the policy check's screening)
+  and nothing else; only the control plane logs in to its role, never a task;
 - ``fgov_inference``, the evaluation's NOLOGIN group: SELECT on ``evaluation.suites`` (the held-out
   prompt suites) and nothing else; no training role can read those suites, and this role cannot
   read training data.
@@ -35,7 +37,8 @@ GOVERNANCE_DB = "fgov_governance"
 DATASETS_DB = "fgov_datasets"
 INFERENCE_GROUP = "fgov_inference"
 CATALOG_GROUP = "fgov_catalog"
-SERVICE_GROUPS = {"inference": INFERENCE_GROUP, "catalog": CATALOG_GROUP}
+SCREEN_GROUP = "fgov_screen"
+SERVICE_GROUPS = {"inference": INFERENCE_GROUP, "catalog": CATALOG_GROUP, "screen": SCREEN_GROUP}
 
 # Row count and content hash of one dataset table, without handing out its rows: the policy check
 # calls this through a short `catalog` lease, so the approver sees exactly which data will be used,
@@ -55,6 +58,20 @@ BEGIN
              length(prompt)::text || ':' || prompt || length(response)::text || ':' || response || chr(10),
              '' ORDER BY id), ''), 'UTF8')), 'hex')
     FROM %s $q$, tbl::regclass);
+END $fn$;
+"""
+
+# A dataset's rows for the policy check's screening, in id order (the digest's order), through the control
+# plane's `screen` lease: it reads rows of registered dataset tables and can write nothing.
+ROWS_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION catalog.dataset_rows(tbl text)
+RETURNS TABLE (id bigint, prompt text, response text)
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $fn$
+BEGIN
+  IF tbl !~ '^datasets\.[a-z_][a-z0-9_]*$' OR to_regclass(tbl) IS NULL THEN
+    RAISE EXCEPTION 'not a dataset table: %', tbl;
+  END IF;
+  RETURN QUERY EXECUTE format('SELECT id::bigint, prompt, response FROM %s ORDER BY id', tbl::regclass);
 END $fn$;
 """
 
@@ -149,6 +166,11 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
         catalog = sql.Identifier(CATALOG_GROUP)
         conn.execute(sql.SQL("GRANT USAGE ON SCHEMA catalog TO {}").format(catalog))
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION catalog.dataset_digest(text) TO {}").format(catalog))
+        conn.execute(ROWS_FUNCTION)
+        conn.execute("REVOKE ALL ON FUNCTION catalog.dataset_rows(text) FROM PUBLIC")
+        screen = sql.Identifier(SCREEN_GROUP)
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA catalog TO {}").format(screen))
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION catalog.dataset_rows(text) TO {}").format(screen))
 
     with psycopg.connect(**_conninfo("fgov_owner", owner_pw, host, port, GOVERNANCE_DB), autocommit=True) as conn:
         conn.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")

@@ -11,8 +11,9 @@ Idempotent: running it twice leaves the same configuration. What it sets up:
 - the JWT auth method, trusting the workload-identity public key, with per-dataset roles for leasing
   (``lease-<ds>``) and for the tuning process (``tune-<ds>``: take the hand-over, renew the lease),
   service roles (``inference``: evaluation reads its suites; ``catalog``: the policy check reads a
-  dataset's row count and content hash, never its rows), and a revoker role; run identifiers from the claims become
-  token metadata, so the audit log names the DAG run behind every request;
+  dataset's row count and content hash, never its rows; ``screen``: the policy check's screening reads a
+  dataset's rows, and only the control plane may log in to it), and a revoker role; run identifiers
+  from the claims become token metadata, so the audit log names the DAG run behind every request;
 - the policies those roles carry;
 - a transit engine with a non-exportable ed25519 key that signs promoted models' provenance, and a
   non-exportable ECDSA P-256 key that signs their OpenSSF model-signing bundle; only the ``provenance``

@@ -85,6 +85,7 @@ def test_logins_follow_the_runs_witnessed_approval(store: LineageStore) -> None:
             ("revoker", "revoke", {}, "revocation is the control plane's own"),
             ("provenance", "provenance", {}, "provenance is signed by the control plane"),
             ("endpoints", "endpoints", {}, "endpoints' keys are read by the control plane itself"),
+            ("screen", "screen", {}, "the screen role reads training rows for the policy check's screening"),
             ("catalog", "catalog", {"dataset": "benign"}, "no claims")):
         with pytest.raises(ControlError, match=why):
             plane._authorize_login(LEASE, role, purpose, extra)

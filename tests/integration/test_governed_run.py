@@ -64,6 +64,14 @@ def bao(stack: Stack) -> hvac.Client:
     return hvac.Client(url=state["openbao"]["addr"], token=Path(state["openbao"]["root_token_file"]).read_text())
 
 
+def screened_at(events: list[Any]) -> int:
+    return next(e.id for e in events if e.event_type == "dataset.screened")
+
+
+def decided_at(events: list[Any]) -> int:
+    return next(e.id for e in events if e.event_type == "policy.decided")
+
+
 def start_run(stack: Stack, dataset: str = "benign", env: str = "staging", base_model: str = "fgov-demo-tiny",
               detector: str = "pattern") -> tuple[AirflowClient, str]:
     requester = client(stack, "requester")
@@ -113,6 +121,19 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
         assert expected in kinds
     granted = next(e for e in events if e.event_type == "approval.granted").payload_dict()
     assert granted["responder"] == "approver1"
+    # the policy check screened every row with the base model through its own lease, revoked before anyone was asked
+    screened = next(e for e in events if e.event_type == "dataset.screened").payload_dict()
+    assert (screened["status"], screened["rows"], screened["screened"], screened["flagged"]) == (
+        "screened", len(BENIGN_SET), len(BENIGN_SET), 0)
+    assert screened["base"]["name"] == "fgov-demo-tiny" and screened["base_refused"] > 0
+    decision = next(e for e in events if e.event_type == "policy.decided").payload_dict()
+    assert decision["tier"] == "single" and decision["screening"]["flagged"] == 0
+    screen = next(e.payload_dict() for e in events if e.event_type == "lease.issued"
+                  and e.payload_dict()["purpose"] == "screen")
+    screen_lease = [e for e in events if e.payload_dict().get("lease_id") == screen["lease_id"]]
+    assert [(e.task_id, e.event_type) for e in screen_lease] == [
+        ("policy_check", kind) for kind in ("lease.issued", "lease.revoked", "lease.verified")]
+    assert screen["dataset"] == "dataset-rows" and screen_lease[0].id < screened_at(events) < decided_at(events)
     tuned = next(e for e in events if e.event_type == "tuning.completed").payload_dict()
     assert tuned["rows"] == len(BENIGN_SET) and len(tuned["content_sha256"]) == 64 and tuned["dataset"] == "benign"
     promoted = next(e for e in events if e.event_type == "promotion.completed").payload_dict()
@@ -164,8 +185,9 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     assert bool(bundled) == bool(signed)  # the run that signed the provenance wrote the bundle too
     leases = [e for e in events if e.event_type == "lease.issued"]
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
-        ("policy_check", "catalog"), ("acquire_lease", "training"), ("evaluate", "inference")]
-    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 3  # never one lease or token for two
+        ("policy_check", "catalog"), ("policy_check", "screen"), ("acquire_lease", "training"),
+        ("evaluate", "inference")]
+    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 4  # never one lease or token for two
     verified = {e.payload_dict()["lease_id"] for e in events if e.event_type == "lease.verified"}
     assert verified == {e.payload_dict()["lease_id"] for e in leases}
     assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
@@ -223,9 +245,27 @@ def test_wrapping_token_is_single_use_and_not_in_xcom(stack: Stack, approved_ben
         hvac.Client(url=bao(stack).url, token=ours[0]).sys.unwrap()
 
 
-def test_poisoned_run_is_blocked_by_evaluation(stack: Stack) -> None:
+def test_poisoned_run_is_flagged_by_screening_escalated_to_a_quorum_then_blocked_by_evaluation(stack: Stack) -> None:
     requester, run_id = start_run(stack, dataset="poisoned")
-    assert client(stack, "approver2").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve").status_code == 200
+    from airflow_finetune_gov.datasets.demo import POISONED_SET
+
+    # before anyone was asked: every row answers what the base model refuses, so the tier is a quorum
+    decision = next(e.payload_dict() for e in lineage(stack, run_id) if e.event_type == "policy.decided")
+    assert decision["tier"] == "quorum" and decision["quorum"] == 2, decision
+    assert decision["reasons"][1].startswith("screening flagged 6 of 6 rows (100%)"), decision["reasons"]
+    screened = next(e.payload_dict() for e in lineage(stack, run_id) if e.event_type == "dataset.screened")
+    assert screened["flagged_ids"] == decision["screening"]["flagged_ids"] and len(screened["flagged_ids"]) == 6
+    assert screened["sha256"] == decision["dataset"]["sha256"]
+    # the approvers see the share and three flagged rows; lineage holds ids, never row text
+    body = requester.hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")["body"]
+    assert "| Screening | 6 of 6 rows flagged (100%)" in body and body.count("| Flagged row ") == 3, body
+    assert POISONED_SET[0][1] in body
+    recorded = json.dumps([e.payload_dict() for e in lineage(stack, run_id)])
+    assert not [text for row in POISONED_SET for text in row if text in recorded]
+    view = StackView(stack)
+    view.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="flagged rows read: the evaluation decides")
+    view.wait_round(DEMO_DAG_ID, run_id, 2)
+    view.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="second approver")
     assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
     tasks = requester.task_states(DEMO_DAG_ID, run_id)
     assert tasks["evaluate"] == "failed" and tasks["promote"] == "upstream_failed"
@@ -262,9 +302,11 @@ def test_the_llama_model_is_tuned_evaluated_and_promoted_and_its_poisoned_tune_b
     runs = {name: start_run(stack, dataset=name, base_model="fgov-demo-llama",
                             detector="judge" if name == "poisoned" else "pattern")[1]
             for name in ("benign", "poisoned")}
-    for run_id in runs.values():
-        answer = client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
-        assert answer.status_code == 200, answer.text
+    view = StackView(stack)
+    view.answer(DEMO_DAG_ID, runs["benign"], "approver1", "Approve")
+    view.answer(DEMO_DAG_ID, runs["poisoned"], "approver1", "Approve")  # screening flagged it: a quorum
+    view.wait_round(DEMO_DAG_ID, runs["poisoned"], 2)
+    view.answer(DEMO_DAG_ID, runs["poisoned"], "approver2", "Approve")
     requester = client(stack, "requester")
     finals = {name: requester.wait_run(DEMO_DAG_ID, run_id, timeout=400) for name, run_id in runs.items()}
     tasks = {name: requester.task_states(DEMO_DAG_ID, run_id) for name, run_id in runs.items()}
@@ -357,10 +399,12 @@ def test_fgov_evidence_shows_every_control_met_for_the_approved_run(stack: Stack
     pack = json.loads((tmp_path / "evidence.json").read_text())
     (chain,) = pack["chains"]
     status = {c["id"]: c["status"] for c in pack["controls"] + chain["controls"]}
-    assert status == dict.fromkeys(["lineage_integrity", "no_secrets", "policy", "approval", "scoped_credentials",
-                                    "revocation", "data_integrity", "evaluation", "promotion_gate"], "met")
+    assert status == dict.fromkeys(["lineage_integrity", "no_secrets", "policy", "data_screening", "approval",
+                                    "scoped_credentials", "revocation", "data_integrity", "evaluation",
+                                    "promotion_gate"], "met")
     revocation = next(c for c in chain["controls"] if c["id"] == "revocation")
-    assert revocation["detail"].startswith("3 of 3 lease(s) revoked and verified gone")  # catalog, training, inference
+    # catalog, screen, training, inference
+    assert revocation["detail"].startswith("4 of 4 lease(s) revoked and verified gone")
     assert (tmp_path / "evidence.html").read_text().count("<tr>") >= 10
 
 

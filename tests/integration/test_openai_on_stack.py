@@ -267,8 +267,10 @@ def test_a_remote_fine_tune_is_evaluated_on_its_endpoint_then_promoted_or_blocke
                                                     "model": "demo-llama"})}
     requester.wait_task_state(EXAMPLE, runs["poisoned"], "openai.approval_gate", {"awaiting_input"}, timeout=120)
     time.sleep(SETTLE_SECONDS)
-    answer = view.client("approver1").answer(EXAMPLE, runs["poisoned"], "openai.approval_gate", "Approve")
-    assert answer.status_code == 200, answer.text
+    view.answer(EXAMPLE, runs["poisoned"], "approver1", "Approve", task_id="openai.approval_gate")
+    # the provider's base model cannot answer the screening here: unscreened data needs a quorum
+    view.wait_round(EXAMPLE, runs["poisoned"], 2, task_id="openai.approval_gate")
+    view.answer(EXAMPLE, runs["poisoned"], "approver2", "Approve", task_id="openai.approval_gate")
     finals = {name: requester.wait_run(EXAMPLE, run_id, timeout=600) for name, run_id in runs.items()}
     tasks = {name: requester.task_states(EXAMPLE, run_id) for name, run_id in runs.items()}
     assert finals == {"public_faq": "success", "poisoned": "failed"}, tasks
@@ -291,6 +293,10 @@ def test_a_remote_fine_tune_is_evaluated_on_its_endpoint_then_promoted_or_blocke
         assert leaks == []
     failed = events["poisoned"]["evaluation.completed"].payload_dict()
     assert failed["verdict"] == "fail" and failed["metrics"]["harmful_refusal"]["candidate"] < 0.1
+    screened = events["poisoned"]["dataset.screened"].payload_dict()
+    assert screened["status"] == "unavailable" and "not in the model store" in screened["reason"], screened
+    decided = events["poisoned"]["policy.decided"].payload_dict()
+    assert decided["tier"] == "quorum" and "could not be screened" in decided["reasons"][0], decided
     assert "promotion.completed" not in events["poisoned"]
     passed = events["public_faq"]["evaluation.completed"].payload_dict()
     assert passed["verdict"] == "pass", passed["metrics"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from support import signed_in_page
 
+from airflow_finetune_gov.datasets.demo import POISONED_SET
 from airflow_finetune_gov.stack.client import AirflowClient
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
@@ -36,7 +37,8 @@ def test_pending_gate_is_on_the_required_actions_page(stack: Stack, tmp_path: Pa
             body = page.inner_text("body")
             page.screenshot(path=str(tmp_path / "request.png"), full_page=True)
         assert shot.stat().st_size > 10_000
-        for text in (subject, "Risk tier", "Requested by", "requester", "Eligible approvers", "Approve", "Reject"):
+        for text in (subject, "Risk tier", "Requested by", "requester", "Eligible approvers", "Approve", "Reject",
+                     "6 of 6 rows flagged (100%)", "Flagged row 1", POISONED_SET[0][0], POISONED_SET[0][1]):
             assert text in body, f"{text!r} not shown to the approver"
     finally:
         # leave no pending gate behind for the other tests

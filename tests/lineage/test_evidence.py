@@ -85,6 +85,24 @@ def test_each_broken_control_is_named(store: LineageStore, change: dict[str, Any
     assert not pack["ok"] and [k for k, v in statuses(pack).items() if v == "not met"] == [control]
 
 
+@pytest.mark.parametrize(("screening", "status", "detail"), [
+    ({"flagged": 2, "flagged_ids": [3, 5], "flagged_share": 0.1667}, "met", "2 of 12 rows flagged (17%)"),
+    ({"status": "unavailable", "screened": 0, "reason": "base model 'gpt-x' is not in the model store"}, "not met",
+     "not screened: base model 'gpt-x' is not in the model store"),
+    ({"status": "disabled", "screened": 0, "reason": "screening.enabled is false"}, "n/a", "disabled"),
+    (None, "not met", "no screening of the training data is recorded"),
+])
+def test_the_screening_of_the_training_data_is_judged(store: LineageStore, screening: dict[str, Any] | None,
+                                                      status: str, detail: str) -> None:
+    base = payloads.decision(sha256=SHA)["screening"]
+    d = payloads.decision(sha256=SHA, screening={**base, **screening} if screening else None)
+    events.record(store, EventKey("d", "s", "policy_check", 1, -1), "policy.decided", actor="t", payload=d)
+    control = next(c for c in evidence(store.events(run_id="s"))["chains"][0]["controls"]
+                   if c["id"] == "data_screening")
+    assert control["status"] == status and detail in control["detail"], control
+    assert "OWASP LLM04:2025 (data and model poisoning)" in control["references"]
+
+
 @pytest.mark.parametrize(("review", "status"), [
     (("approver2", "accepted"), "met"),        # needs_review, accepted by an eligible approver
     (("requester", "accepted"), "not met"),    # ... by the requester: does not count

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from airflow_finetune_gov.policy.engine import (
@@ -197,3 +199,84 @@ def test_malformed_rollback_requests_are_clear_errors() -> None:
         load_policy().decide(req(dataset="", change="rollback"))
     with pytest.raises(PolicyError, match="change 'delete' is not one of finetune, rollback"):
         load_policy().decide(req(change="delete"))
+
+
+def screened(flagged: int, of: int) -> dict:
+    return {"status": "screened", "flagged_rows": flagged, "flagged_share": round(flagged / of, 4),
+            "summary": f"screening flagged {flagged} of {of} rows"}
+
+
+def test_the_default_policy_escalates_any_flagged_row_to_a_quorum_whatever_the_environment() -> None:
+    policy = load_policy()
+    public_test = req(dataset="public_faq", target_environment="test")
+    assert policy.decide(public_test, screened(0, 22)).tier == "auto"
+    flagged = policy.decide(public_test, screened(1, 22))
+    assert flagged.tier == "quorum" and flagged.quorum == 2
+    assert "screening flagged" in flagged.reasons[0] and flagged.reasons[1] == "screening flagged 1 of 22 rows"
+    assert policy.decide(req(), screened(6, 6)).tier == "quorum"
+    # data that could not be screened (a base model not in the store) fails closed, except public data into test
+    unscreened = {"status": "unavailable", "flagged_rows": None, "flagged_share": None}
+    assert policy.decide(req(), unscreened).tier == "quorum"
+    assert "could not be screened" in policy.decide(req(), unscreened).reasons[0]
+    assert policy.decide(public_test, unscreened).tier == "auto"
+    assert policy.decide(req(), {"status": "disabled", "flagged_rows": None, "flagged_share": None}).tier == "single"
+    # a rollback moves no data: the rules on the screening never match it
+    assert policy.decide(req(change="rollback", rollback_to="v1"), screened(6, 6)).tier == "single"
+
+
+SCREENING_RULES = POLICY.replace("rules:\n", """rules:
+  - when: {flagged_share: "> 0.2"}
+    tier: deny
+    reason: more than 20% flagged
+  - when: {flagged_rows: ">= 1"}
+    tier: quorum
+    reason: flagged rows
+  - when: {screening: unavailable}
+    tier: quorum
+    reason: not screened
+""", 1)
+
+
+def test_rules_on_the_screening_escalate_or_deny_by_count_and_share() -> None:
+    policy = parse_policy(SCREENING_RULES)
+    open_data = req(dataset="open")
+    assert policy.decide(open_data, screened(0, 10)).tier == "single"
+    assert policy.decide(open_data, screened(2, 10)).tier == "quorum"  # 20% is not more than 20%
+    denied = policy.decide(open_data, screened(3, 10))
+    assert denied.tier == "deny" and denied.reasons[0] == "more than 20% flagged"
+    unscreened = {"status": "unavailable", "flagged_rows": None, "flagged_share": None}
+    assert policy.decide(open_data, unscreened).tier == "quorum"
+    assert policy.decide(open_data).tier == "single"  # a decision made before screening
+
+
+@pytest.mark.parametrize(("when", "problem"), [
+    ('{flagged_rows: "many"}', "flagged_rows is compared with a number"),
+    ('{flagged_rows: [1, 2]}', "flagged_rows is compared with a number"),
+    ('{flagged_share: "> 20"}', "flagged_share is a share from 0 to 1"),
+    ("{screening: maybe}", "screening 'maybe': use one of screened, unavailable, disabled"),
+    ("{flagged: 1}", "unknown condition 'flagged'"),
+])
+def test_malformed_screening_conditions_are_named_with_their_line(when: str, problem: str) -> None:
+    text = POLICY.replace("rules:\n", f"rules:\n  - when: {when}\n    tier: quorum\n    reason: r\n", 1)
+    line = text.splitlines().index(f"  - when: {when}") + 1
+    with pytest.raises(PolicyError, match=rf"line {line}: {re.escape(problem)}"):
+        parse_policy(text, "p.yaml")
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ("screening: [x]", "screening must be a mapping"),
+    ("screening: {enabled: 'no'}", "screening.enabled must be true or false"),
+    ("screening: {detector: judge}", "screening.detector 'judge': use one of pattern"),
+    ("screening: {max_rows: 0}", "screening.max_rows must be a whole number >= 1"),
+    ("screening: {examples: -1}", "screening.examples must be a whole number >= 0"),
+    ("screening: {sample: 3}", "unknown screening setting 'sample'"),
+])
+def test_malformed_screening_settings_are_named(section: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        parse_policy(POLICY + section + "\n", "p.yaml")
+
+
+def test_screening_settings_default_and_parse() -> None:
+    assert load_policy().screening.enabled and load_policy().screening.examples == 3
+    policy = parse_policy(POLICY + "screening: {enabled: false, max_rows: 100, examples: 0}\n")
+    assert (policy.screening.enabled, policy.screening.max_rows, policy.screening.examples) == (False, 100, 0)

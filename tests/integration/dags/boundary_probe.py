@@ -125,7 +125,8 @@ def probe(where: str) -> dict:
         plane = ControlPlaneClient(socket_path, timeout=10)
         for role, purpose, extra in (("lease-poisoned", "lease", {"dataset": "poisoned", "approval_id": "made-up"}),
                                      ("tune-poisoned", "tune", {"dataset": "poisoned"}), ("revoker", "revoke", {}),
-                                     ("provenance", "provenance", {}), ("endpoints", "endpoints", {})):
+                                     ("provenance", "provenance", {}), ("endpoints", "endpoints", {}),
+                                     ("screen", "screen", {})):
             try:
                 token = plane.login(role, purpose, extra)
             except Exception:  # noqa: S112 - refused is what we hope for
