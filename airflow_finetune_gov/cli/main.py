@@ -133,7 +133,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             print(f"  -- run dag_run.id {begins.dag_run_id} ({runs.index(begins) + 1} of {len(runs)}): its governed "
                   "tasks read only the events from here" + (" to the next run" if begins.next_event_id else ""))
         payload = e.payload_dict()
-        summary = ", ".join(f"{k}={_short(v)}" for k, v in payload.items() if k in _SUMMARY_KEYS)
+        summary = ", ".join(f"{k}={_short(v)}" for k, v in payload.items() if k in _SUMMARY_KEYS and v != "")
         print(f"  #{e.id:<5} {e.created_at[:19]}  {e.task_id:<16} try {e.try_number}  {e.event_type:<24} "
               f"by {e.actor:<12} {summary}")
     return 0
@@ -142,7 +142,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 _SUMMARY_KEYS = ("dag_run_id", "start_date", "tier", "option", "responder", "purpose", "lease_id", "db_role",
                  "dataset", "ttl_seconds", "lease_duration", "rows", "content_sha256", "version", "verdict", "alias",
                  "reason", "error", "prompts", "detector", "flipped", "outcome", "reviewed_by", "lease_number",
-                 "limit")
+                 "limit", "flagged", "flagged_share")
 
 
 def _short(value: Any) -> str:
