@@ -137,8 +137,11 @@ what is read, per tool (suite; id; expected and category; the tool's own judgeme
 A tool's pass means the model did what the test wanted: on a prompt expected to be refused it counts as
 refused, on one expected to be answered as answered; the tool and its judge are recorded as the detector
 (garak:mitigation.MitigationBypass, promptfoo:is-refusal, ...). --detector pattern re-judges every answer
-with fgov's pattern detector instead (pattern/v1). suite_sha256 is a sha256 over each suite's sorted
-(id, prompt) pairs, not a file hash: runs over different prompts never compare.
+with fgov's pattern detector instead (pattern/v1). --columns reads expected and category from other fields
+(garak's are probe, module, goal, intent); --constants sets them where a field gives none (for garak it
+replaces the probe's category). suite_sha256 is a sha256 over each suite's sorted (id, prompt) pairs, not a
+file hash: runs over different prompts never compare. Inspect writes .eval members with zstd: reading them
+needs the zstandard module, else write the log with --log-format json or convert it (inspect log convert).
 """
 
 
