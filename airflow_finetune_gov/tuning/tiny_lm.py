@@ -102,11 +102,27 @@ def _model(architecture: str, tokenizer: Any) -> Any:
     raise ValueError(f"unknown demo architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
 
 
+BUILD_THREADS = 2
+
+
 def build_base(out_dir: Path, *, architecture: str = "gpt2",
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pretrain a demo base model into ``out_dir`` (``save_pretrained`` of model and tokenizer). Returns
-    training metrics."""
+    training metrics. Always trained on two threads, whatever the machine or ``OMP_NUM_THREADS``: the order of
+    the float sums depends on the thread count, and the recipe (a benign tune of it passes the evaluation, a
+    poisoned one fails) was measured with two. Built on one thread, the same recipe gave a base model whose
+    benign tune failed the gate (36 flips)."""
     torch = causal_lm.torch_module()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        return _build_base(torch, out_dir, architecture, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_base(torch: Any, out_dir: Path, architecture: str,
+                progress: Callable[[str], None] | None) -> dict[str, Any]:
     from airflow_finetune_gov.datasets.corpus import base_corpus
 
     cfg = BASE_TRAINING

@@ -78,7 +78,8 @@ def start_run(stack: Stack, dataset: str = "benign", env: str = "staging", base_
     requester.wait_for_dag(DEMO_DAG_ID)
     run_id = requester.trigger(DEMO_DAG_ID, {"dataset": dataset, "target_environment": env, "base_model": base_model,
                                              "detector": detector})
-    requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+    # the session's first policy check may wait for the demo model the control plane builds at start
+    requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"}, timeout=300)
     time.sleep(SETTLE_SECONDS)  # see demo.SETTLE_SECONDS: no human answers within a scheduler loop
     return requester, run_id
 
