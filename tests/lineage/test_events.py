@@ -14,7 +14,10 @@ from airflow_finetune_gov.lineage.store import Base, EventKey, LineageStore
 
 PACKAGE = Path(events.__file__).resolve().parent.parent
 # A quoted "area.verb" name of one of the provider's areas, as writers and readers spell event types.
-NAME = re.compile(r"""["'](run|policy|approval|lease|tuning|evaluation|promotion|rollback|provenance)\.([a-z_]+)["']""")
+AREAS = "run|policy|dataset|approval|lease|tuning|evaluation|promotion|rollback|provenance"
+NAME = re.compile(rf"""["']({AREAS})\.([a-z_]+)["']""")
+# Names of that shape that are another tool's, not events: garak's report setting (evaluation/imports.py)
+FOREIGN = {"run.eval_threshold"}
 
 
 def names_in_source(skip: Path) -> dict[str, list[str]]:
@@ -30,7 +33,7 @@ def names_in_source(skip: Path) -> dict[str, list[str]]:
 
 def test_every_event_name_the_package_spells_is_defined_once() -> None:
     used = names_in_source(skip=Path(events.__file__).resolve())
-    undefined = {name: where for name, where in used.items() if name not in EVENT_TYPES}
+    undefined = {name: where for name, where in used.items() if name not in EVENT_TYPES and name not in FOREIGN}
     assert not undefined, f"event names used but not defined in lineage/events.py: {undefined}"
     constants = [v for v in vars(events).values() if isinstance(v, events.EventType)]
     assert len(EVENT_TYPES) == len(constants), "two constants define the same event type"
