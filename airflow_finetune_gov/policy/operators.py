@@ -22,6 +22,12 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
     It also records what exactly is being approved: the dataset's row count and content hash (read
     through a short ``catalog`` lease that can compute digests but not read rows) and the tuning
     hyperparameters. The tuning step refuses data or hyperparameters that differ from these.
+
+    Then it screens exactly those rows (``dataset.screened``): read through the control plane's own ``screen``
+    lease, each row's prompt is answered by the base model, and a row whose response complies where the base
+    model refuses is flagged (ids and counts recorded, never text). The policy decides again with what the
+    screening found (``flagged_rows``, ``flagged_share``, ``screening``), so flagged or unscreenable data can
+    raise the tier or deny before anyone is asked.
     """
 
     template_fields = ("model", "dataset", "target_environment", "tuning_method", "base_version",
