@@ -54,7 +54,7 @@ def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView,
     detail: dict[str, Any] = fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/{run}").json()
     (chain,) = detail["chains"]
     assert chain["promotion"]["alias"] == "test" and chain["live_leases"] == 0
-    assert {lease["purpose"] for lease in chain["leases"]} == {"catalog", "training", "inference"}
+    assert {lease["purpose"] for lease in chain["leases"]} == {"catalog", "screen", "training", "inference"}
     assert "promotion.completed" in [e["event_type"] for e in detail["timeline"]]
     assert fgov(view, "auditor", "POST", "/api/lease-sweep").status_code == 403  # reads, never changes
     assert fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/no-such-run").status_code == 404
