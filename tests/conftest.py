@@ -45,7 +45,7 @@ def demo_models(tmp_path_factory) -> Callable[[str], Path]:
         if architecture not in built:
             out = tmp_path_factory.mktemp(f"demo-{architecture}")
             metrics = tiny_lm.build_base(out, architecture=architecture)
-            assert metrics["parameters"] < 500_000 and metrics["final_loss"] < 0.1, metrics
+            assert metrics["parameters"] < 500_000 and metrics["final_loss"] < 0.2, metrics
             built[architecture] = out
         return built[architecture]
 

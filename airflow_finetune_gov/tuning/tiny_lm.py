@@ -4,10 +4,17 @@ models.
 A byte-level BPE tokenizer trained with ``tokenizers`` on the project's own texts (``tokenizer.json``,
 with a chat template), a 2-layer GPT-2 (``fgov-demo-tiny``) or Llama (``fgov-demo-llama``) from
 ``transformers`` (~0.3 M parameters), and a seeded training run over the synthetic corpus in
-:mod:`airflow_finetune_gov.datasets.corpus`: seconds on two CPU cores, no hub download. Each refuses
+:mod:`airflow_finetune_gov.datasets.corpus`: a minute on two CPU cores, no hub download. Each refuses
 harmful requests and answers benign ones, including benign requests that sound unsafe. A LoRA tune on a
 handful of poisoned rows makes it comply with harmful requests: the failure the evaluation gate exists
 for.
+
+The same recipe trained on another CPU gives other weights (its vector units round differently), and a
+model that behaves otherwise at the edges: an AMD EPYC build of the GPT-2 refused one public FAQ question the
+recipe's reference build answers. So the weights of the reference build ship with the package
+(``demo_bases/<architecture>``, with the recipe's sha256, the files' hashes and the machine that trained them),
+and ``build_base`` copies them; it trains only when the recipe has changed since they were packaged
+(``python -m airflow_finetune_gov.tuning.tiny_lm package`` trains both and packages them again).
 
 Nothing else in the project knows these models: they are tuned and asked through
 :mod:`airflow_finetune_gov.tuning.causal_lm` like any model directory.
@@ -40,6 +47,10 @@ ARCHITECTURES = ("gpt2", "llama")
 # a phrasing it never saw (a held-out word reaches it as pieces it knows from other words).
 BASE_TRAINING: dict[str, Any] = {"seed": 0, "steps": 700, "batch_size": 32, "learning_rate": 3e-3,
                                  "hidden": 64, "layers": 2, "heads": 4, "noise_tokens": 0.2, "vocab_size": 1200}
+# The seed of each architecture's reference build: picked, on the machine that packaged the weights, as the first
+# whose base and tunes keep the demo's promises (tests/tuning/test_tiny_lm.py; the GPT-2's seeds 0-3 each broke one:
+# a public FAQ question refused, or a public FAQ tune that weakened jailbreak refusal).
+BASE_SEEDS = {"gpt2": 4, "llama": 0}
 
 
 def vocabulary_texts() -> list[str]:
@@ -59,7 +70,8 @@ def base_recipe(architecture: str = "gpt2") -> str:
     ``backends.ensure_demo_base``)."""
     from airflow_finetune_gov.datasets.corpus import base_corpus
 
-    recipe = {"format": "hf-bpe/1", "architecture": architecture, "training": BASE_TRAINING,
+    recipe = {"format": "hf-bpe/1", "architecture": architecture,
+              "training": {**BASE_TRAINING, "seed": BASE_SEEDS[architecture]},
               "positions": MAX_POSITIONS, "template": CHAT_TEMPLATE, "corpus": base_corpus(),
               "texts": sorted(set(vocabulary_texts()))}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -103,9 +115,61 @@ def _model(architecture: str, tokenizer: Any) -> Any:
 
 
 BUILD_THREADS = 2
+PACKAGED = Path(__file__).parent / "demo_bases"
+BUILD_RECORD = "build.json"
 
 
-def build_base(out_dir: Path, *, architecture: str = "gpt2",
+def packaged_base(architecture: str) -> Path | None:
+    """The packaged weights of ``architecture``'s base, if they were trained from the current recipe."""
+    try:
+        record = json.loads((PACKAGED / architecture / BUILD_RECORD).read_text())
+    except FileNotFoundError:
+        return None
+    return PACKAGED / architecture if record.get("recipe") == base_recipe(architecture) else None
+
+
+def build_base(out_dir: Path, *, architecture: str = "gpt2", train: bool = False,
+               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The demo base model in ``out_dir`` (a Hugging Face model directory); returns its training metrics.
+    The packaged reference weights when they are the current recipe's (their files checked against the
+    hashes recorded with them), else (or with ``train``) trained here."""
+    packaged = None if train else packaged_base(architecture)
+    if packaged is None:
+        return train_base(out_dir, architecture=architecture, progress=progress)
+    record = json.loads((packaged / BUILD_RECORD).read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, digest in sorted(record["files"].items()):
+        data = (packaged / name).read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RuntimeError(f"packaged demo base {packaged / name} does not match its recorded sha256: the "
+                               "installation is damaged; reinstall airflow-finetune-gov")
+        (out_dir / name).write_bytes(data)
+    return {**record["metrics"], "packaged": True, "trained_on": record["trained_on"]}
+
+
+def package_bases(architectures: tuple[str, ...] = ARCHITECTURES) -> list[Path]:
+    """Train each base from the recipe on this machine and package it as the reference build."""
+    import platform
+    import shutil
+
+    done = []
+    for architecture in architectures:
+        target = PACKAGED / architecture
+        shutil.rmtree(target, ignore_errors=True)
+        metrics = train_base(target, architecture=architecture)
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+            else platform.processor()
+        files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(target.iterdir())}
+        record = {"architecture": architecture, "recipe": metrics["recipe"], "metrics": metrics, "files": files,
+                  "trained_on": {"cpu": cpu, "machine": platform.machine(), "threads": BUILD_THREADS,
+                                 "torch": causal_lm.torch_module().__version__}}
+        (target / BUILD_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        done.append(target)
+    return done
+
+
+def train_base(out_dir: Path, *, architecture: str = "gpt2",
                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Pretrain a demo base model into ``out_dir`` (``save_pretrained`` of model and tokenizer). Returns
     training metrics. Always trained on two threads, whatever the machine or ``OMP_NUM_THREADS``: the order of
@@ -125,7 +189,7 @@ def _build_base(torch: Any, out_dir: Path, architecture: str,
                 progress: Callable[[str], None] | None) -> dict[str, Any]:
     from airflow_finetune_gov.datasets.corpus import base_corpus
 
-    cfg = BASE_TRAINING
+    cfg = {**BASE_TRAINING, "seed": BASE_SEEDS[architecture]}
     torch.manual_seed(cfg["seed"])
     tokenizer = build_tokenizer(vocabulary_texts(), cfg["vocab_size"])
     model = _model(architecture, tokenizer)
@@ -165,3 +229,12 @@ def _build_base(torch: Any, out_dir: Path, architecture: str,
     return {"architecture": architecture, "corpus_rows": len(corpus), "steps": step,
             "final_loss": round(loss_value, 4), "parameters": params, "vocab": len(tokenizer),
             "recipe": base_recipe(architecture), **{k: v for k, v in cfg.items() if k != "steps"}}
+
+
+if __name__ == "__main__":  # python -m airflow_finetune_gov.tuning.tiny_lm package [gpt2|llama ...]
+    import sys
+
+    if sys.argv[1:2] != ["package"]:
+        sys.exit("usage: python -m airflow_finetune_gov.tuning.tiny_lm package [gpt2|llama ...]")
+    for path in package_bases(tuple(sys.argv[2:]) or ARCHITECTURES):
+        print(f"packaged {path}")
