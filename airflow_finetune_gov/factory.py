@@ -84,12 +84,15 @@ def governed_finetune(
     promotion: Promotion | None = Promotion(),
     prefix_group_id: bool = True,
     tooltip: str = "",
+    justification: str = "{{ params.justification if 'justification' in params else '' }}",
 ) -> TaskGroup:
     """Build the governed chain for ``dataset`` into ``target_environment`` as a TaskGroup.
 
     :param model: the model named in the policy request (default: ``tuning.base_model``).
     :param evaluation: ``None`` to leave the tuned model unevaluated; then ``promotion`` must be
         ``None`` too (nothing is promoted without a passing evaluation).
+    :param justification: the requester's reason, shown to the approvers (default: the run's
+        ``justification`` param, which the requester fills in when triggering).
     :param prefix_group_id: ``False`` keeps task ids unprefixed (``approval_gate``, ``tune``, ...):
         fine for one chain per DAG, and what the quickstart uses.
     """
@@ -114,7 +117,7 @@ def governed_finetune(
         check = PolicyCheckOperator(
             task_id="policy_check", model=model or tuning.base_model, dataset=dataset,
             target_environment=target_environment, tuning_method=tuning.tuning_method,
-            hyperparameters=tuning.hyperparameters, vault_conn_id=lease.vault_conn_id)
+            hyperparameters=tuning.hyperparameters, vault_conn_id=lease.vault_conn_id, justification=justification)
         gate = FineTuneApprovalOperator(task_id="approval_gate", subject=approval.subject,
                                         response_timeout=approval.response_timeout, **approval.options)
         acquire = AcquireLeaseOperator(task_id="acquire_lease", expected_duration=lease.expected_duration,

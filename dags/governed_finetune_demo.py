@@ -40,6 +40,8 @@ with DAG(
                             description="Demo base model: GPT-2-style or Llama-style"),
         "detector": Param("pattern", enum=["pattern", "judge"],
                           description="Refusal detector: phrases, or the deployment's judge model"),
+        "justification": Param("", type="string", maxLength=1000,
+                               description="Why this change: shown to the approvers"),
     },
     default_args={"retries": 0},
     doc_md=__doc__,

@@ -44,7 +44,8 @@ def review_requested(evaluation_id: str = "e1", *, request_sha256: str = REQUEST
                                                       request_sha256=request_sha256)
 
 
-def witnessed(who: str, option: str = "Approve", *, comment: str = "", request_sha256: str = REQUEST) -> dict[str, Any]:
+def witnessed(who: str, option: str = "Approve", *, comment: str = "reviewed",
+              request_sha256: str = REQUEST) -> dict[str, Any]:
     """The api-server's record of an answer through Airflow's API (recorded under the gate's task, try 0) to the
     request ``request_sha256`` names."""
     return events.APPROVAL_WITNESSED.payload(responder=who, responder_name=who, chosen_options=[option],

@@ -83,22 +83,27 @@ def request_sha256(subject: str, body: str | None, options: Sequence[str]) -> st
     return hashlib.sha256(shown.encode()).hexdigest()
 
 
-def _witnessed(events: Sequence[LineageEvent], option: str, after: int, requests: set[str]) -> set[str]:
+def _witnessed(events: Sequence[LineageEvent], option: str, after: int, requests: set[str], *,
+               need_comment: bool = False) -> set[str]:
     return {str(p.get("responder")) for e in events if e.event_type == "approval.witnessed" and e.id > after
-            and option in (p := e.payload_dict()).get("chosen_options", []) and p.get("request_sha256") in requests}
+            and option in (p := e.payload_dict()).get("chosen_options", []) and p.get("request_sha256") in requests
+            and (not need_comment or str(p.get("comment") or "").strip())}
 
 
 def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
     """Who answered ``Approve`` through Airflow's API after the latest policy decision, to a request rendered
     for that decision, as the api-server witnessed it (``approval.witnessed``, which only the api-server
     records): an ``approval.granted`` counts only for one of them. A grant is the gate's reading of an
-    answer; the witness is the answer."""
+    answer; the witness is the answer. Where the decision requires a comment with an approval
+    (``comment_required``: the policy's, for the change's environment), only answers with one."""
     decided = [e for e in events if e.event_type == "policy.decided"]
     if not decided:
         return set()
-    requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decided[-1].payload_dict())
+    decision = decided[-1].payload_dict()
+    requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decision)
                 if p.get("request_sha256")}
-    return _witnessed(events, APPROVE, decided[-1].id, requests)
+    return _witnessed(events, APPROVE, decided[-1].id, requests,
+                      need_comment=APPROVE in (decision.get("comment_required") or []))
 
 
 def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:

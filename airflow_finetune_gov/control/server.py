@@ -261,7 +261,7 @@ def service_context(identity: TaskIdentity, log_: CapturingLog, run_started: dic
 PLANE_OPERATORS = {
     "policy_check": ("airflow_finetune_gov.policy.operators", "PolicyCheckOperator",
                      ("model", "dataset", "target_environment", "tuning_method", "base_version", "hyperparameters",
-                      "dataset_digest")),
+                      "dataset_digest", "justification")),
     "rollback_check": ("airflow_finetune_gov.registry.operators", "RollbackCheckOperator",
                        ("model", "alias", "to_version")),
     # Evaluation, promotion and rollback: the verdict, the store's aliases and the provenance signature are

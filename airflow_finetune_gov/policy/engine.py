@@ -27,6 +27,9 @@ WHEN_KEYS = ("target_environment", "classification", "tuning_method", "dataset",
 COMPARED_KEYS = ("flagged_rows", "flagged_share")
 SCREENING_STATUSES = ("screened", "unavailable", "disabled")
 SCREENING_DETECTORS = ("pattern",)
+# How approvers are shown training rows (samples and flagged rows), by the dataset's classification
+ROW_DISPLAYS = ("full", "redacted", "none")
+DEFAULT_ROW_DISPLAY = {"public": "full", "internal": "full", "pii": "redacted", "sensitive": "none"}
 _COMPARISON = re.compile(r"^\s*(>=|<=|>|<|==)?\s*(\d+(?:\.\d+)?)\s*$")
 _OPS = {">": float.__gt__, ">=": float.__ge__, "<": float.__lt__, "<=": float.__le__, "==": float.__eq__}
 
@@ -45,6 +48,7 @@ class DatasetEntry:
     table: str
     classification: str
     description: str = ""
+    owner: str = ""  # who answers for the data: shown to approvers
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,22 @@ class ScreeningSettings:
 
 
 @dataclass(frozen=True)
+class ApprovalSettings:
+    """The policy's ``approval`` section: what an approval request shows and what an answer must carry."""
+
+    sample_rows: int = 3  # training rows shown to approvers, an even spread over the dataset
+    show_rows: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_ROW_DISPLAY))
+    comment_required_options: tuple[str, ...] = ("Reject",)  # an answer with one of these needs a comment
+    comment_required_environments: tuple[str, ...] = ("production",)  # every answer for these needs one
+
+    def row_display(self, classification: str) -> str:
+        return self.show_rows.get(classification, "none")
+
+    def comment_required(self, option: str | None, environment: str) -> bool:
+        return option in self.comment_required_options or environment in self.comment_required_environments
+
+
+@dataclass(frozen=True)
 class ChangeRequest:
     """A fine-tune of ``model`` on ``dataset`` into ``target_environment``; or, with ``change="rollback"``,
     moving alias ``target_environment`` of ``model`` back to version ``rollback_to`` (no dataset)."""
@@ -91,6 +111,7 @@ class ChangeRequest:
     base_version: str = ""
     change: str = "finetune"
     rollback_to: str = ""
+    justification: str = ""  # the requester's why, shown to approvers as text
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,8 @@ class Decision:
     dataset_table: str
     rule_line: int
     request: dict[str, Any] = field(default_factory=dict)
+    data_owner: str = ""
+    comment_required: list[str] = field(default_factory=list)  # the options an answer must say why with
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,6 +176,7 @@ class Policy:
     evaluation_requires: dict[str, dict[str, int]] = field(
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_EVALUATION_REQUIRES.items()})
     screening: ScreeningSettings = field(default_factory=ScreeningSettings)
+    approval: ApprovalSettings = field(default_factory=ApprovalSettings)
 
     def evaluation_required(self, environment: str) -> dict[str, int]:
         """The metrics an evaluation for ``environment`` must measure, with the least prompts each needs."""
@@ -225,7 +249,9 @@ class Policy:
                 return Decision(tier=tier, reasons=reasons, policy_name=self.name, policy_sha256=self.sha256,
                                 approvers=approvers, quorum=need if tier != "auto" else 0,
                                 classification=ds.classification, dataset_table=ds.table,
-                                rule_line=rule.line, request=asdict(request))
+                                rule_line=rule.line, request=asdict(request), data_owner=ds.owner,
+                                comment_required=[o for o in ("Approve", "Reject") if
+                                                  self.approval.comment_required(o, request.target_environment)])
         raise PolicyError(f"no rule of policy {self.name} ({self.source}) matches {facts}; "
                           "end the rules with a catch-all `when: {}`")
 
@@ -275,7 +301,10 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
             raise _fail(source, _line(entry, "classification"),
                         f"dataset {name!r}: classification {cls!r} is not one of "
                         f"{', '.join(CLASSIFICATIONS)}")
-        datasets[str(name)] = DatasetEntry(str(name), table, cls, str(entry.get("description", "")))
+        owner = entry.get("owner", "")
+        if not isinstance(owner, str):
+            raise _fail(source, _line(entry, "owner"), f"dataset {name!r}: owner must be a name or team, got {owner!r}")
+        datasets[str(name)] = DatasetEntry(str(name), table, cls, str(entry.get("description", "")), owner)
     rules: list[Rule] = []
     if not isinstance(doc["rules"], list) or not doc["rules"]:
         raise _fail(source, top, "rules must be a non-empty list")
@@ -352,7 +381,59 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation,
                   hyperparameters=bounds, evaluation_requires=_evaluation_requires(doc, source, top),
-                  screening=_screening(doc, source, top))
+                  screening=_screening(doc, source, top), approval=_approval(doc, source, top))
+
+
+def _approval(doc: dict[str, Any], source: str, top: int) -> ApprovalSettings:
+    raw = doc.get("approval")
+    if raw is None:
+        return ApprovalSettings()
+    if not isinstance(raw, dict):
+        raise _fail(source, top, "approval must be a mapping of sample_rows/show_rows/comment_required")
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _META:
+            continue
+        line = _line(raw, key)
+        if key == "sample_rows":
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 20:
+                raise _fail(source, line, f"approval.sample_rows must be a whole number from 0 to 20, got {value!r}")
+            values["sample_rows"] = value
+        elif key == "show_rows":
+            if not isinstance(value, dict):
+                raise _fail(source, line, "approval.show_rows maps classifications to full, redacted or none, e.g. "
+                            "{pii: redacted, sensitive: none}")
+            shown = dict(DEFAULT_ROW_DISPLAY)
+            for cls, how in value.items():
+                if cls in _META:
+                    continue
+                if cls not in CLASSIFICATIONS:
+                    raise _fail(source, _line(value, cls), f"approval.show_rows: unknown classification {cls!r}; "
+                                f"use {', '.join(CLASSIFICATIONS)}")
+                if how not in ROW_DISPLAYS:
+                    raise _fail(source, _line(value, cls), f"approval.show_rows.{cls} {how!r}: use one of "
+                                f"{', '.join(ROW_DISPLAYS)}")
+                shown[str(cls)] = str(how)
+            values["show_rows"] = shown
+        elif key == "comment_required":
+            if not isinstance(value, dict) or not set(value) - set(_META) <= {"options", "environments"}:
+                raise _fail(source, line, "approval.comment_required is {options: [Reject], environments: "
+                            "[production]}: an answer with one of the options, or any answer for one of the "
+                            "environments, needs a comment")
+            options = _as_tuple(value.get("options", []))
+            environments = _as_tuple(value.get("environments", []))
+            if not set(options) <= {"Approve", "Reject"}:
+                raise _fail(source, _line(value, "options"), f"approval.comment_required.options {list(options)}: "
+                            "use Approve and/or Reject")
+            if not set(environments) <= set(ENVIRONMENTS):
+                raise _fail(source, _line(value, "environments"), "approval.comment_required.environments "
+                            f"{list(environments)}: use {', '.join(ENVIRONMENTS)}")
+            values["comment_required_options"] = options
+            values["comment_required_environments"] = environments
+        else:
+            raise _fail(source, line, f"unknown approval setting {key!r}; use sample_rows, show_rows, "
+                        "comment_required")
+    return ApprovalSettings(**values)
 
 
 def _screening(doc: dict[str, Any], source: str, top: int) -> ScreeningSettings:

@@ -13,6 +13,8 @@ from airflow_finetune_gov.datasets.screening import ScreeningResult
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.policy.engine import ChangeRequest, Policy, PolicyError
 
+JUSTIFICATION_LIMIT = 1000  # characters of the requester's why kept in the request
+
 
 class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
     """Evaluate the policy for this run's change request and record the decision in lineage.
@@ -28,15 +30,20 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
     model refuses is flagged (ids and counts recorded, never text). The policy decides again with what the
     screening found (``flagged_rows``, ``flagged_share``, ``screening``), so flagged or unscreenable data can
     raise the tier or deny before anyone is asked.
+
+    ``justification``: the requester's reason for the change (templated: the factory passes the run's
+    ``justification`` param), kept in the request (one line, at most 1,000 characters) and shown to approvers
+    as text.
     """
 
     template_fields = ("model", "dataset", "target_environment", "tuning_method", "base_version",
-                       "hyperparameters")
+                       "hyperparameters", "justification")
     ui_color = "#e8f0fe"
 
     def __init__(self, *, model: str, dataset: str, target_environment: str, tuning_method: str = "lora",
                  base_version: str = "", hyperparameters: dict[str, Any] | None = None,
-                 dataset_digest: bool = True, vault_conn_id: str | None = None, **kwargs: Any) -> None:
+                 dataset_digest: bool = True, vault_conn_id: str | None = None, justification: str = "",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hyperparameters = hyperparameters
         self.dataset_digest = dataset_digest
@@ -49,6 +56,7 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         self.target_environment = target_environment
         self.tuning_method = tuning_method
         self.base_version = base_version
+        self.justification = justification
 
     @staticmethod
     def _error(context: Any, error: str, **details: Any) -> AirflowFailException:
@@ -61,7 +69,8 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
             return common.control().execute("policy_check", {
                 "model": self.model, "dataset": self.dataset, "target_environment": self.target_environment,
                 "tuning_method": self.tuning_method, "base_version": self.base_version,
-                "hyperparameters": self.hyperparameters, "dataset_digest": self.dataset_digest}, log=self.log)
+                "hyperparameters": self.hyperparameters, "dataset_digest": self.dataset_digest,
+                "justification": self.justification}, log=self.log)
         # Before anything is leased: a run whose start the scheduler did not witness cannot be governed.
         common.incarnation(context)
         requester = common.requester(context)
@@ -70,6 +79,7 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
             request = ChangeRequest(
                 model=self.model, dataset=self.dataset, target_environment=self.target_environment,
                 requester=requester, tuning_method=self.tuning_method, base_version=self.base_version,
+                justification=" ".join(str(self.justification or "").split())[:JUSTIFICATION_LIMIT],
             )
             decision = policy.decide(request)
             problems = policy.check_hyperparameters(self.hyperparameters)

@@ -32,10 +32,10 @@ def decide(store: LineageStore, env: str = "staging", dataset: str = "benign", *
     return d
 
 
-def grant(store: LineageStore, who: str, d: dict, *, witnessed: bool = True) -> None:
+def grant(store: LineageStore, who: str, d: dict, *, witnessed: bool = True, comment: str = "looked at it") -> None:
     if witnessed:
         events.record(store, EventKey("d", "r", "approval_gate", 0), "approval.witnessed", actor="api-server",
-                      payload=payloads.witnessed(who))
+                      payload=payloads.witnessed(who, comment=comment))
     events.record(store, EventKey("d", "r", "approval_gate", 1), "approval.granted", actor=who,
                   payload=payloads.grant(d, who, approval_id=f"id-{who}"))
 
@@ -70,6 +70,19 @@ def test_quorum_needs_distinct_people(store: LineageStore) -> None:
         granted_approval(store.events(dag_id="d", run_id="r"), "r")
     grant(store, "approver2", d)
     assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1", "approver2"]
+
+
+def test_where_the_policy_wants_a_reason_an_approval_without_one_does_not_count(store: LineageStore) -> None:
+    d = decide(store, env="production")
+    assert d["comment_required"] == ["Approve", "Reject"]  # the policy's, sealed in the decision
+    grant(store, "approver1", d)
+    grant(store, "approver2", d, comment="  ")  # the gate's own record may say otherwise: the witness decides
+    with pytest.raises(ApprovalMissing, match=r"recorded for decision \w+: \['approver1'\]"):
+        granted_approval(store.events(dag_id="d", run_id="r"), "r")
+    staging = decide(store, env="staging")
+    assert staging["comment_required"] == ["Reject"]
+    grant(store, "approver2", staging, comment="")
+    assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver2"]
 
 
 def test_one_rejection_rejects(store: LineageStore) -> None:

@@ -120,7 +120,8 @@ def test_default_policy_auto_tier_only_for_public_data_into_test() -> None:
 
 
 def test_sensitive_classification_needs_a_quorum() -> None:
-    text = default_policy_text().replace("classification: internal\n    description: New task",
+    text = default_policy_text().replace("classification: internal\n    owner: support-content team\n    "
+                                         "description: New task",
                                          "classification: pii\n    description: New task")
     decision = parse_policy(text, "pii.yaml").decide(req(dataset="benign", target_environment="test"))
     assert decision.tier == "quorum" and decision.quorum == 2 and "sensitive" in decision.reasons[0]
@@ -280,3 +281,34 @@ def test_screening_settings_default_and_parse() -> None:
     assert load_policy().screening.enabled and load_policy().screening.examples == 3
     policy = parse_policy(POLICY + "screening: {enabled: false, max_rows: 100, examples: 0}\n")
     assert (policy.screening.enabled, policy.screening.max_rows, policy.screening.examples) == (False, 100, 0)
+
+
+def test_approval_settings_default_and_parse() -> None:
+    default = load_policy()
+    assert default.approval.sample_rows == 3 and default.approval.row_display("pii") == "redacted"
+    assert default.approval.row_display("sensitive") == "none" and default.approval.row_display("internal") == "full"
+    assert default.approval.comment_required("Reject", "staging") and default.approval.comment_required(
+        "Approve", "production") and not default.approval.comment_required("Approve", "staging")
+    assert default.datasets["benign"].owner == "support-content team"
+    assert default.decide(req(dataset="benign")).data_owner == "support-content team"
+    policy = parse_policy(POLICY + "approval: {sample_rows: 0, show_rows: {internal: none}, "
+                          "comment_required: {options: [Approve, Reject]}}\n")
+    assert policy.approval.sample_rows == 0 and policy.approval.row_display("internal") == "none"
+    assert policy.approval.row_display("pii") == "redacted"  # the defaults for what the file leaves out
+    assert policy.approval.comment_required("Approve", "test") and not parse_policy(POLICY).approval.comment_required(
+        "Approve", "staging")
+
+
+@pytest.mark.parametrize(("section", "problem"), [
+    ("approval: [x]", "approval must be a mapping"),
+    ("approval: {sample_rows: 50}", "approval.sample_rows must be a whole number from 0 to 20, got 50"),
+    ("approval: {show_rows: {secret: none}}", "approval.show_rows: unknown classification 'secret'"),
+    ("approval: {show_rows: {pii: blurred}}", "approval.show_rows.pii 'blurred': use one of full, redacted, none"),
+    ("approval: {comment_required: {options: [Maybe]}}", "approval.comment_required.options ['Maybe']"),
+    ("approval: {comment_required: {environments: [prod]}}", "approval.comment_required.environments ['prod']"),
+    ("approval: {comment_required: {always: true}}", "approval.comment_required is {options: [Reject]"),
+    ("approval: {samples: 3}", "unknown approval setting 'samples'"),
+])
+def test_malformed_approval_settings_are_named(section: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        parse_policy(POLICY + section + "\n", "p.yaml")
