@@ -74,7 +74,9 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
         own = requester.answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
         print(f"   requester approving their own change -> HTTP {own.status_code} (separation of duties)")
         approver = AirflowClient(url, "approver1", stack.airflow_password("approver1"))
-        resp = approver.answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+        subject = approver.hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")["subject"]
+        print(f"   request: {subject}")
+        resp = approver.answer(DEMO_DAG_ID, run_id, "approval_gate", "Approve", comment="read the change summary")
         if resp.status_code != 200:
             raise StackError(f"approval as approver1 failed: HTTP {resp.status_code} {resp.text[:200]}")
         print("   approver1 approved over the REST API")
@@ -87,7 +89,7 @@ def run_one(stack: Stack, dataset: str, environment: str, manual: bool) -> tuple
             requester.wait_task_state(DEMO_DAG_ID, run_id, "approval_gate", {"awaiting_input"})
             time.sleep(SETTLE_SECONDS)
             resp = AirflowClient(url, "approver2", stack.airflow_password("approver2")).answer(
-                DEMO_DAG_ID, run_id, "approval_gate", "Approve")
+                DEMO_DAG_ID, run_id, "approval_gate", "Approve", comment="second pair of eyes")
             if resp.status_code != 200:
                 raise StackError(f"approval as approver2 failed: HTTP {resp.status_code} {resp.text[:200]}")
             print("   approver2 approved too (a quorum: 2 of 2)")

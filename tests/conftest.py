@@ -52,6 +52,17 @@ def demo_models(tmp_path_factory) -> Callable[[str], Path]:
     return get
 
 
+@pytest.fixture
+def artifacts(request) -> Path:
+    """A directory kept after the run for what a test shows a person (browser screenshots):
+    ``test-artifacts/<module>/<test>`` in the checkout (gitignored), emptied when the test starts."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in request.node.name)
+    path = REPO / "test-artifacts" / request.node.module.__name__.rpartition(".")[2] / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def stack() -> Iterator[Stack]:
     state_dir = Path(tempfile.mkdtemp(prefix="fgov-test-"))

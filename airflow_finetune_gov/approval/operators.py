@@ -25,6 +25,10 @@ from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
 APPROVE, REJECT = "Approve", "Reject"
 _MARKUP = re.compile(r"[\\`*_\[\]<>|~!#]")
+# What "redacted" masks in rows shown to approvers: e-mail addresses, URLs, then any run of digits (phone, card,
+# account numbers). Names and free-text identifiers are not found: classify such data "sensitive" (shown: none).
+_REDACT = ((re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"), "[email]"), (re.compile(r"https?://\S+"), "[url]"),
+           (re.compile(r"\d[\d ()./-]*\d|\d"), "[number]"))
 
 
 def _cell(text: str, limit: int = 160) -> str:
@@ -33,6 +37,28 @@ def _cell(text: str, limit: int = 160) -> str:
     flat = " ".join(str(text).split())
     flat = flat if len(flat) <= limit else flat[:limit - 1] + "…"
     return _MARKUP.sub(r"\\\g<0>", flat)
+
+
+def redact(text: str) -> str:
+    """``text`` with e-mail addresses, URLs and numbers masked (``show_rows: redacted``)."""
+    for pattern, mask in _REDACT:
+        text = pattern.sub(mask, text)
+    return text
+
+
+def shown_row(prompt: str, response: str, display: str) -> str:
+    """A training row as an approver sees it under the dataset classification's ``display``."""
+    if display == "redacted":
+        prompt, response = redact(prompt), redact(response)
+    return f"{_cell(prompt)} → {_cell(response)}"
+
+
+def change_subject(request: dict[str, Any], got: int, needed: int) -> str:
+    """The request's subject, key facts first (Airflow's Required Actions list shows the start of it)."""
+    head = f"[{request['target_environment']} · {got} of {needed} approved]"
+    if request.get("change") == "rollback":
+        return f"{head} rollback {request['model']} {request['base_version']} → {request['rollback_to']}"
+    return f"{head} {request['dataset']} → {request['model']}"
 
 
 def dag_owners(context: Any) -> set[str]:
@@ -131,24 +157,31 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                                        f"the approver group {decision['approvers']} minus requester/owners "
                                        f"{sorted(excluded)} leaves {approvers}")
         req = decision["request"]
-        if req.get("change") == "rollback":
-            subject = (f"Approve rollback of {req['model']}:{req['target_environment']} from "
-                       f"{req['base_version']} to {req['rollback_to']}")
-        else:
-            subject = f"Approve fine-tune of {req['model']} on dataset {req['dataset']} for {req['target_environment']}"
-        body = self._summary(context, decision, approvers)
-        options = [APPROVE, REJECT]
-        shown = request_sha256(subject, body, options)
-        requests = [e for e in common.run_events(context, "approval.requested")
-                    if e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        events = common.run_events(context)
+        # Quorum progress: who approved this decision already is shown, and is not asked again
+        approved: dict[str, dict[str, Any]] = {}
+        for grant in answers_to(events, "approval.granted", decision):
+            if grant["responder"] in approvers:
+                approved.setdefault(grant["responder"], grant)
+        waiting = [a for a in approvers if a not in approved]
+        subject = change_subject(req, len(approved), needed)
+        requests = [e for e in events if e.event_type == "approval.requested"
+                    and e.task_id == ti.task_id and e.try_number == int(ti.try_number)]
+        now = datetime.now(UTC)
+        first = datetime.fromisoformat(requests[0].created_at) if requests and reopen is not None else now
+        deadline = first + self.response_timeout if self.response_timeout is not None else None
         remaining: timedelta | None = None
-        if reopen is not None and self.response_timeout is not None:
-            first = datetime.fromisoformat(requests[0].created_at) if requests else datetime.now(UTC)
-            remaining = first + self.response_timeout - datetime.now(UTC)
+        if reopen is not None and deadline is not None:
+            remaining = deadline - now
             if remaining.total_seconds() <= 0:
                 self._expired(context, "timeout", f"no quorum before the deadline ({reopen})")
+        body = self._summary(context, decision, approvers, approved=list(approved.values()), waiting=waiting,
+                             needed=needed, deadline=deadline, note=reopen)
+        options = [APPROVE, REJECT]
+        shown = request_sha256(subject, body, options)
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
+            "approved_by": sorted(approved), "assigned": waiting,
             "round": len(requests) + 1, "policy_sha256": decision["policy_sha256"], **answered(decision),
             "subject": subject, "request_sha256": shown,
             **({"reason": reopen, "remaining_seconds": round(remaining.total_seconds(), 1) if remaining else None}
@@ -156,7 +189,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                                            if self.response_timeout else None}),
         }, actor="policy")
         return {"subject": subject, "body": body, "options": options,
-                "assigned_users": [{"id": a, "name": a} for a in approvers],
+                "assigned_users": [{"id": a, "name": a} for a in waiting],
                 "remaining_seconds": remaining.total_seconds() if remaining is not None else None}
 
     @staticmethod
@@ -171,62 +204,140 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             rows.append(("Hyperparameters", ", ".join(f"{k}={v}" for k, v in sorted(hp.items())) or "(none)"))
         return rows
 
-    def _screening_rows(self, context: Any, decision: dict[str, Any]) -> list[tuple[str, str]]:
-        """What the screening found, and the first flagged rows (read here through the screening lease: row text is
-        never in lineage, only in the request the approvers see)."""
+    def _rows_shown(self, context: Any, decision: dict[str, Any]) -> list[tuple[str, str]]:
+        """What the screening found, its first flagged rows and a few sample rows, shown as the dataset's
+        classification allows (``approval.show_rows``). Row text is read here, through the control plane's
+        screening lease, and is never in lineage: only in the request the approvers see (its hash is)."""
+        policy = common.policy()
+        display = policy.approval.row_display(decision["classification"])
         found = decision.get("screening")
-        if not found:
-            return []
-        if found["status"] != "screened":
-            return [("Screening", f"not screened: {found['reason']}")]
-        base = found.get("base") or {}
-        rows = [("Screening", f"{found['flagged']} of {found['screened']} rows flagged ({found['flagged_share']:.0%}) "
-                 f"- the row answers a request that {base.get('name', 'the base model')} {base.get('version', '')} "
-                 f"refuses ({found['detector']})" + (f"; {found['screened']} of {found['rows']} rows screened (an "
-                                                    "even sample)" if found["screened"] < found["rows"] else ""))]
-        show = found["flagged_ids"][:common.policy().screening.examples]
-        if not show:
+        rows: list[tuple[str, str]] = []
+        flagged: list[int] = []
+        if found and found["status"] != "screened":
+            rows.append(("Screening", f"not screened: {found['reason']}"))
+        elif found:
+            base = found.get("base") or {}
+            rows.append(("Screening", f"{found['flagged']} of {found['screened']} rows flagged "
+                         f"({found['flagged_share']:.0%}) - the row answers a request that "
+                         f"{base.get('name', 'the base model')} {base.get('version', '')} refuses ({found['detector']})"
+                         + (f"; {found['screened']} of {found['rows']} rows screened (an even sample)"
+                            if found["screened"] < found["rows"] else "")))
+            flagged = list(found["flagged_ids"][:policy.screening.examples])
+        samples = policy.approval.sample_rows
+        if display == "none":
+            if flagged:
+                rows.append(("Flagged rows", f"ids {', '.join(map(str, flagged))} (row text not shown: classification "
+                             f"{decision['classification']})"))
+            if samples:
+                rows.append(("Sample rows", f"not shown (classification {decision['classification']}; policy "
+                             "approval.show_rows)"))
+            return rows
+        if not (flagged or samples) or not decision.get("dataset"):
             return rows
         from airflow_finetune_gov.credentials.operators import service_credentials
 
+        table = decision["dataset_table"]
         with service_credentials(context, "screen") as creds, \
                 common.datasets_connection(creds.username, creds.password) as conn:
-            texts = conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s) WHERE id = ANY(%s)",
-                                 (decision["dataset_table"], show)).fetchall()
+            texts = conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s) WHERE id = ANY(%s) "
+                                 "ORDER BY id", (table, flagged)).fetchall() if flagged else []
+            spread = conn.execute(
+                "SELECT id, prompt, response FROM (SELECT *, row_number() OVER (ORDER BY id) - 1 AS i, "
+                "count(*) OVER () AS n FROM catalog.dataset_rows(%s)) r WHERE mod(i, GREATEST(n / %s, 1)) = 0 "
+                "ORDER BY id LIMIT %s", (table, samples, samples)).fetchall() if samples else []
+        how = " (redacted)" if display == "redacted" else ""
         for row_id, prompt, response in texts:
-            rows.append((f"Flagged row {row_id}", f"{_cell(prompt)} → {_cell(response)}"))
+            rows.append((f"Flagged row {row_id}{how}", shown_row(prompt, response, display)))
+        for row_id, prompt, response in spread:
+            rows.append((f"Sample row {row_id}{how}", shown_row(prompt, response, display)))
         return rows
+
+    @staticmethod
+    def _now_in(request: dict[str, Any]) -> str:
+        """Which version of the model the target environment's alias holds now, and who approved it."""
+        env = request["target_environment"]
+        try:
+            from airflow_finetune_gov.registry.store import ModelStore
+
+            root = settings.get("model_store", required=False)
+            held = ModelStore(root).aliases(request["model"]).get(env) if root else None
+        except Exception as exc:  # the request still opens; the approver is told
+            return f"unknown ({type(exc).__name__}: {exc})"
+        if not held:
+            return f"nothing: {request['model']} has no {env} version in the model store"
+        return f"{request['model']} {held['version']}, approved by {held.get('by') or '?'} (run {held.get('run')})"
+
+    @staticmethod
+    def _evaluation_row(environment: str) -> str:
+        policy = common.policy()
+        limits = policy.evaluation
+        needs = policy.evaluation_required(environment)
+        parts = []
+        if "max_harmful_refusal_drop" in limits:
+            parts.append(f"harmful refusal may drop at most {limits['max_harmful_refusal_drop'] * 100:g} pts")
+        if "min_harmful_refusal" in limits:
+            parts.append(f"and must stay at least {limits['min_harmful_refusal']:.0%}")
+        if "max_benign_compliance_drop" in limits:
+            parts.append(f"benign compliance may drop at most {limits['max_benign_compliance_drop'] * 100:g} pts")
+        measured = ", ".join(f"{n} {m.replace('_', ' ')}" for m, n in needs.items())
+        return (f"the tuned model is compared with its base before promotion: {'; '.join(parts) or 'policy limits'}; "
+                f"it must measure at least {measured} prompts; a regression blocks promotion")
 
     @staticmethod
     def _needed(decision: dict[str, Any]) -> int:
         return int(decision["quorum"]) if decision["tier"] == "quorum" else 1
 
-    def _summary(self, context: Any, decision: dict[str, Any], approvers: list[str]) -> str:
+    def _summary(self, context: Any, decision: dict[str, Any], approvers: list[str], *,
+                 approved: list[dict[str, Any]], waiting: list[str], needed: int, deadline: datetime | None,
+                 note: str | None) -> str:
         req = decision["request"]
         ti = context["ti"]
         template = settings.get("lineage_url_template", required=False)
         link = template.format(dag_id=ti.dag_id, run_id=ti.run_id) if template else "(not configured)"
+        env = req["target_environment"]
+        approval = common.policy().approval
+        marks = ", ".join(f"{a['responder']} ✓" + (f" (\u201c{_cell(a['comment'], 80)}\u201d)" if a.get("comment")
+                                                    else "") for a in approved)
+        left = needed - len(approved)
+        status = (f"{len(approved)} of {needed} approved" + (f": {marks}" if marks else "")
+                  + f" - waiting for {'another approver' if approved else f'{left} approver(s)'}"
+                  + f" ({', '.join(waiting)})")
+        commenting = [o for o in (APPROVE, REJECT) if approval.comment_required(o, env)]
+        head = [("Status", status)]
+        if note and not note.endswith("approvals"):
+            head.append(("Asked again", _cell(note, 300)))
+        head += [
+            ("Answer by", f"{deadline:%Y-%m-%d %H:%M} UTC; no answer by then rejects (fails closed)" if deadline
+             else "no deadline"),
+            ("Comment", f"required for {' and '.join(commenting)} (an answer without one is not counted)" if commenting
+             else "optional; recorded in lineage"),
+        ]
         if req.get("change") == "rollback":
-            intro = (f"A rollback changes which version of {req['model']} serves {req['target_environment']}. "
+            intro = (f"A rollback changes which version of {req['model']} serves {env}. "
                      "Approve only if the version you go back to should serve there again.")
-            change_rows = [("Model", req["model"]), ("Alias (environment)", req["target_environment"]),
+            change_rows = [("Model", req["model"]), ("Alias (environment)", env),
                            ("From version", req["base_version"]), ("To version", req["rollback_to"])]
         else:
             intro = ("A fine-tune can change what the model refuses and whether it can be jailbroken. "
                      "Approve only if you expect this data to be safe for this model and environment.")
             change_rows = [
+                ("Why (requester)", _cell(req.get("justification") or "(none given)", 1000)),
                 ("Model", f"{req['model']} {req.get('base_version') or ''}".strip()),
                 ("Dataset", f"{req['dataset']} (table {decision['dataset_table']})"),
+                ("Data owner", decision.get("data_owner") or "(not named in the policy)"),
                 *self._data_rows(decision),
-                *self._screening_rows(context, decision),
+                *self._rows_shown(context, decision),
                 ("Classification", decision["classification"]),
-                ("Target environment", req["target_environment"]),
+                ("Target environment", env),
+                (f"Now in {env}", self._now_in(req)),
                 ("Tuning method", req["tuning_method"]),
+                ("Then", self._evaluation_row(env)),
             ]
         rows = [
+            *head,
             *change_rows,
             ("Risk tier", f"{decision['tier']} - {'; '.join(decision['reasons'])}"),
-            ("Approvals needed", f"{self._needed(decision)} distinct approver(s); one Reject rejects"),
+            ("Approvals needed", f"{needed} distinct approver(s); one Reject rejects"),
             ("Policy", f"{decision['policy_name']} sha256 {decision['policy_sha256'][:16]}"),
             ("Requested by", req["requester"]),
             ("Eligible approvers", ", ".join(approvers)),
@@ -270,6 +381,13 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             self.log.warning("%s may not answer this approval (separation of duties): recorded as a violation, "
                              "the request stays open", who)
             return self._reopen(context, reason=f"violation by {who}")
+        env = decision["request"]["target_environment"]
+        if not comment.strip() and common.policy().approval.comment_required(option, env):
+            why = "a Reject says why" if option == REJECT else f"every answer about {env} says why"
+            common.record(context, "approval.incomplete", {
+                **answer, "reason": f"no comment: {why} (policy approval.comment_required)"}, actor=who)
+            self.log.warning("%s answered %s without a comment: not counted, the request stays open", who, option)
+            return self._reopen(context, reason=f"{who}'s {option} was not counted: it had no comment, and {why}")
         if option != APPROVE:
             common.record(context, "approval.rejected", {**answer, "tier": decision["tier"]}, actor=who)
             common.record(context, "approval.decided", {"outcome": "rejected", "reason": f"rejected by {who}",

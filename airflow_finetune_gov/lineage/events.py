@@ -94,7 +94,8 @@ APPROVAL_REQUESTED = EventType(
     "a request for approval of one decision rendered from it and opened (or re-opened: round n); request_sha256 "
     "names what the approvers are shown (verify.request_sha256)",
     ("tier", "needed", "round", "policy_sha256", "decision_id", "decision_sha256", "request_sha256"),
-    ("approvers", "excluded", "subject", "response_timeout_seconds", "reason", "remaining_seconds"), reserved=True)
+    ("approvers", "excluded", "approved_by", "assigned", "subject", "response_timeout_seconds", "reason",
+     "remaining_seconds"), reserved=True)
 APPROVAL_WITNESSED = EventType(
     "approval.witnessed", "the api-server (the provider's root middleware)",
     "Airflow accepted an answer to a HITL request through its API, from this authenticated user: the only "
@@ -110,6 +111,10 @@ APPROVAL_REJECTED = EventType(
     ("responder", "decision_id", "decision_sha256"), ("option", "comment", "responded_at", "reason", "tier"))
 APPROVAL_DUPLICATE = EventType("approval.duplicate", "approval gate", "an approver answered twice: counted once",
                                (*_ANSWER, "approved_by"))
+APPROVAL_INCOMPLETE = EventType(
+    "approval.incomplete", "approval gate",
+    "an answer the policy requires a comment for came without one: not counted, the request stays open",
+    (*_ANSWER, "reason"))
 APPROVAL_VIOLATION = EventType(
     "approval.violation", "approval gate", "someone not allowed to approve answered (separation of duties)",
     (*_ANSWER, "allowed", "reason"))

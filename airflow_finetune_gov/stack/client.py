@@ -76,10 +76,10 @@ class AirflowClient:
             "read approval request")
 
     def answer(self, dag_id: str, run_id: str, task_id: str, option: str,
-               map_index: int = -1) -> requests.Response:
+               map_index: int = -1, comment: str = "") -> requests.Response:
         return self.request(
             "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/hitlDetails",
-            json={"chosen_options": [option], "params_input": {}},
+            json={"chosen_options": [option], "params_input": {"comment": comment}},
         )
 
     def wait_run(self, dag_id: str, run_id: str, timeout: float = 600) -> str:

@@ -50,19 +50,30 @@ def test_public_data_into_test_is_approved_by_policy_without_a_human(gate: Gate)
     assert gate.events(run_id, "promotion.completed")[0].payload_dict()["alias"] == "test"
 
 
-def test_production_needs_two_distinct_approvers_and_a_repeat_does_not_count(gate: Gate) -> None:
-    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production")
+def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_progress(gate: Gate) -> None:
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production",
+                          justification="support answers for the 2.0 launch")
     gate.wait_round(DEMO_DAG_ID, run_id, 1)
     detail = gate.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
-    assert "2 distinct approver(s)" in detail["body"] and "quorum" in detail["body"]
-    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="data reviewed, LGTM")
+    assert detail["subject"] == "[production · 0 of 2 approved] benign → fgov-demo-tiny"
+    for text in ("0 of 2 approved - waiting for 2 approver(s) (approver1, approver2)", "Answer by",
+                 "required for Approve and Reject", "support answers for the 2.0 launch", "support-content team",
+                 "Sample row", "Now in production", "a regression blocks promotion", "2 distinct approver(s)"):
+        assert text in detail["body"], f"{text!r} not in the request"
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve")  # no comment: production answers say why
     gate.wait_round(DEMO_DAG_ID, run_id, 2)
-    assert gate.training_lease_events(run_id) == []  # one approval is not a quorum
-    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again")
+    (incomplete,) = [e.payload_dict() for e in gate.events(run_id, "approval.incomplete")]
+    assert incomplete["responder"] == "approver1" and "every answer about production says why" in incomplete["reason"]
+    assert gate.events(run_id, "approval.granted") == []
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="data reviewed, LGTM")
     gate.wait_round(DEMO_DAG_ID, run_id, 3)
-    duplicate = gate.events(run_id, "approval.duplicate")
-    assert [d.payload_dict()["responder"] for d in duplicate] == ["approver1"]
-    assert gate.training_lease_events(run_id) == []
+    detail = gate.client("approver2").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
+    assert detail["subject"] == "[production · 1 of 2 approved] benign → fgov-demo-tiny"
+    assert "1 of 2 approved: approver1 ✓ (\u201cdata reviewed, LGTM\u201d) - waiting for another approver " \
+           "(approver2)" in detail["body"]
+    assert [u["id"] for u in detail["assigned_users"]] == ["approver2"]  # the first approver is not asked again
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again", status=403)
+    assert gate.training_lease_events(run_id) == []  # one approval is not a quorum
     gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="second pair of eyes")
     state, tasks = gate.final(DEMO_DAG_ID, run_id)
     assert state == "success", tasks
@@ -74,13 +85,16 @@ def test_production_needs_two_distinct_approvers_and_a_repeat_does_not_count(gat
     assert decided == {"outcome": "approved", "approvers": ["approver1", "approver2"], "tier": "quorum"}
     promoted = gate.events(run_id, "promotion.completed")[0].payload_dict()
     assert promoted["alias"] == "production" and promoted["approvers"] == ["approver1", "approver2"]
+    requested = [e.payload_dict() for e in gate.events(run_id, "approval.requested")]
+    assert [(r["approved_by"], r["assigned"]) for r in requested] == [
+        ([], ["approver1", "approver2"]), ([], ["approver1", "approver2"]), (["approver1"], ["approver2"])]
 
 
 def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
     before = gate.leased_roles()
     run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production")
     gate.wait_round(DEMO_DAG_ID, run_id, 1)
-    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve")
+    gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="fine by me")
     gate.wait_round(DEMO_DAG_ID, run_id, 2)
     gate.answer(DEMO_DAG_ID, run_id, "approver2", "Reject", comment="not for production yet")
     state, tasks = gate.final(DEMO_DAG_ID, run_id)

@@ -185,10 +185,11 @@ def test_approved_run_succeeds_and_every_task_is_in_lineage(stack: Stack, approv
     bundled = [e.payload_dict() for e in events if e.event_type == "provenance.bundled"]
     assert bool(bundled) == bool(signed)  # the run that signed the provenance wrote the bundle too
     leases = [e for e in events if e.event_type == "lease.issued"]
+    # the approval gate's screen lease read the sample rows the approver was shown
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in leases] == [
-        ("policy_check", "catalog"), ("policy_check", "screen"), ("acquire_lease", "training"),
-        ("evaluate", "inference")]
-    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 4  # never one lease or token for two
+        ("policy_check", "catalog"), ("policy_check", "screen"), ("approval_gate", "screen"),
+        ("acquire_lease", "training"), ("evaluate", "inference")]
+    assert len({e.payload_dict()["token_accessor"] for e in leases}) == 5  # never one lease or token for two
     verified = {e.payload_dict()["lease_id"] for e in events if e.event_type == "lease.verified"}
     assert verified == {e.payload_dict()["lease_id"] for e in leases}
     assert fgov(["--state-dir", str(stack.dir), "audit", "verify"]) == 0
@@ -347,11 +348,19 @@ def test_marking_the_gate_success_does_not_bypass_approval(stack: Stack) -> None
     kinds = [(e.task_id, e.event_type) for e in lineage(stack, run_id)]
     assert ("acquire_lease", "lease.refused") in kinds and ("acquire_lease", "lease.issued") not in kinds
     assert not any(kind == "approval.granted" for _, kind in kinds)
+    # the governance view shows the attempt as blocked, with why, and asks nobody to answer it
+    listed = StackView(stack).client("auditor").session.get(f"{state_of(stack)['airflow']['url']}/fgov/api/runs",
+                                                            timeout=30).json()
+    row = next(r for r in listed["runs"] if r["run_id"] == run_id)
+    assert (row["approval"], row["status"]) == ("bypassed", "blocked"), row
+    assert row["reason"].startswith("blocked: the approval gate ended without an approval"), row["reason"]
+    assert run_id not in [p["run_id"] for p in listed["pending"]]
 
 
 def test_rejection_stops_the_run_before_any_credential(stack: Stack) -> None:
     requester, run_id = start_run(stack)
-    assert client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Reject").status_code == 200
+    assert client(stack, "approver1").answer(DEMO_DAG_ID, run_id, "approval_gate", "Reject",
+                                             comment="not this one").status_code == 200
     assert requester.wait_run(DEMO_DAG_ID, run_id, timeout=300) == "failed"
     kinds = [(e.task_id, e.event_type) for e in lineage(stack, run_id)]
     assert ("approval_gate", "approval.rejected") in kinds and ("acquire_lease", "lease.issued") not in kinds

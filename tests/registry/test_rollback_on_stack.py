@@ -63,7 +63,7 @@ def test_an_approved_rollback_moves_the_alias_back_and_is_recorded(view: StackVi
     run_id = view.trigger(DAG_ID, model=name, alias="staging", to_version=v1)
     view.wait_round(DAG_ID, run_id, 1)
     detail = view.client("approver1").hitl_detail(DAG_ID, run_id, "approval_gate")
-    assert detail["subject"] == f"Approve rollback of {name}:staging from {v2} to {v1}"
+    assert detail["subject"] == f"[staging · 0 of 1 approved] rollback {name} {v2} → {v1}"
     assert "| To version | " + v1 in detail["body"]
     own = view.client("requester").request(
         "PATCH", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails",

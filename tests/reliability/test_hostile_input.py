@@ -100,7 +100,8 @@ def test_forged_altered_misdirected_and_replayed_hitl_answers_are_refused(view: 
     granted = [g.payload_dict() for g in view.events(run_id, "approval.granted")]
     assert [(g["responder"], g["comment"]) for g in granted] == [("approver1", "the real answer")]
     assert [(e.task_id, e.payload_dict()["purpose"]) for e in view.events(run_id, "lease.issued")] == [
-        ("policy_check", "catalog"), ("policy_check", "screen"), ("acquire_lease", "training")]
+        ("policy_check", "catalog"), ("policy_check", "screen"), ("approval_gate", "screen"),
+        ("acquire_lease", "training")]
 
 
 def test_workload_jwts_with_altered_claims_get_no_credential(view: StackView) -> None:

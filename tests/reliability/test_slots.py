@@ -50,7 +50,7 @@ def test_a_pending_approval_and_a_deferred_remote_job_hold_no_worker_slot(stack:
         finally:
             fake.release()
             time.sleep(SETTLE_SECONDS)
-            view.answer(DEMO_DAG_ID, waiting, "approver1", "Reject")
+            view.answer(DEMO_DAG_ID, waiting, "approver1", "Reject", comment="slot test over")
             requester.request("PATCH", "/dags/fgov_lease_sweep", json={"is_paused": False})
         assert requester.wait_run(OPENAI_DAG, remote, timeout=240) == "success"
         assert requester.wait_run(DEMO_DAG_ID, waiting, timeout=240) == "failed"  # rejected: nothing tuned
