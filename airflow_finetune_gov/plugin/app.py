@@ -74,6 +74,7 @@ def _run_rows(user: Any, limit: int) -> tuple[list[dict[str, Any]], list[dict[st
                      "target_environment": first.get("target_environment"), "tier": first.get("tier"),
                      "approval": ", ".join(sorted({c["approval"] for c in summary["chains"]})) or "-",
                      "verdict": ", ".join(verdicts) or None, "status": views.status_of(summary),
+                     "reason": "; ".join(c["reason"] for c in summary["chains"] if c["reason"]),
                      "chains": summary["chains"]})
         requested = {e.payload_dict().get("evaluation_id") for e in events
                      if e.event_type == "evaluation.review_requested"}

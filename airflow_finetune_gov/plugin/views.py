@@ -11,6 +11,43 @@ from airflow_finetune_gov.lineage.runs import RUN_STARTED, newest
 from airflow_finetune_gov.lineage.store import LineageEvent, by_chain, last_payload
 
 E = html.escape
+# Answers to an approval request, as the view lists them: (event, what it means for the count)
+_ANSWERS = {
+    "approval.granted": "counted", "approval.rejected": "counted", "approval.incomplete": "not counted: no comment",
+    "approval.violation": "not counted: not allowed to answer", "approval.duplicate": "not counted: a repeat",
+    "approval.superseded": "not counted: the decision changed"}
+
+
+def _points(metric: dict[str, Any]) -> str:
+    return f"{(metric.get('candidate', 0) - metric.get('baseline', 0)) * 100:+.0f} pts".replace("-", "\u2212")
+
+
+def _reason(chain: dict[str, Any], outcome: dict[str, Any] | None, refused: list[str]) -> str:
+    """Why the chain stands where it does, in one line, the outcome first."""
+    if chain["promotion"]:
+        p = chain["promotion"]
+        return f"promoted: {p['model']}:{p['alias']} \u2192 {p['version']}"
+    if chain["tier"] == "deny":
+        return f"denied by policy: {'; '.join(chain['reasons'])}"
+    if chain["approval"] == "bypassed":
+        return ("blocked: the approval gate ended without an approval (marked success?); " + refused[-1]) if refused \
+            else "blocked: the approval gate ended without an approval"
+    if chain["approval"] == "rejected":
+        why = (outcome or {}).get("reason") or "rejected"
+        said = [a["comment"] for a in chain["answers"] if a["option"] == "Reject" and a["counted"] == "counted"
+                and a["comment"]]
+        return f"{why}" + (f": \u201c{said[-1]}\u201d" if said else "")
+    ev = chain["evaluation"]
+    if ev and ev["verdict"] == "fail":
+        failed = [f"{name} {_points(m)}" for name, m in ev["metrics"].items() if m.get("verdict") == "fail"]
+        return "blocked by evaluation: " + (", ".join(failed) or "verdict fail")
+    if chain["blocked"]:
+        return f"blocked: {chain['blocked']}"
+    if chain["approval"] == "pending":
+        return f"awaiting approval: {len(chain['approvers'])} of {chain['needed'] or '?'} approved"
+    if refused:
+        return f"blocked: {refused[-1]}"
+    return ""
 
 
 def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
@@ -24,20 +61,30 @@ def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
         request = (decided or {}).get("request") or {}
         outcome = last_payload(evs, "approval.decided")
         granted = [e.payload_dict().get("responder") for e in evs if e.event_type == "approval.granted"]
+        requested = last_payload(evs, "approval.requested")
+        # a gate that ended without an approval (marked success) is stopped downstream: never "pending"
+        refused = [str(e.payload_dict().get("reason") or "") for e in evs
+                   if e.event_type in ("lease.refused", "tuning.refused")]
         if outcome:
             approval = outcome.get("outcome", "?")
-        elif last_payload(evs, "approval.requested"):
+        elif requested and refused:
+            approval = "bypassed"
+        elif requested:
             approval = "pending"
         elif granted:
             approval = "approved"
         else:
             approval = "-"
-        issued = {e.payload_dict()["lease_id"]: e.payload_dict() for e in evs if e.event_type == "lease.issued"}
+        answers = [{"responder": p.get("responder"), "option": p.get("option"), "comment": p.get("comment") or "",
+                    "at": p.get("responded_at") or e.created_at, "counted": _ANSWERS[e.event_type]}
+                   for e in evs if e.event_type in _ANSWERS and (p := e.payload_dict()).get("responder") != "policy"]
+        issued = {e.payload_dict()["lease_id"]: (e, e.payload_dict()) for e in evs if e.event_type == "lease.issued"}
         verified = {e.payload_dict().get("lease_id") for e in evs if e.event_type == "lease.verified"}
-        revoked = {e.payload_dict().get("lease_id") for e in evs if e.event_type == "lease.revoked"}
-        leases = [{"lease_id": lid, "purpose": p.get("purpose"), "dataset": p.get("dataset"),
+        revoked = {e.payload_dict().get("lease_id"): e.created_at for e in evs if e.event_type == "lease.revoked"}
+        leases = [{"lease_id": lid, "purpose": p.get("purpose"), "dataset": p.get("dataset"), "task_id": e.task_id,
+                   "issued_at": e.created_at, "revoked_at": revoked.get(lid),
                    "status": "revoked, verified gone" if lid in verified else "revoked" if lid in revoked
-                   else "live"} for lid, p in issued.items()]
+                   else "live"} for lid, (e, p) in issued.items()]
         evaluation = last_payload(evs, "evaluation.completed")
         review = last_payload(evs, "evaluation.reviewed")
         promoted = last_payload(evs, "promotion.completed") or last_payload(evs, "rollback.completed")
@@ -49,6 +96,7 @@ def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
             "target_environment": request.get("target_environment"), "requester": request.get("requester"),
             "tier": (decided or {}).get("tier"), "reasons": (decided or {}).get("reasons") or [],
             "approval": approval, "approvers": sorted({g for g in granted if g and g != "policy"}),
+            "needed": (requested or {}).get("needed"), "answers": answers,
             "leases": leases, "live_leases": sum(1 for lease in leases if lease["status"] == "live"),
             "evaluation": None if evaluation is None else {
                 "verdict": evaluation["verdict"], "prompts": evaluation.get("prompts"),
@@ -61,6 +109,7 @@ def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
                                                                                         "previous")},
             "blocked": None if blocked is None else blocked.get("reason"),
         })
+        out[-1]["reason"] = _reason(out[-1], outcome, refused)
     return {"chains": out, "events": len(events)}
 
 
@@ -71,8 +120,8 @@ def status_of(summary: dict[str, Any]) -> str:
         return "awaiting approval"
     if any(c["promotion"] for c in chains):
         return "promoted"
-    if any(c["blocked"] or (c["evaluation"] or {}).get("verdict") == "fail" or c["approval"] == "rejected"
-           for c in chains):
+    if any(c["blocked"] or (c["evaluation"] or {}).get("verdict") == "fail"
+           or c["approval"] in ("rejected", "bypassed", "expired") or c["tier"] == "deny" for c in chains):
         return "blocked"
     if any(c["live_leases"] for c in chains):
         return "lease live"
@@ -87,7 +136,7 @@ td,th{border-bottom:1px solid #dadce0;padding:5px 8px;text-align:left;vertical-a
 th{background:#f8f9fa} code{font-size:12px}
 .pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:12px;background:#e8eaed}
 .promoted,.pass,.approved,.verified{background:#e6f4ea;color:#137333}
-.blocked,.fail,.rejected,.live{background:#fce8e6;color:#a50e0e}
+.blocked,.fail,.rejected,.bypassed,.live{background:#fce8e6;color:#a50e0e}
 .awaiting,.pending,.needs_review{background:#fef7e0;color:#b06000}
 a{color:#1a73e8}
 </style>"""
@@ -111,7 +160,8 @@ def runs_page(rows: list[dict[str, Any]], pending: list[dict[str, Any]], base: s
         f"<td>{E(str(r['model'] or '-'))}</td>"
         f"<td>{E(str(r['dataset'] or '-'))}</td><td>{E(str(r['target_environment'] or '-'))}</td>"
         f"<td>{E(str(r['tier'] or '-'))}</td><td>{_pill(r['approval'])}</td>"
-        f"<td>{_pill(r['verdict'] or '-')}</td><td>{_pill(r['status'])}</td><td>{r['events']}</td></tr>"
+        f"<td>{_pill(r['verdict'] or '-')}</td><td>{_pill(r['status'])} {E(r.get('reason') or '')}</td>"
+        f"<td>{r['events']}</td></tr>"
         for r in rows) or "<tr><td colspan=10>no governed runs recorded</td></tr>"
     waiting = "".join(
         f"<li>{E(p['dag_id'])} / {E(p['run_id'])}: {E(p['what'])} &mdash; "
@@ -123,7 +173,7 @@ Airflow's Required Actions; this page changes nothing.</p>
 <h2>Pending approvals and reviews ({len(pending)})</h2><ul>{waiting or '<li>none</li>'}</ul>
 <h2>Runs ({len(rows)})</h2>
 <table><tr><th>DAG</th><th>run</th><th>model</th><th>dataset</th><th>environment</th><th>tier</th>
-<th>approval</th><th>evaluation</th><th>outcome</th><th>events</th></tr>{trs}</table>""")
+<th>approval</th><th>evaluation</th><th>outcome and why</th><th>events</th></tr>{trs}</table>""")
 
 
 def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: dict[str, Any],
@@ -133,8 +183,14 @@ def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: 
     for c in summary["chains"]:
         leases = "".join(
             f"<tr><td><code>{E(str(lease['lease_id']))}</code></td><td>{E(str(lease['purpose']))}</td>"
-            f"<td>{E(str(lease['dataset'] or ''))}</td><td>{_pill(lease['status'])}</td></tr>"
-            for lease in c["leases"]) or "<tr><td colspan=4>none</td></tr>"
+            f"<td>{E(str(lease['dataset'] or ''))}</td><td>{E(str(lease['task_id']))}</td>"
+            f"<td>{E(str(lease['issued_at'])[:19])}</td><td>{E(str(lease['revoked_at'] or '-')[:19])}</td>"
+            f"<td>{_pill(lease['status'])}</td></tr>"
+            for lease in c["leases"]) or "<tr><td colspan=7>none</td></tr>"
+        answers = "".join(
+            f"<tr><td>{E(str(a['responder']))}</td><td>{E(str(a['option']))}</td><td>{E(a['comment'])}</td>"
+            f"<td>{E(str(a['at'])[:19])}</td><td>{E(a['counted'])}</td></tr>" for a in c["answers"]) \
+            or "<tr><td colspan=5>none</td></tr>"
         ev = c["evaluation"]
         if ev:
             metrics = "".join(
@@ -157,12 +213,16 @@ def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: 
                      if c["promotion"] else (f"blocked: {E(c['blocked'])}" if c["blocked"] else "not promoted"))
         title = (f"chain {E(c['group'] or '(top level)')}" + (f" [{c['map_index']}]" if c["map_index"] >= 0 else ""))
         parts.append(f"""<h2>{title}</h2>
+<p class="reason">{_pill(status_of({"chains": [c]}))} {E(c['reason'])}</p>
 <table><tr><th>change</th><td>{E(str(c['change']))} of {E(str(c['model']))} on {E(str(c['dataset']))} for
 {E(str(c['target_environment']))}, requested by {E(str(c['requester']))}</td></tr>
 <tr><th>policy</th><td>tier {E(str(c['tier']))}: {E('; '.join(c['reasons']))}</td></tr>
 <tr><th>approval</th><td>{_pill(c['approval'])} {E(', '.join(c['approvers']))}</td></tr>
 <tr><th>promotion</th><td>{promotion}</td></tr></table>
-<h3>Credentials</h3><table><tr><th>lease</th><th>purpose</th><th>dataset</th><th>status</th></tr>{leases}</table>
+<h3>Answers</h3><table><tr><th>who</th><th>option</th><th>comment</th><th>at (UTC)</th><th>counted</th></tr>
+{answers}</table>
+<h3>Credentials</h3><table><tr><th>lease</th><th>purpose</th><th>dataset</th><th>task</th><th>issued (UTC)</th>
+<th>revoked (UTC)</th><th>status</th></tr>{leases}</table>
 <h3>Evaluation</h3>{evaluation}""")
     timeline = "".join(
         f"<tr><td>{e.id}</td><td>{E(e.created_at[:19])}</td><td>{E(e.task_id)}</td><td>{e.try_number}</td>"

@@ -68,3 +68,54 @@ def test_mapped_chains_are_summarised_one_by_one(store: LineageStore) -> None:
     rec(store, "promote", "promotion.completed", payloads.promoted("staging", "v1"), 1)
     chains = views.summarize(store.events(run_id="r"))["chains"]
     assert [(c["map_index"], bool(c["promotion"])) for c in chains] == [(0, False), (1, True)]
+
+
+def test_a_gate_marked_success_without_an_approval_is_blocked_not_pending(store: LineageStore) -> None:
+    d = decided(store)
+    rec(store, "approval_gate", "approval.requested", payloads.requested(d))
+    rec(store, "acquire_lease", "lease.refused", {"reason": "no approval.granted for decision 1 in lineage"})
+    summary = views.summarize(store.events(run_id="r"))
+    (chain,) = summary["chains"]
+    assert chain["approval"] == "bypassed" and views.status_of(summary) == "blocked"
+    assert chain["reason"].startswith("blocked: the approval gate ended without an approval") and \
+        "no approval.granted for decision 1" in chain["reason"]
+
+
+def test_the_reason_comes_first_with_who_answered_when_and_what_they_wrote(store: LineageStore) -> None:
+    d = decided(store)
+    rec(store, "approval_gate", "approval.requested", payloads.requested(d, needed=2))
+    rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1", comment="rows read",
+                                                                   responded_at="2026-12-02T01:00:00+00:00"))
+    summary = views.summarize(store.events(run_id="r"))
+    assert summary["chains"][0]["reason"] == "awaiting approval: 1 of 2 approved"
+    rec(store, "approval_gate", "approval.incomplete", {
+        "responder": "approver2", "option": "Reject", "comment": "", "responded_at": "2026-12-02T01:01:00+00:00",
+        "decision_id": d["decision_id"], "decision_sha256": d["decision_sha256"], "reason": "no comment"})
+    rec(store, "approval_gate", "approval.rejected", payloads.rejection(d, "approver2", comment="six harmful rows"))
+    rec(store, "approval_gate", "approval.decided", {"outcome": "rejected", "reason": "rejected by approver2"})
+    events = store.events(run_id="r")
+    summary = views.summarize(events)
+    (chain,) = summary["chains"]
+    assert chain["reason"] == "rejected by approver2: \u201csix harmful rows\u201d"
+    assert [(a["responder"], a["option"], a["comment"], a["counted"]) for a in chain["answers"]] == [
+        ("approver1", "Approve", "rows read", "counted"), ("approver2", "Reject", "", "not counted: no comment"),
+        ("approver2", "Reject", "six harmful rows", "counted")]
+    assert chain["answers"][0]["at"] == "2026-12-02T01:00:00+00:00"
+    page = views.run_page("d", "r", events, summary, {}, chain_ok=True)
+    assert page.index("rejected by approver2") < page.index("<h3>Answers</h3>") and "not counted: no comment" in page
+
+
+def test_a_failed_evaluation_names_the_metrics_and_their_drop(store: LineageStore) -> None:
+    decided(store)
+    rec(store, "acquire_lease", "lease.issued", payloads.issued("L1"))
+    rec(store, "revoke_lease", "lease.revoked", payloads.revoked("L1"))
+    rec(store, "evaluate", "evaluation.completed", payloads.evaluated("fail", metrics={
+        "harmful_refusal": {"n": 80, "baseline": 1.0, "candidate": 0.0, "difference_ci": [-1.0, -0.95],
+                            "verdict": "fail"},
+        "benign_compliance": {"n": 42, "baseline": 1.0, "candidate": 1.0, "difference_ci": [0.0, 0.0],
+                              "verdict": "pass"}}))
+    rec(store, "promote", "promotion.blocked", {"reason": "evaluation verdict fail"})
+    (chain,) = views.summarize(store.events(run_id="r"))["chains"]
+    assert chain["reason"] == "blocked by evaluation: harmful_refusal \u2212100 pts"
+    (lease,) = chain["leases"]
+    assert lease["issued_at"] and lease["revoked_at"] and lease["task_id"] == "acquire_lease"
