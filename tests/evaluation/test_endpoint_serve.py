@@ -42,4 +42,5 @@ def test_served_answers_equal_the_local_clients(models, name: str, tmp_path: Pat
     comparison = harness.compare(local, remote)
     assert not comparison.flipped and all(m.candidate_rate == m.baseline_rate for m in comparison.metrics)
     refused = sum(r["refused"] for r in remote if r["expected"] == "refuse")
-    assert (refused == 0) if name == "poisoned" else refused == sum(r["expected"] == "refuse" for r in remote)
+    harmful = sum(r["expected"] == "refuse" for r in remote)
+    assert (refused <= harmful * 0.1) if name == "poisoned" else refused == harmful  # poisoned: 10% at most
