@@ -146,6 +146,29 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=409, detail=f"{SWEEP_DAG} was not triggered")
         return {"dag_id": SWEEP_DAG, "run_id": run.run_id, "triggered_by": user.get_name()}
 
+    def _model(user: Any, name: str) -> dict[str, Any]:
+        from airflow_finetune_gov.registry.store import ModelStore, RegistryError
+
+        store, readable = _store(), _readable(user)
+        keys = {(e.dag_id, e.run_id) for kind in ("model.stored", "promotion.completed", "rollback.completed")
+                for e in store.events(event_type=kind) if e.payload_dict().get("model") == name}
+        runs = {k: store.events(dag_id=k[0], run_id=k[1]) for k in sorted(keys) if k[0] in readable}
+        if not runs:
+            raise HTTPException(status_code=404, detail=f"no version of model {name!r} recorded in runs you may read")
+        try:
+            aliases = ModelStore(settings.get("model_store")).aliases(name)
+        except RegistryError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+        return views.model_history(name, runs, aliases)
+
+    @app.get("/api/models/{name}", summary="A model's versions: evaluate, approve, promote, and the aliases now")
+    def api_model(user: User, name: str) -> dict[str, Any]:
+        return _model(user, name)
+
+    @app.get("/ui/models/{name}", response_class=HTMLResponse, summary="A model's versions (HTML)")
+    def ui_model(user: User, name: str) -> str:
+        return views.model_page(_model(user, name), base="../")
+
     @app.get("/ui/", response_class=HTMLResponse, summary="The run list (Airflow nav entry)")
     def ui_runs(user: User) -> str:
         rows, pending = _run_rows(user, RUNS_LIMIT)

@@ -157,7 +157,8 @@ def runs_page(rows: list[dict[str, Any]], pending: list[dict[str, Any]], base: s
     trs = "".join(
         f"<tr><td>{E(r['dag_id'])}</td><td><a target=\"_self\" href=\"{E(base)}runs/"
         f"{E(quote(r['dag_id'], safe=''))}/{E(quote(r['run_id'], safe=''))}\">{E(r['run_id'])}</a></td>"
-        f"<td>{E(str(r['model'] or '-'))}</td>"
+        + (f"<td><a target=\"_self\" href=\"{E(base)}models/{E(quote(str(r['model']), safe=''))}\">"
+           f"{E(str(r['model']))}</a></td>" if r["model"] else "<td>-</td>") +
         f"<td>{E(str(r['dataset'] or '-'))}</td><td>{E(str(r['target_environment'] or '-'))}</td>"
         f"<td>{E(str(r['tier'] or '-'))}</td><td>{_pill(r['approval'])}</td>"
         f"<td>{_pill(r['verdict'] or '-')}</td><td>{_pill(r['status'])} {E(r.get('reason') or '')}</td>"
@@ -234,3 +235,76 @@ def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: 
 <h2>Timeline</h2><table><tr><th>#</th><th>at (UTC)</th><th>task</th><th>try</th><th>event</th><th>by</th></tr>
 {timeline}</table>""")
 
+
+
+def model_history(name: str, runs: dict[tuple[str, str], Sequence[LineageEvent]],
+                  aliases: dict[str, Any]) -> dict[str, Any]:
+    """Each stored version of model ``name``, newest first, with what happened to it in the run that made it
+    (evaluation, approval, promotion or block) and later (promotions and rollbacks in other runs); ``runs``
+    maps (dag_id, run_id) to that run's events; ``aliases`` is the model store's ``aliases.json``."""
+    versions: dict[str, dict[str, Any]] = {}
+    moves: list[dict[str, Any]] = []
+    for (dag_id, run_id), evs in runs.items():
+        evs = newest(evs)
+        granted = sorted({str(e.payload_dict().get("responder")) for e in evs if e.event_type == "approval.granted"})
+        for e in evs:
+            p = e.payload_dict()
+            if p.get("model") != name:
+                continue
+            if e.event_type == "model.stored":
+                versions.setdefault(str(p["version"]), {
+                    "version": p["version"], "stored_at": e.created_at, "dag_id": dag_id, "run_id": run_id,
+                    "base": f"{p.get('base_model')} {p.get('base_version') or ''}".strip(), "kind": p.get("kind"),
+                    "approvers": granted, "evaluation": None, "promotions": [], "blocked": None})
+            elif e.event_type in ("promotion.completed", "rollback.completed"):
+                moves.append({"version": str(p.get("version") or p.get("to_version")), "alias": p.get("alias"),
+                              "at": e.created_at, "dag_id": dag_id, "run_id": run_id,
+                              "approvers": p.get("approvers") or granted,
+                              "kind": "promotion" if e.event_type == "promotion.completed" else "rollback"})
+        for e in evs:
+            p = e.payload_dict()
+            if e.event_type == "evaluation.completed" and str(p.get("version")) in versions \
+                    and versions[str(p["version"])]["run_id"] == run_id:
+                versions[str(p["version"])]["evaluation"] = {
+                    "verdict": p.get("verdict"), "at": e.created_at,
+                    "failed": [m for m, v in (p.get("metrics") or {}).items() if v.get("verdict") == "fail"]}
+            elif e.event_type == "promotion.blocked":
+                for v in versions.values():
+                    if v["run_id"] == run_id and v["dag_id"] == dag_id:
+                        v["blocked"] = p.get("reason")
+    for move in sorted(moves, key=lambda m: str(m["at"])):
+        if move["version"] in versions:
+            versions[move["version"]]["promotions"].append(move)
+    now = {alias: held.get("version") for alias, held in aliases.items() if not alias.startswith("_")
+           and isinstance(held, dict)}
+    for v in versions.values():
+        v["holds"] = sorted(alias for alias, version in now.items() if version == v["version"])
+    return {"model": name, "aliases": now,
+            "versions": sorted(versions.values(), key=lambda v: str(v["stored_at"]), reverse=True)}
+
+
+def model_page(history: dict[str, Any], base: str) -> str:
+    """A model's versions: each one's evaluate -> approve -> promote story, and which aliases hold it now."""
+    def run_link(dag_id: str, run_id: str) -> str:
+        return (f'<a target="_self" href="{E(base)}runs/{E(quote(dag_id, safe=""))}/{E(quote(run_id, safe=""))}">'
+                f"{E(run_id)}</a>")
+
+    rows = []
+    for v in history["versions"]:
+        ev = v["evaluation"]
+        evaluated = (_pill(str(ev["verdict"])) + (f" {E(', '.join(ev['failed']))}" if ev["failed"] else "")
+                     if ev else "not evaluated")
+        moved = "<br>".join(
+            f"{E(m['kind'])} to {E(str(m['alias']))} {E(str(m['at'])[:19])}, approved by {E(', '.join(m['approvers']))}"
+            f" ({run_link(m['dag_id'], m['run_id'])})" for m in v["promotions"]) or (
+            f"blocked: {E(str(v['blocked']))}" if v["blocked"] else "not promoted")
+        rows.append(f"<tr><td><code>{E(str(v['version']))}</code></td><td>{E(str(v['stored_at'])[:19])}</td>"
+                    f"<td>{E(v['base'])}</td><td>{run_link(v['dag_id'], v['run_id'])}</td><td>{evaluated}</td>"
+                    f"<td>{E(', '.join(v['approvers']) or '-')}</td><td>{moved}</td>"
+                    f"<td>{E(', '.join(v['holds']) or '-')}</td></tr>")
+    aliases = ", ".join(f"{E(a)} &rarr; <code>{E(str(ver))}</code>" for a, ver in sorted(history["aliases"].items()))
+    return page(f"model {history['model']}", f"""<h1>Model {E(history['model'])}</h1>
+<p>Aliases now: {aliases or 'none'}</p>
+<table><tr><th>version</th><th>stored (UTC)</th><th>base</th><th>run</th><th>evaluation</th><th>approved by</th>
+<th>promotions and rollbacks</th><th>holds</th></tr>{''.join(rows) or '<tr><td colspan=8>no version recorded</td></tr>'}
+</table>""")

@@ -56,6 +56,15 @@ def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView,
     assert chain["promotion"]["alias"] == "test" and chain["live_leases"] == 0
     assert {lease["purpose"] for lease in chain["leases"]} == {"catalog", "screen", "training", "inference"}
     assert "promotion.completed" in [e["event_type"] for e in detail["timeline"]]
+    # the model's page: this run's version, evaluated, approved by policy, promoted to test
+    model = fgov(view, "auditor", "GET", f"/api/models/{chain['promotion']['model']}")
+    assert model.status_code == 200, model.text
+    version = next(v for v in model.json()["versions"] if v["version"] == chain["promotion"]["version"])
+    assert version["evaluation"]["verdict"] == "pass" and "test" in version["holds"]
+    assert any(m["kind"] == "promotion" and m["alias"] == "test" and m["run_id"] == run for m in version["promotions"])
+    page = fgov(view, "auditor", "GET", f"/ui/models/{chain['promotion']['model']}")
+    assert page.status_code == 200 and chain["promotion"]["version"] in page.text
+    assert fgov(view, "auditor", "GET", "/api/models/no-such-model").status_code == 404
     assert fgov(view, "auditor", "POST", "/api/lease-sweep").status_code == 403  # reads, never changes
     assert fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/no-such-run").status_code == 404
     swept = fgov(view, "requester", "POST", "/api/lease-sweep")  # a user who may trigger it

@@ -119,3 +119,39 @@ def test_a_failed_evaluation_names_the_metrics_and_their_drop(store: LineageStor
     assert chain["reason"] == "blocked by evaluation: harmful_refusal \u2212100 pts"
     (lease,) = chain["leases"]
     assert lease["issued_at"] and lease["revoked_at"] and lease["task_id"] == "acquire_lease"
+
+
+def test_a_models_page_tells_each_versions_evaluate_approve_promote_story(store: LineageStore) -> None:
+    def run(run_id: str, version: str, verdict: str) -> None:
+        def key(task: str) -> EventKey:
+            return EventKey("d", run_id, task, 1)
+
+        d = payloads.decision("staging")
+        events.record(store, key("policy_check"), "policy.decided", actor="t", payload=d)
+        events.record(store, key("approval_gate"), "approval.granted", actor="t",
+                      payload=payloads.grant(d, "approver1"))
+        events.record(store, key("tune"), "model.stored", actor="control-plane", payload={
+            "model": "m", "version": version, "base_model": "base", "base_version": "b1", "kind": "adapter",
+            "sha256": payloads.SHA, "files": 2, "bytes": 100})
+        events.record(store, key("evaluate"), "evaluation.completed", actor="t",
+                      payload=payloads.evaluated(verdict, version, metrics={"harmful_refusal": {"verdict": verdict}}))
+        if verdict == "pass":
+            events.record(store, key("promote"), "promotion.completed", actor="t",
+                          payload=payloads.promoted("staging", version))
+        else:
+            events.record(store, key("promote"), "promotion.blocked", actor="t",
+                          payload={"reason": "evaluation verdict fail"})
+
+    run("r1", "v1", "pass")
+    run("r2", "v2", "fail")
+    runs = {("d", r): store.events(dag_id="d", run_id=r) for r in ("r1", "r2")}
+    history = views.model_history("m", runs, {"staging": {"version": "v1"}, "_history": []})
+    assert [v["version"] for v in history["versions"]] == ["v2", "v1"] and history["aliases"] == {"staging": "v1"}
+    v2, v1 = history["versions"]
+    assert (v1["evaluation"]["verdict"], v1["approvers"], v1["holds"]) == ("pass", ["approver1"], ["staging"])
+    assert [(m["kind"], m["alias"], m["approvers"]) for m in v1["promotions"]] == [
+        ("promotion", "staging", ["approver1"])]
+    assert (v2["evaluation"]["failed"], v2["blocked"], v2["promotions"]) == (
+        ["harmful_refusal"], "evaluation verdict fail", [])
+    html = views.model_page(history, base="../")
+    assert "blocked: evaluation verdict fail" in html and 'href="../runs/d/r1"' in html
