@@ -126,6 +126,23 @@ def create_app() -> FastAPI:
         events, summary = _run(user, dag_id, run_id)
         return {**summary, "timeline": [e.to_dict() for e in events]}
 
+    @app.get("/api/runs/{dag_id}/{run_id}/evidence", summary="The run's evidence pack (JSON, or format=html)")
+    def api_evidence(user: User, dag_id: str, run_id: str, format: str = "json") -> Any:
+        from fastapi.responses import Response
+
+        from airflow_finetune_gov.lineage.evidence import evidence, render_html, to_json
+
+        events, _summary = _run(user, dag_id, run_id)
+        pack = evidence(events)
+        name = f"evidence-{dag_id}-{run_id}".replace("/", "_").replace(":", "_")
+        if format == "html":
+            return HTMLResponse(render_html(pack),
+                                headers={"Content-Disposition": f'attachment; filename="{name}.html"'})
+        if format != "json":
+            raise HTTPException(status_code=400, detail="format is json or html")
+        return Response(to_json(pack), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.json"'})
+
     @app.post("/api/lease-sweep", status_code=201,
               summary="Ask Airflow to run fgov_lease_sweep now (needs permission to trigger it)")
     def api_lease_sweep(user: User) -> dict[str, Any]:

@@ -230,8 +230,12 @@ def run_page(dag_id: str, run_id: str, events: Sequence[LineageEvent], summary: 
         f"<td>{E(e.event_type)}</td><td>{E(e.actor)}</td></tr>" for e in events)
     integrity = _pill("verified" if chain_ok else "blocked") + (
         " hash chain intact" if chain_ok else " hash chain BROKEN: run `fgov audit verify`")
+    run_path = f"{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}"
+    evidence = f"/fgov/api/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/evidence"
+    links = (f'<a target="_top" href="/dags/{E(run_path)}">the run in Airflow</a> &middot; evidence pack '
+             f'<a href="{E(evidence)}">JSON</a> / <a href="{E(evidence)}?format=html">HTML</a>')
     return page(f"{dag_id} / {run_id}", f"""<h1>{E(dag_id)} / {E(run_id)}</h1>
-<p>{len(events)} lineage events; {integrity}</p>{''.join(parts)}
+<p>{len(events)} lineage events; {integrity}</p><p>{links}</p>{''.join(parts)}
 <h2>Timeline</h2><table><tr><th>#</th><th>at (UTC)</th><th>task</th><th>try</th><th>event</th><th>by</th></tr>
 {timeline}</table>""")
 

@@ -65,6 +65,10 @@ def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView,
     page = fgov(view, "auditor", "GET", f"/ui/models/{chain['promotion']['model']}")
     assert page.status_code == 200 and chain["promotion"]["version"] in page.text
     assert fgov(view, "auditor", "GET", "/api/models/no-such-model").status_code == 404
+    pack = fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/{run}/evidence")
+    assert pack.status_code == 200 and "attachment" in pack.headers["content-disposition"]
+    assert pack.json()["run_id"] == run and pack.json()["controls"][0]["status"] == "met"
+    assert "<html" in fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/{run}/evidence?format=html").text
     assert fgov(view, "auditor", "POST", "/api/lease-sweep").status_code == 403  # reads, never changes
     assert fgov(view, "auditor", "GET", f"/api/runs/{DEMO_DAG_ID}/no-such-run").status_code == 404
     swept = fgov(view, "requester", "POST", "/api/lease-sweep")  # a user who may trigger it
@@ -73,27 +77,34 @@ def test_the_auditor_reads_the_story_and_cannot_change_anything(view: StackView,
     assert view.client("requester").wait_run("fgov_lease_sweep", swept.json()["run_id"], timeout=240) == "success"
 
 
-def test_pages_in_chromium_run_list_timeline_and_the_dag_run_tab(view: StackView, run: str, tmp_path: Path) -> None:
+def test_pages_in_chromium_run_list_timeline_and_the_dag_run_tab(view: StackView, run: str, artifacts: Path) -> None:
     url = view.state["airflow"]["url"]
     with signed_in_page(view.stack, "auditor") as page:
         page.goto(f"{url}/fgov/ui/")  # the nav entry's page, authenticated by the UI's cookie
         page.get_by_text(run).first.wait_for(timeout=60_000)
         listing = page.inner_text("body")
-        page.screenshot(path=str(tmp_path / "governance-runs.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "governance-runs.png"), full_page=True)
         page.get_by_role("link", name=run).first.click()
         page.get_by_text("Timeline").first.wait_for(timeout=60_000)
         story = page.inner_text("body")
-        page.screenshot(path=str(tmp_path / "governance-run.png"), full_page=True)
+        page.screenshot(path=str(artifacts / "governance-run.png"), full_page=True)
         page.get_by_role("link", name="report with the flipped prompts").click()
         page.get_by_text("Prompts whose behaviour flipped").wait_for(timeout=60_000)
+        page.goto(f"{url}/fgov/ui/")  # the model's page, from its link in the run list
+        page.get_by_role("row").filter(has_text=run).get_by_role("link", name="fgov-demo-tiny").click()
+        page.get_by_text("Aliases now").first.wait_for(timeout=60_000)
+        model_page = page.inner_text("body")
+        page.screenshot(path=str(artifacts / "governance-model.png"), full_page=True)
         # Airflow's own DAG-run page, with the plugin's tab (an iframe on the same origin)
         page.goto(f"{url}/dags/{DEMO_DAG_ID}/runs/{run}/plugin/fgov_run")
         frame = page.frame_locator("iframe").first
         frame.get_by_text("Timeline").first.wait_for(timeout=60_000)
-        page.screenshot(path=str(tmp_path / "airflow-run-tab.png"), full_page=True)
-    assert (tmp_path / "governance-runs.png").stat().st_size > 10_000
+        page.screenshot(path=str(artifacts / "airflow-run-tab.png"), full_page=True)
+    assert (artifacts / "governance-runs.png").stat().st_size > 10_000
     for text in ("Fine-tune governance", "Pending approvals", "public_faq", "promoted"):
         assert text in listing, f"{text!r} not in the run list"
+    for text in ("Model fgov-demo-tiny", "promotion to test", "approved by policy", "holds"):
+        assert text in model_page, f"{text!r} not on the model page"
     for text in ("tier auto", "revoked, verified gone", "harmful_refusal", "fgov-demo-tiny:test", "hash chain intact",
                  "promotion.completed"):
         assert text in story, f"{text!r} not on the run page"
