@@ -10,6 +10,7 @@ from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param
+from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
@@ -61,6 +62,40 @@ def change_subject(request: dict[str, Any], got: int, needed: int) -> str:
     return f"{head} {request['dataset']} → {request['model']}"
 
 
+def comment_field(params: Any, description: str) -> ParamsDict:
+    """``params`` (what Airflow hands the operator: the DAG's params and the task's) with the request's Comment
+    field as a task param (the only source HITLOperator keeps), unless the task brings its own."""
+    merged = params if isinstance(params, ParamsDict) else ParamsDict(dict(params or {}))
+    if "comment" not in merged or merged.get_param("comment").source != "task":
+        # optional in Airflow's form (a string field is required there, and an empty one disables both buttons):
+        # when a comment is required is the policy's to say, and the gate's to enforce (approval.incomplete)
+        merged["comment"] = Param(None, source="task", type=["null", "string"], title="Comment",
+                                  description=description)
+    return merged
+
+
+def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -> bool:
+    """Put a re-opened request's subject, body and assignees into Airflow's HITL row of ``ti`` (its current try).
+    Airflow keeps one row per task instance and its execution API only clears the last answer on a re-open, so
+    the control plane, which renders each round, writes what the next round shows: the progress, and the
+    assignees without those who approved. False when Airflow has no row for it (yet)."""
+    from airflow.models.hitl import HITLDetail
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        row = session.scalar(
+            select(HITLDetail).join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
+            .where(TaskInstance.dag_id == ti.dag_id, TaskInstance.run_id == ti.run_id,
+                   TaskInstance.task_id == ti.task_id, TaskInstance.map_index == int(ti.map_index)))
+        if row is None:
+            return False
+        row.subject, row.body = subject, body
+        row.assignees = [{"id": a, "name": a} for a in assigned]
+    return True
+
+
 def dag_owners(context: Any) -> set[str]:
     """The DAG's owners, people who may not approve (or review) its changes."""
     owners = {o.strip() for o in str(getattr(context.get("dag"), "owner", "") or "").split(",") if o.strip()}
@@ -95,8 +130,11 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
     def __init__(self, *, subject: str = "Approve a governed fine-tune", **kwargs: Any) -> None:
         kwargs.setdefault("options", [APPROVE, REJECT])
         kwargs.setdefault("defaults", None)
-        kwargs.setdefault("params", {"comment": Param("", type="string", title="Comment",
-                                                      description="Why you approve or reject (recorded in lineage)")})
+        # Airflow gives the operator the DAG's params merged in (a DAG with params of its own passes them all), and
+        # HITLOperator keeps only those whose source is "task": without a task-sourced Comment, the form has no
+        # field and every answer comes without a reason
+        kwargs["params"] = comment_field(kwargs.get("params"), "Why you approve or reject: recorded in lineage; the "
+                                         "request says when it is required")
         super().__init__(subject=subject, **kwargs)
 
     def _excluded(self, context: Any) -> set[str]:
@@ -188,6 +226,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                if reopen is not None else {"response_timeout_seconds": self.response_timeout.total_seconds()
                                            if self.response_timeout else None}),
         }, actor="policy")
+        if reopen is not None and common.SERVING and not show_in_airflow(ti, subject, body, waiting):
+            self.log.warning("no HITL request of %s in Airflow to show round %d in", ti.task_id, len(requests) + 1)
         return {"subject": subject, "body": body, "options": options,
                 "assigned_users": [{"id": a, "name": a} for a in waiting],
                 "remaining_seconds": remaining.total_seconds() if remaining is not None else None}

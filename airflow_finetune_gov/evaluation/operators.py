@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import HITLOperator
-from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval.operators import comment_field
 from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision, request_sha256
 from airflow_finetune_gov.credentials.operators import service_credentials
 from airflow_finetune_gov.evaluation import builtin_suites, harness
@@ -74,8 +74,10 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                  **kwargs: Any) -> None:
         kwargs.setdefault("options", [ACCEPT, REJECT])
         kwargs.setdefault("defaults", None)
-        kwargs.setdefault("params", {"comment": Param("", type="string", title="Comment",
-                                                      description="Why you accept or reject (recorded in lineage)")})
+        # Airflow gives the operator the DAG's params merged in (a DAG with params of its own passes them all), and
+        # HITLOperator keeps only those whose source is "task": without a task-sourced Comment, the form has no
+        # field and every answer comes without a reason
+        kwargs["params"] = comment_field(kwargs.get("params"), "Why you accept or reject (recorded in lineage)")
         super().__init__(subject=subject, **kwargs)
         self.suites = list(suites or [])
         self.suite_files = list(suite_files or [])

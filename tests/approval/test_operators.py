@@ -26,3 +26,30 @@ def test_a_row_is_one_escaped_line_and_redacted_when_the_classification_says_so(
     assert "\n" not in full and "\\[click\\]" in full and "\\<b\\>" in full and "4111" in full
     redacted = shown_row(prompt, response, "redacted")
     assert "4111" not in redacted and "\\[number\\]" in redacted and "evil.example" not in redacted
+
+
+def test_the_request_form_has_its_comment_field() -> None:
+    """HITLOperator keeps only params whose source is "task": the Comment field must say so, or Airflow's form
+    shows no field and every answer comes without a reason (as it did before this test)."""
+    from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
+    from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
+
+    gate = FineTuneApprovalOperator(task_id="approval_gate")
+    assert list(gate.serialized_params) == ["comment"] and gate.serialized_params["comment"]["schema"]["title"] == \
+        "Comment"
+    review = BehaviourEvaluationOperator(task_id="evaluate")
+    assert list(review.serialized_params) == ["comment"]
+
+
+def test_inside_a_dag_with_params_of_its_own_the_form_keeps_its_comment_field() -> None:
+    """Airflow merges the DAG's params into the operator's; HITLOperator keeps the task's only."""
+    import pendulum
+    from airflow.sdk import DAG, Param
+
+    from airflow_finetune_gov.approval.operators import FineTuneApprovalOperator
+    from airflow_finetune_gov.evaluation.operators import BehaviourEvaluationOperator
+
+    with DAG("d", schedule=None, start_date=pendulum.datetime(2026, 1, 1), params={"dataset": Param("benign")}):
+        gate = FineTuneApprovalOperator(task_id="approval_gate")
+        review = BehaviourEvaluationOperator(task_id="evaluate")
+    assert list(gate.serialized_params) == ["comment"] and list(review.serialized_params) == ["comment"]
