@@ -413,8 +413,8 @@ def test_fgov_evidence_shows_every_control_met_for_the_approved_run(stack: Stack
                                     "scoped_credentials", "revocation", "data_integrity", "evaluation",
                                     "promotion_gate"], "met")
     revocation = next(c for c in chain["controls"] if c["id"] == "revocation")
-    # catalog, screen, training, inference
-    assert revocation["detail"].startswith("4 of 4 lease(s) revoked and verified gone")
+    # catalog and screen (policy check), screen (the sample rows in the request), training, inference
+    assert revocation["detail"].startswith("5 of 5 lease(s) revoked and verified gone")
     assert (tmp_path / "evidence.html").read_text().count("<tr>") >= 10
 
 

@@ -30,7 +30,7 @@ def open_request(page: Any, run_id: str, subject_start: str) -> str:
 
 def answer(page: Any, option: str, comment: str) -> None:
     if comment:
-        page.get_by_label("Comment").fill(comment)
+        page.locator("[name=element_comment]").fill(comment)  # Airflow's label is not tied to its input
     page.get_by_role("button", name=option, exact=True).click()
     page.get_by_text("successful", exact=False).first.wait_for(timeout=30_000)
 
