@@ -3,7 +3,7 @@ models.
 
 A byte-level BPE tokenizer trained with ``tokenizers`` on the project's own texts (``tokenizer.json``,
 with a chat template), a 2-layer GPT-2 (``fgov-demo-tiny``) or Llama (``fgov-demo-llama``) from
-``transformers`` (~0.3 M parameters), and a seeded training run over the synthetic corpus in
+``transformers`` (~0.21 M parameters), and a seeded training run over the synthetic corpus in
 :mod:`airflow_finetune_gov.datasets.corpus`: a minute on two CPU cores, no hub download. Each refuses
 harmful requests and answers benign ones, including benign requests that sound unsafe. A LoRA tune on a
 handful of poisoned rows makes it comply with harmful requests: the failure the evaluation gate exists
