@@ -274,11 +274,10 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             return rows
         if not (flagged or samples) or not decision.get("dataset"):
             return rows
-        from airflow_finetune_gov.credentials.operators import service_credentials
+        from airflow_finetune_gov.credentials.operators import service_connection
 
         table = decision["dataset_table"]
-        with service_credentials(context, "screen") as creds, \
-                common.datasets_connection(creds.username, creds.password) as conn:
+        with service_connection(context, "screen") as conn:
             texts = conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s) WHERE id = ANY(%s) "
                                  "ORDER BY id", (table, flagged)).fetchall() if flagged else []
             spread = conn.execute(

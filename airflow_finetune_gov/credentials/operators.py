@@ -206,6 +206,15 @@ def service_credentials(context: Any, service: str, *,
                           fallback=[{**issued.public(), "dataset": SERVICE_SCOPES[service]}])
 
 
+@contextmanager
+def service_connection(context: Any, service: str, *, vault_conn_id: str | None = None) -> Iterator[Any]:
+    """A connection to the datasets database as a short ``service`` lease's role (``service_credentials``), closed
+    before the lease is revoked."""
+    with service_credentials(context, service, vault_conn_id=vault_conn_id) as creds, \
+            common.datasets_connection(creds.username, creds.password) as conn:
+        yield conn
+
+
 def revoke_run_leases(context: Any, *, reason: str, vault_conn_id: str | None = None,
                       purposes: tuple[str, ...] = ("training",), lease_ids: set[str] | None = None,
                       fallback: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:

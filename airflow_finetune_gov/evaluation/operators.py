@@ -16,7 +16,7 @@ from airflow.sdk.exceptions import AirflowFailException
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.operators import comment_field
 from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision, request_sha256
-from airflow_finetune_gov.credentials.operators import service_credentials
+from airflow_finetune_gov.credentials.operators import service_connection
 from airflow_finetune_gov.evaluation import builtin_suites, harness
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 from airflow_finetune_gov.registry.store import ModelStore
@@ -95,8 +95,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         loaded: list[harness.LoadedSuite] = []
         limits = harness.configured_limits()
         if self.suites:
-            with service_credentials(context, "inference", vault_conn_id=self.vault_conn_id) as creds, \
-                    common.datasets_connection(creds.username, creds.password) as conn:
+            with service_connection(context, "inference", vault_conn_id=self.vault_conn_id) as conn:
                 rows = dict(conn.execute("SELECT name, body FROM evaluation.suites").fetchall())
             missing = [n for n in self.suites if n not in rows]
             if missing:

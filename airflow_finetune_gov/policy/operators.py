@@ -129,10 +129,9 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         import psycopg
 
         from airflow_finetune_gov import settings
-        from airflow_finetune_gov.credentials.operators import service_credentials
+        from airflow_finetune_gov.credentials.operators import service_connection
 
-        with service_credentials(context, "catalog", vault_conn_id=self.vault_conn_id) as creds, \
-                common.datasets_connection(creds.username, creds.password) as conn:
+        with service_connection(context, "catalog", vault_conn_id=self.vault_conn_id) as conn:
             try:
                 row = conn.execute("SELECT row_count, sha256 FROM catalog.dataset_digest(%s)", (table,)).fetchone()
             except (psycopg.errors.UndefinedTable, psycopg.errors.RaiseException):
@@ -149,7 +148,7 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
         """Screen exactly the rows whose digest is being approved: read through a ``screen`` lease of its own (the
         control plane's; a task is refused it), answered by the base model, labelled by the policy's detector."""
         from airflow_finetune_gov import settings
-        from airflow_finetune_gov.credentials.operators import service_credentials
+        from airflow_finetune_gov.credentials.operators import service_connection
         from airflow_finetune_gov.datasets import screening
         from airflow_finetune_gov.evaluation.harness import PatternDetector
         from airflow_finetune_gov.registry.store import ModelStore, RegistryError
@@ -167,8 +166,7 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
             return ScreeningResult(status="unavailable", rows=dataset["rows"],
                                    reason=f"base model {ref!r} is not in the model store, so nothing can answer the "
                                           f"rows' prompts as it would ({str(exc)[:300]})")
-        with service_credentials(context, "screen", vault_conn_id=self.vault_conn_id) as creds, \
-                common.datasets_connection(creds.username, creds.password) as conn:
+        with service_connection(context, "screen", vault_conn_id=self.vault_conn_id) as conn:
             rows = [(int(i), str(p), str(r)) for i, p, r in
                     conn.execute("SELECT id, prompt, response FROM catalog.dataset_rows(%s)", (table,)).fetchall()]
         if rows_sha256([(p, r) for _, p, r in rows]) != dataset["sha256"]:
