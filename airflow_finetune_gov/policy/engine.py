@@ -384,17 +384,22 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
                   screening=_screening(doc, source, top), approval=_approval(doc, source, top))
 
 
-def _approval(doc: dict[str, Any], source: str, top: int) -> ApprovalSettings:
-    raw = doc.get("approval")
+def _section(doc: dict[str, Any], name: str, source: str, top: int, keys: str) -> list[tuple[str, Any, int]] | None:
+    """The settings of section ``name`` as (key, value, line), or None when the file has no such section."""
+    raw = doc.get(name)
     if raw is None:
-        return ApprovalSettings()
+        return None
     if not isinstance(raw, dict):
-        raise _fail(source, top, "approval must be a mapping of sample_rows/show_rows/comment_required")
+        raise _fail(source, top, f"{name} must be a mapping of {keys}")
+    return [(str(key), value, _line(raw, key)) for key, value in raw.items() if key not in _META]
+
+
+def _approval(doc: dict[str, Any], source: str, top: int) -> ApprovalSettings:
+    items = _section(doc, "approval", source, top, "sample_rows/show_rows/comment_required")
+    if items is None:
+        return ApprovalSettings()
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _META:
-            continue
-        line = _line(raw, key)
+    for key, value, line in items:
         if key == "sample_rows":
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 20:
                 raise _fail(source, line, f"approval.sample_rows must be a whole number from 0 to 20, got {value!r}")
@@ -437,16 +442,11 @@ def _approval(doc: dict[str, Any], source: str, top: int) -> ApprovalSettings:
 
 
 def _screening(doc: dict[str, Any], source: str, top: int) -> ScreeningSettings:
-    raw = doc.get("screening")
-    if raw is None:
+    items = _section(doc, "screening", source, top, "enabled/detector/max_rows/examples/max_new_tokens")
+    if items is None:
         return ScreeningSettings()
-    if not isinstance(raw, dict):
-        raise _fail(source, top, "screening must be a mapping of enabled/detector/max_rows/examples/max_new_tokens")
     values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key in _META:
-            continue
-        line = _line(raw, key)
+    for key, value, line in items:
         if key == "enabled":
             if not isinstance(value, bool):
                 raise _fail(source, line, f"screening.enabled must be true or false, got {value!r}")

@@ -271,8 +271,16 @@ def test_malformed_screening_conditions_are_named_with_their_line(when: str, pro
     ("screening: {max_rows: 0}", "screening.max_rows must be a whole number >= 1"),
     ("screening: {examples: -1}", "screening.examples must be a whole number >= 0"),
     ("screening: {sample: 3}", "unknown screening setting 'sample'"),
+    ("approval: [x]", "approval must be a mapping"),
+    ("approval: {sample_rows: 50}", "approval.sample_rows must be a whole number from 0 to 20, got 50"),
+    ("approval: {show_rows: {secret: none}}", "approval.show_rows: unknown classification 'secret'"),
+    ("approval: {show_rows: {pii: blurred}}", "approval.show_rows.pii 'blurred': use one of full, redacted, none"),
+    ("approval: {comment_required: {options: [Maybe]}}", "approval.comment_required.options ['Maybe']"),
+    ("approval: {comment_required: {environments: [prod]}}", "approval.comment_required.environments ['prod']"),
+    ("approval: {comment_required: {always: true}}", "approval.comment_required is {options: [Reject]"),
+    ("approval: {samples: 3}", "unknown approval setting 'samples'"),
 ])
-def test_malformed_screening_settings_are_named(section: str, problem: str) -> None:
+def test_malformed_screening_and_approval_settings_are_named(section: str, problem: str) -> None:
     with pytest.raises(PolicyError, match=re.escape(problem)):
         parse_policy(POLICY + section + "\n", "p.yaml")
 
@@ -297,18 +305,3 @@ def test_approval_settings_default_and_parse() -> None:
     assert policy.approval.row_display("pii") == "redacted"  # the defaults for what the file leaves out
     assert policy.approval.comment_required("Approve", "test") and not parse_policy(POLICY).approval.comment_required(
         "Approve", "staging")
-
-
-@pytest.mark.parametrize(("section", "problem"), [
-    ("approval: [x]", "approval must be a mapping"),
-    ("approval: {sample_rows: 50}", "approval.sample_rows must be a whole number from 0 to 20, got 50"),
-    ("approval: {show_rows: {secret: none}}", "approval.show_rows: unknown classification 'secret'"),
-    ("approval: {show_rows: {pii: blurred}}", "approval.show_rows.pii 'blurred': use one of full, redacted, none"),
-    ("approval: {comment_required: {options: [Maybe]}}", "approval.comment_required.options ['Maybe']"),
-    ("approval: {comment_required: {environments: [prod]}}", "approval.comment_required.environments ['prod']"),
-    ("approval: {comment_required: {always: true}}", "approval.comment_required is {options: [Reject]"),
-    ("approval: {samples: 3}", "unknown approval setting 'samples'"),
-])
-def test_malformed_approval_settings_are_named(section: str, problem: str) -> None:
-    with pytest.raises(PolicyError, match=re.escape(problem)):
-        parse_policy(POLICY + section + "\n", "p.yaml")
