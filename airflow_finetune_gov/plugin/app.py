@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
@@ -126,8 +126,10 @@ def create_app() -> FastAPI:
         events, summary = _run(user, dag_id, run_id)
         return {**summary, "timeline": [e.to_dict() for e in events]}
 
-    @app.get("/api/runs/{dag_id}/{run_id}/evidence", summary="The run's evidence pack (JSON, or format=html)")
-    def api_evidence(user: User, dag_id: str, run_id: str, format: str = "json") -> Any:
+    @app.get("/api/runs/{dag_id}/{run_id}/evidence", summary="The run's evidence pack (JSON, or format=html)",
+             responses={200: {"content": {"application/json": {}, "text/html": {}},
+                              "description": "The evidence pack, as an attachment"}})
+    def api_evidence(user: User, dag_id: str, run_id: str, format: Literal["json", "html"] = "json") -> Any:
         from fastapi.responses import Response
 
         from airflow_finetune_gov.lineage.evidence import evidence, render_html, to_json
@@ -138,8 +140,6 @@ def create_app() -> FastAPI:
         if format == "html":
             return HTMLResponse(render_html(pack),
                                 headers={"Content-Disposition": f'attachment; filename="{name}.html"'})
-        if format != "json":
-            raise HTTPException(status_code=400, detail="format is json or html")
         return Response(to_json(pack), media_type="application/json",
                         headers={"Content-Disposition": f'attachment; filename="{name}.json"'})
 

@@ -38,9 +38,9 @@ from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
 pytestmark = pytest.mark.stack
 
-OPERATIONS = [("GET", "/api/runs"), ("GET", "/api/runs/{dag_id}/{run_id}"), ("POST", "/api/lease-sweep"),
-              ("GET", "/ui/"), ("GET", "/ui/runs/{dag_id}/{run_id}"),
-              ("GET", "/ui/runs/{dag_id}/{run_id}/report/{task_id}")]
+OPERATIONS = [("GET", "/api/runs"), ("GET", "/api/runs/{dag_id}/{run_id}"), ("GET", "/api/runs/{dag_id}/{run_id}/evidence"),
+              ("POST", "/api/lease-sweep"), ("GET", "/api/models/{name}"), ("GET", "/ui/"), ("GET", "/ui/models/{name}"),
+              ("GET", "/ui/runs/{dag_id}/{run_id}"), ("GET", "/ui/runs/{dag_id}/{run_id}/report/{task_id}")]
 READS = [op for op in OPERATIONS if op[0] == "GET"]
 CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
 REFUSALS = ({"detail": "Not authenticated"}, {"detail": "Invalid JWT token"})
@@ -99,7 +99,7 @@ def run(view: StackView, base_url: str, tokens: dict[str, str]) -> dict[str, Any
         for row in listed.json()["runs"]:
             chains = [c for c in row["chains"] if c["evaluation"] and c["evaluation"].get("report")]
             if row["dag_id"] == DEMO_DAG_ID and row["status"] == "promoted" and chains:
-                return {"dag_id": row["dag_id"], "run_id": row["run_id"],
+                return {"dag_id": row["dag_id"], "run_id": row["run_id"], "name": chains[0]["model"],
                         "task_id": chains[0]["evaluation"]["task_id"], "map_index": chains[0]["map_index"]}
         return None
 
@@ -128,7 +128,7 @@ def strategy(operation: Any, mode: GenerationMode, run: dict[str, Any]) -> Any:
     if not names:
         return generated
     anchored = operation.as_strategy(generation_mode=mode,
-                                     path_parameters={k: run[k] for k in ("dag_id", "run_id") if k in names})
+                                     path_parameters={k: run[k] for k in ("dag_id", "run_id", "name") if k in names})
     return st.one_of(generated, anchored)
 
 
@@ -217,7 +217,8 @@ def test_the_auditor_gets_no_server_error_and_no_lease_sweep(schema: Any, base_u
     assert statuses["POST /api/lease-sweep"] == {403}
     # the fuzz reached the data: the run list and the real run's pages answered
     assert 200 in statuses["GET /api/runs"] and 200 in statuses["GET /api/runs/{dag_id}/{run_id}"]
-    assert 200 in statuses["GET /ui/runs/{dag_id}/{run_id}"]
+    assert 200 in statuses["GET /ui/runs/{dag_id}/{run_id}"] and 200 in statuses["GET /api/models/{name}"]
+    assert 200 in statuses["GET /api/runs/{dag_id}/{run_id}/evidence"]
 
 
 def test_the_requester_reads_with_no_server_error(schema: Any, base_url: str, run: dict[str, Any],
@@ -233,7 +234,7 @@ def test_the_requester_reads_with_no_server_error(schema: Any, base_url: str, ru
 
 def real_case(operation: Any, run: dict[str, Any], token: str, **override: Any) -> Any:
     """A request for ``operation`` on the real run (its report, map index), with some values overridden."""
-    real = {"dag_id": run["dag_id"], "run_id": run["run_id"], "task_id": run["task_id"],
+    real = {"dag_id": run["dag_id"], "run_id": run["run_id"], "task_id": run["task_id"], "name": run["name"],
             "map_index": run["map_index"], "limit": 5, **override}
     return operation.Case(path_parameters={p.name: real[p.name] for p in operation.path_parameters},
                           query={p.name: real[p.name] for p in operation.query if p.name in override
