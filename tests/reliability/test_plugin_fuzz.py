@@ -38,8 +38,9 @@ from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
 pytestmark = pytest.mark.stack
 
-OPERATIONS = [("GET", "/api/runs"), ("GET", "/api/runs/{dag_id}/{run_id}"), ("GET", "/api/runs/{dag_id}/{run_id}/evidence"),
-              ("POST", "/api/lease-sweep"), ("GET", "/api/models/{name}"), ("GET", "/ui/"), ("GET", "/ui/models/{name}"),
+OPERATIONS = [("GET", "/api/runs"), ("GET", "/api/runs/{dag_id}/{run_id}"),
+              ("GET", "/api/runs/{dag_id}/{run_id}/evidence"), ("POST", "/api/lease-sweep"),
+              ("GET", "/api/models/{name}"), ("GET", "/ui/"), ("GET", "/ui/models/{name}"),
               ("GET", "/ui/runs/{dag_id}/{run_id}"), ("GET", "/ui/runs/{dag_id}/{run_id}/report/{task_id}")]
 READS = [op for op in OPERATIONS if op[0] == "GET"]
 CHECKS = [not_a_server_error, content_type_conformance, response_schema_conformance]
