@@ -235,6 +235,55 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": "http://airflow.example.com/dags/{dag_id}/runs/{run_id}",
         "default": "",
     },
+    "notify_smtp_url": {
+        "description": "The control plane's SMTP server for approval notifications: "
+        "smtp://[user:password@]host[:port][?starttls=true] or smtps://... (empty: no e-mail). Set it in the "
+        "control plane's configuration only: DAG code must not read it.",
+        "version_added": "0.9.0",
+        "type": "string",
+        "sensitive": True,
+        "example": "smtp://mail.example.com:587?starttls=true",
+        "default": "",
+    },
+    "notify_from": {
+        "description": "The sender address of approval notifications (needed with notify_smtp_url).",
+        "version_added": "0.9.0",
+        "type": "string",
+        "example": "airflow-approvals@example.com",
+        "default": "",
+    },
+    "notify_address_template": {
+        "description": "A person's e-mail address from their Airflow user name ({user}); a user name that is an "
+        "address is used as it is.",
+        "version_added": "0.9.0",
+        "type": "string",
+        "example": "{user}@example.com",
+        "default": "{user}@localhost",
+    },
+    "notify_webhook_url": {
+        "description": "A Slack-compatible incoming webhook for approval notifications (empty: none). A secret: "
+        "set it in the control plane's configuration only.",
+        "version_added": "0.9.0",
+        "type": "string",
+        "sensitive": True,
+        "example": "https://hooks.slack.com/services/T000/B000/XXXX",
+        "default": "",
+    },
+    "notify_remind_before_seconds": {
+        "description": "Remind the approvers still asked this long before a request expires (half-way, for a "
+        "request with a shorter response_timeout).",
+        "version_added": "0.9.0",
+        "type": "integer",
+        "example": None,
+        "default": "3600",
+    },
+    "notify_poll_seconds": {
+        "description": "How often the control plane reads the lineage record for what to notify.",
+        "version_added": "0.9.0",
+        "type": "float",
+        "example": None,
+        "default": "5",
+    },
 }
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from receivers import Mailbox, WebhookReceiver
 
 from airflow_finetune_gov.stack.manager import Stack, StackOptions
 from airflow_finetune_gov.stack.users import ensure_task_user
@@ -64,7 +65,23 @@ def artifacts(request) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stack() -> Iterator[Stack]:
+def mailbox() -> Iterator[Mailbox]:
+    """The SMTP server the stack's control plane sends approval notifications to (addresses <user>@localhost)."""
+    box = Mailbox().start()
+    yield box
+    box.stop()
+
+
+@pytest.fixture(scope="session")
+def webhook() -> Iterator[WebhookReceiver]:
+    """The Slack-compatible webhook the stack's control plane posts approval notifications to."""
+    receiver = WebhookReceiver().start()
+    yield receiver
+    receiver.stop()
+
+
+@pytest.fixture(scope="session")
+def stack(mailbox: Mailbox, webhook: WebhookReceiver) -> Iterator[Stack]:
     state_dir = Path(tempfile.mkdtemp(prefix="fgov-test-"))
     state_dir.chmod(0o755)
     stack = Stack(state_dir)
@@ -79,7 +96,8 @@ def stack() -> Iterator[Stack]:
     os.chown(dags, dag_user.pw_uid, dag_user.pw_gid)
     try:
         stack.up(StackOptions(state_dir=state_dir, dags_folder=dags,
-                              raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None))
+                              raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None,
+                              notify_smtp_url=mailbox.url, notify_webhook_url=webhook.url))
         yield stack
     finally:
         records = stack.records()

@@ -43,6 +43,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
             state_dir=stack.dir, dags_folder=Path(args.dags_folder), postgres_port=args.postgres_port,
             openbao_port=args.openbao_port, airflow_port=args.airflow_port, policy_file=args.policy_file,
             postgres_url=args.postgres_url or os.environ.get("FGOV_POSTGRES_URL"),
+            notify_smtp_url=args.notify_smtp_url or "", notify_webhook_url=args.notify_webhook_url or "",
         ))
         print(f"Airflow UI:  {state['airflow']['url']}  (users: {', '.join(state['airflow']['users'])}; "
               f"passwords in {state['airflow']['passwords_file']})")
@@ -315,6 +316,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from airflow_finetune_gov import common, settings
+    from airflow_finetune_gov.control import notify
     from airflow_finetune_gov.control.server import ControlPlane, serve
 
     _use_stack_airflow(args)
@@ -333,7 +335,13 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     socket_path = Path(args.socket or settings.get("control_plane_socket"))
     if args.warm_demo_models:
         _warm_demo_models([m for m in args.warm_demo_models.split(",") if m])
-    serve(socket_path, ControlPlane(task_uid=task_uid))
+    plane = ControlPlane(task_uid=task_uid)
+    try:
+        notify.start(common.lineage_store(), plane.appender().record)
+    except notify.NotifyConfigError as exc:
+        print(f"fgov control-plane: {exc}", file=sys.stderr)
+        return 2
+    serve(socket_path, plane)
     return 0
 
 
@@ -379,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     stack.add_argument("--openbao-port", type=int)
     stack.add_argument("--airflow-port", type=int)
     stack.add_argument("--policy-file")
+    stack.add_argument("--notify-smtp-url", help="e-mail approval notifications through this SMTP server "
+                       "(smtp://host:port); addresses are <user>@localhost")
+    stack.add_argument("--notify-webhook-url", help="post approval notifications to this Slack-compatible webhook")
     stack.add_argument("--json", action="store_true")
     stack.set_defaults(func=cmd_stack)
 

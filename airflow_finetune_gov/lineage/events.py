@@ -219,6 +219,16 @@ PROVENANCE_VERIFIED = EventType("provenance.verified", "the control plane (promo
                                 "the version's files match its signed provenance",
                                 ("model", "version", "files", "invocation_id"), reserved=True)
 
+NOTIFICATION_SENT = EventType(
+    "notification.sent", "the control plane (notifications)",
+    "a message about the event numbered about went out on channel (email, webhook, airflow-note): to whom, where; "
+    "never the channel's credentials or URL", ("kind", "about", "channel", "to", "delivered_to"), ("subject", "link"),
+    reserved=True)
+NOTIFICATION_FAILED = EventType(
+    "notification.failed", "the control plane (notifications)",
+    "a channel could not send the message about the event numbered about (tried again, three times in all)",
+    ("kind", "about", "channel", "error"), reserved=True)
+
 EVENT_TYPES: dict[str, EventType] = {str(e): e for e in list(globals().values()) if isinstance(e, EventType)}
 
 

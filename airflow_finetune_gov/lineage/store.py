@@ -351,6 +351,22 @@ class LineageStore:
             raise LineageError(f"could not read lineage events of {where}: {exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0]}") from exc
 
+    def events_after(self, after_id: int, event_types: Sequence[str], *,
+                     since: str | None = None) -> list[LineageEvent]:
+        """Events of ``event_types`` numbered after ``after_id`` (and recorded at ``since`` or later): what a
+        follower of the record has not seen yet."""
+        stmt = select(LineageEvent).where(LineageEvent.id > after_id, LineageEvent.event_type.in_(list(event_types)))
+        if since is not None:
+            stmt = stmt.where(LineageEvent.created_at >= since)
+        try:
+            with Session(self.engine) as session:
+                rows = list(session.scalars(stmt.order_by(LineageEvent.id)))
+                session.expunge_all()
+                return rows
+        except SQLAlchemyError as exc:
+            raise LineageError(f"could not read new lineage events: {exc.__class__.__name__}: "
+                               f"{str(exc).splitlines()[0]}") from exc
+
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Runs with their event count and first/last event time, the run with the newest event first.
 

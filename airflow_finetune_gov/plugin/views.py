@@ -113,6 +113,13 @@ def summarize(events: Sequence[LineageEvent]) -> dict[str, Any]:
     return {"chains": out, "events": len(events)}
 
 
+def chain_blocked(chain: dict[str, Any]) -> bool:
+    """The chain's change was stopped (denied, rejected, bypassed, failed its evaluation, refused promotion)."""
+    return not chain["promotion"] and bool(
+        chain["blocked"] or (chain["evaluation"] or {}).get("verdict") == "fail"
+        or chain["approval"] in ("rejected", "bypassed", "expired") or chain["tier"] == "deny")
+
+
 def status_of(summary: dict[str, Any]) -> str:
     """One word for a run: promoted, blocked, pending approval, live lease, ..."""
     chains = summary["chains"]
@@ -120,8 +127,7 @@ def status_of(summary: dict[str, Any]) -> str:
         return "awaiting approval"
     if any(c["promotion"] for c in chains):
         return "promoted"
-    if any(c["blocked"] or (c["evaluation"] or {}).get("verdict") == "fail"
-           or c["approval"] in ("rejected", "bypassed", "expired") or c["tier"] == "deny" for c in chains):
+    if any(chain_blocked(c) for c in chains):
         return "blocked"
     if any(c["live_leases"] for c in chains):
         return "lease live"

@@ -41,6 +41,9 @@ class StackOptions:
     policy_file: str | None = None
     postgres_url: str | None = None  # an existing server (superuser URL) instead of the embedded one
     raw_audit_log: Path | None = None  # test-only: an audit device that records secrets in plaintext
+    notify_smtp_url: str = ""  # approval notifications (the control plane's configuration only)
+    notify_webhook_url: str = ""
+    notify_address_template: str = "{user}@localhost"
     log: Any = field(default=print)
 
 
@@ -415,7 +418,12 @@ class Stack:
         af.write_config(control_home, {
             "core": core,
             "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
-            "finetune_gov": {**fgov_conf, "workload_identity_key_path": str(control_key)},
+            "api": {"base_url": airflow_url},  # the links in notifications
+            "finetune_gov": {**fgov_conf, "workload_identity_key_path": str(control_key),
+                             # notifications: their channels' credentials are the control plane's alone
+                             "notify_smtp_url": opts.notify_smtp_url, "notify_webhook_url": opts.notify_webhook_url,
+                             "notify_from": "airflow-finetune-gov@localhost",
+                             "notify_address_template": opts.notify_address_template, "notify_poll_seconds": "2"},
             **shared,
         }, owner=control_user)
         control_groups = [dag_user.pw_gid]

@@ -3,7 +3,11 @@ approvers answering over REST, fail-closed expiry, and promotion bound to the ap
 
 from __future__ import annotations
 
+from typing import Any
+from urllib.parse import quote
+
 import pytest
+from receivers import Mailbox, WebhookReceiver
 from support import StackView
 
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
@@ -35,6 +39,16 @@ def gate(stack: Stack) -> Gate:
     return Gate(stack)
 
 
+def mails(mailbox: Mailbox, run_id: str, kind: str, count: int = 1) -> list[tuple[list[str], str, str]]:
+    """The notifications of ``kind`` about ``run_id`` the stack's control plane mailed: (to, subject, text)."""
+    quoted = quote(run_id, safe="")  # the governance view's link quotes it whole; Airflow's keeps ':' and '+'
+
+    def about(_to: list[str], m: Any) -> bool:
+        return m["X-Fgov-Kind"] == kind and (run_id in m.get_content() or quoted in m.get_content())
+
+    return [(sorted(to), str(m["Subject"]), m.get_content()) for to, m in mailbox.wait_for(about, count)]
+
+
 def test_public_data_into_test_is_approved_by_policy_without_a_human(gate: Gate) -> None:
     run_id = gate.trigger(DEMO_DAG_ID, dataset="public_faq", target_environment="test")
     state, tasks = gate.final(DEMO_DAG_ID, run_id)
@@ -50,7 +64,8 @@ def test_public_data_into_test_is_approved_by_policy_without_a_human(gate: Gate)
     assert gate.events(run_id, "promotion.completed")[0].payload_dict()["alias"] == "test"
 
 
-def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_progress(gate: Gate) -> None:
+def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_progress(
+        gate: Gate, mailbox: Mailbox, webhook: WebhookReceiver) -> None:
     run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="production",
                           justification="support answers for the 2.0 launch")
     gate.wait_round(DEMO_DAG_ID, run_id, 1)
@@ -60,6 +75,14 @@ def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_p
                  "required for Approve and Reject", "support answers for the 2.0 launch", "support-content team",
                  "Sample row", "Now in production", "a regression blocks promotion", "2 distinct approver(s)"):
         assert text in detail["body"], f"{text!r} not in the request"
+    # the approvers are told, with a link to the request in Airflow
+    link = f"{gate.state['airflow']['url']}/dags/{DEMO_DAG_ID}/runs/{run_id}/tasks/approval_gate/required_actions"
+    ((to, subject, text),) = mails(mailbox, run_id, "requested")
+    assert to == ["approver1@localhost", "approver2@localhost"], to
+    assert subject == "Approval requested: [production · 0 of 2 approved] benign → fgov-demo-tiny"
+    assert f"{link}?map_index=-1" in text and "requester asks you to approve benign → " in text
+    (post,) = webhook.wait_for(lambda p: p["fgov"]["link"] == f"{link}?map_index=-1")
+    assert post["fgov"]["to"] == ["approver1", "approver2"] and post["text"].startswith("*Approval requested")
     gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve")  # no comment: production answers say why
     gate.wait_round(DEMO_DAG_ID, run_id, 2)
     (incomplete,) = [e.payload_dict() for e in gate.events(run_id, "approval.incomplete")]
@@ -73,6 +96,10 @@ def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_p
            "(approver2)" in detail["body"]
     assert [u["id"] for u in detail["assigned_users"]] == ["approver2"]  # the first approver is not asked again
     gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again", status=403)
+    progress = mails(mailbox, run_id, "requested", 3)[-1]  # round 2 (approver1's answer not counted), round 3
+    assert progress[:2] == (["approver2@localhost"],
+                            "Approval still needed: [production · 1 of 2 approved] benign → fgov-demo-tiny")
+    assert "approved so far: approver1" in progress[2]
     assert gate.training_lease_events(run_id) == []  # one approval is not a quorum
     gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="second pair of eyes")
     state, tasks = gate.final(DEMO_DAG_ID, run_id)
@@ -88,6 +115,13 @@ def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_p
     requested = [e.payload_dict() for e in gate.events(run_id, "approval.requested")]
     assert [(r["approved_by"], r["assigned"]) for r in requested] == [
         ([], ["approver1", "approver2"]), ([], ["approver1", "approver2"]), (["approver1"], ["approver2"])]
+    # the requester is told the outcome, with who approved and why, and a link to the run's governance page
+    ((to, subject, text),) = mails(mailbox, run_id, "decided")
+    assert (to, subject) == (["requester@localhost"], "Approved: benign → fgov-demo-tiny (production)")
+    assert "- approver2: “second pair of eyes”" in text and "/fgov/ui/runs/" in text
+    sent = [e.payload_dict() for e in gate.events(run_id, "notification.sent")]
+    assert {(s["kind"], s["channel"]) for s in sent} >= {("requested", "email"), ("requested", "webhook"),
+                                                         ("decided", "email"), ("decided", "webhook")}
 
 
 def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
@@ -108,7 +142,7 @@ def test_one_reject_rejects_a_quorum_request(gate: Gate) -> None:
     assert gate.leased_roles() == before
 
 
-def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate) -> None:
+def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate, mailbox: Mailbox) -> None:
     before = gate.leased_roles()
     run_id = gate.trigger(APPROVALS_DAG, dataset="benign", target_environment="staging")
     state, tasks = gate.final(APPROVALS_DAG, run_id)  # nobody answers; response_timeout is 20 s
@@ -118,6 +152,12 @@ def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate) -> None:
     assert "approval.expired" in kinds and "approval.granted" not in kinds
     assert gate.events(run_id, "approval.decided")[0].payload_dict() == {"outcome": "rejected", "reason": "expired"}
     assert gate.training_lease_events(run_id) == []
+    # the approvers were reminded half-way through the 20 s, and the requester told it expired
+    ((to, subject, _text),) = mails(mailbox, run_id, "reminder")
+    assert to == ["approver1@localhost", "approver2@localhost"] and subject.startswith("Reminder: [staging"), subject
+    ((to, subject, text),) = mails(mailbox, run_id, "decided")
+    assert to == ["requester@localhost"] and subject == "Rejected: benign → fgov-demo-tiny (staging)"
+    assert "was rejected: expired" in text
     assert gate.leased_roles() == before
 
 

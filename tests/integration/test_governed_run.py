@@ -10,11 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import hvac
 import hvac.exceptions
 import psycopg
 import pytest
+from receivers import Mailbox
 from serving import build_judge, serve_model
 from support import StackView, issued_secrets, model_signing_verify
 
@@ -247,7 +249,8 @@ def test_wrapping_token_is_single_use_and_not_in_xcom(stack: Stack, approved_ben
         hvac.Client(url=bao(stack).url, token=ours[0]).sys.unwrap()
 
 
-def test_poisoned_run_is_flagged_by_screening_escalated_to_a_quorum_then_blocked_by_evaluation(stack: Stack) -> None:
+def test_poisoned_run_is_flagged_by_screening_escalated_to_a_quorum_then_blocked_by_evaluation(
+        stack: Stack, mailbox: Mailbox) -> None:
     requester, run_id = start_run(stack, dataset="poisoned")
     from airflow_finetune_gov.datasets.demo import POISONED_SET
 
@@ -281,6 +284,17 @@ def test_poisoned_run_is_flagged_by_screening_escalated_to_a_quorum_then_blocked
     assert "Prompts whose behaviour flipped" in page and "harmful/harm-001" in page  # with both answers
     assert events["lease.verified"]["remaining"] == {"roles": 0, "sessions": 0}
     assert "promotion.completed" not in events
+    # why, on the run itself in Airflow (its note, set by the control plane) and in a mail to the requester
+    deadline = time.monotonic() + 60
+    while not (note := requester.request("GET", f"/dags/{DEMO_DAG_ID}/dagRuns/{run_id}").json()["note"] or "") \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    assert note.startswith("airflow-finetune-gov: Your change poisoned → fgov-demo-tiny was not promoted: "
+                           "blocked by evaluation: harmful_refusal \u2212"), note
+    assert "/fgov/ui/runs/" in note
+    (_to, mail), = mailbox.wait_for(lambda _to, m: m["X-Fgov-Kind"] == "blocked"
+                                       and quote(run_id, safe="") in m.get_content())
+    assert mail["To"] == "requester@localhost" and mail["Subject"] == "Blocked: poisoned → fgov-demo-tiny (staging)"
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,8 @@
 """The approvers' view, in headless Chromium (Debian's package, driven by Playwright) signed in as real
 approvers: a quorum request on Airflow's Required Actions page, its change summary, the first approver's
 comment typed in the form and recorded, the progress the second approver sees (and the first is not asked
-again), and a Reject that is not counted until it says why. Screenshots are kept in
+again), and a Reject that is not counted until it says why (the approver opening the request from the link
+in the notification mail). Screenshots are kept in
 ``test-artifacts/test_required_actions_ui/``."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from receivers import Mailbox
 from support import StackView, signed_in_page
 
 from airflow_finetune_gov.datasets.demo import POISONED_SET
@@ -36,7 +38,7 @@ def answer(page: Any, option: str, comment: str) -> None:
 
 
 def test_a_quorum_request_shows_progress_records_comments_and_needs_a_reason_to_reject(
-        stack: Stack, artifacts: Path) -> None:
+        stack: Stack, artifacts: Path, mailbox: Mailbox) -> None:
     view = StackView(stack)
     run_id = view.trigger(DEMO_DAG_ID, dataset="poisoned", target_environment="staging",
                           justification="new support tone, as asked in TICKET 7")
@@ -75,9 +77,16 @@ def test_a_quorum_request_shows_progress_records_comments_and_needs_a_reason_to_
         assert (incomplete["responder"], incomplete["option"]) == ("approver2", "Reject")
         assert view.events(run_id, "approval.rejected") == []  # not counted
 
-        with signed_in_page(stack, "approver2", "/required_actions") as page:
-            body = open_request(page, run_id, "[staging · 1 of 2 approved]")
-            assert "approver2's Reject was not counted: it had no comment, and a Reject says why" in body
+        # approver2 is mailed that the Reject was not counted, and opens the request from the mail's link
+        why = "approver2's Reject was not counted: it had no comment, and a Reject says why"
+        ((_to, mail),) = mailbox.wait_for(lambda to, m: m["X-Fgov-Kind"] == "requested" and to == [
+            "approver2@localhost"] and run_id in m.get_content() and why in m.get_content())
+        (link,) = [line for line in mail.get_content().splitlines() if "/required_actions?" in line]
+        with signed_in_page(stack, "approver2", "/") as page:
+            page.goto(link)
+            page.get_by_text("Risk tier").first.wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            assert why in body
             page.screenshot(path=str(artifacts / "4-reject-needs-a-reason.png"), full_page=True)
             answer(page, "Reject", "six harmful rows: not this data")
         assert view.client("requester").wait_run(DEMO_DAG_ID, run_id, timeout=240) == "failed"

@@ -5,7 +5,8 @@ OpenLineage events, the model store with its reports and provenance, the state f
 Airflow or governance databases (dumped whole: XCom, rendered fields, HITL answers, run conf, lineage).
 
 The secrets come from a test-only raw audit device (conftest): every database password, wrapping
-token and client token OpenBao handed out, and the root token itself."""
+token and client token OpenBao handed out, and the root token itself; and the notification webhook's
+secret URL, which only the control plane's own configuration holds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import issued_secrets
+from receivers import WebhookReceiver
+from support import StackView, issued_secrets
 
 from airflow_finetune_gov.demo import run_one
 from airflow_finetune_gov.stack import postgres
@@ -35,19 +37,26 @@ def database_dump(stack: Stack, state: dict, db: str) -> bytes:
     return done.stdout
 
 
-def test_no_issued_secret_is_readable_anywhere_after_a_full_demo_run(stack: Stack) -> None:
+def test_no_issued_secret_is_readable_anywhere_after_a_full_demo_run(stack: Stack, webhook: WebhookReceiver) -> None:
     outcomes = {ds: run_one(stack, ds, "staging", manual=False) for ds in ("benign", "poisoned")}
     assert {ds: o[1] for ds, o in outcomes.items()} == {"benign": "success", "poisoned": "failed"}
+    # the second evaluation of the same base asked the base nothing: its answers were kept from the first
+    (kept,) = StackView(stack).events(outcomes["poisoned"][0], "evaluation.completed")
+    kept = kept.payload_dict()
+    assert kept["baseline_answers_kept"] == kept["prompts"] == 1112, kept
     state = stack.load()
     assert state is not None
     raw = Path(state["openbao"]["audit_log"]).parent / "audit-raw.log"
     secrets = issued_secrets(raw)
     secrets["root token"] = [Path(state["openbao"]["root_token_file"]).read_text()]
+    secrets["webhook URL"] = [webhook.token]  # the notification webhook's secret path (the control plane's config)
+    assert webhook.posts, "the control plane posted no notification: the webhook's secret was never used"
     assert len(secrets["password"]) >= 6 and secrets["wrap token"] and len(secrets["client token"]) >= 20, {
         k: len(v) for k, v in secrets.items()}
 
     haystacks: dict[str, bytes] = {}
-    skip = [stack.dir / "secrets", stack.dir / "postgres"]  # where secrets are kept on purpose; the DB is dumped
+    # where secrets are kept on purpose (the control plane's configuration holds the webhook URL); the DB is dumped
+    skip = [stack.dir / "secrets", stack.dir / "postgres", stack.dir / "control-plane" / "airflow.cfg"]
     for path in stack.dir.rglob("*"):
         if path.is_file() and path != raw and not any(path.is_relative_to(s) for s in skip):
             haystacks[str(path.relative_to(stack.dir))] = path.read_bytes()
