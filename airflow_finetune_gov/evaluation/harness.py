@@ -17,6 +17,7 @@ import csv
 import hashlib
 import html
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -304,6 +305,38 @@ class CallableClient:
         answers = list(self.fn(prompts))
         if len(answers) != len(prompts):
             raise RuntimeError(f"client {self.name} returned {len(answers)} answers for {len(prompts)} prompts")
+        return answers
+
+
+class CachedClient:
+    """``client``'s answers kept per batch of prompts (by the batch's sha256) under ``folder``, and given again
+    for the same batch. Only for a client that answers a batch the same way every time: a stored model version
+    (its exact bytes) decoding greedily with the same settings on the same torch build and threads, which the
+    caller puts in ``folder``'s name. Whoever can write ``folder`` decides those answers: keep it where only the
+    evaluation's process writes (the control plane's model store). ``hits`` counts the prompts answered from it."""
+
+    def __init__(self, client: Client, folder: Path) -> None:
+        self.client, self.folder, self.name = client, Path(folder), client.name
+        self.hits = self.misses = 0
+
+    def generate(self, prompts: list[str]) -> list[str]:
+        path = self.folder / (hashlib.sha256(json.dumps(prompts).encode()).hexdigest() + ".json")
+        try:
+            kept = json.loads(path.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, list) and len(kept) == len(prompts) and all(isinstance(a, str) for a in kept):
+            self.hits += len(prompts)
+            return kept
+        answers = self.client.generate(prompts)
+        self.misses += len(prompts)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            part = path.with_suffix(f".{os.getpid()}.part")
+            part.write_text(json.dumps(answers))
+            os.replace(part, path)  # whole or absent: a reader never sees half a file
+        except OSError:  # not kept (a read-only store): asked again next time
+            pass
         return answers
 
 

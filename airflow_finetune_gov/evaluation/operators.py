@@ -196,6 +196,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             "version": t["version"], "base_model": t["base_model"], "base_version": t["base_version"],
             "report": paths["html"], "report_json": paths["json"],
             "report_sha256": hashlib.sha256(Path(paths["json"]).read_bytes()).hexdigest(),
+            # the base's answers given again from an earlier evaluation of the same version (CachedClient)
+            "baseline_answers_kept": getattr(clients["baseline"], "hits", 0),
         }
         common.record(context, "evaluation.completed", payload, actor="evaluation")
         for m in comparison.metrics:
@@ -268,11 +270,32 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
 
         base_dir = store.path(t["base_model"], t["base_version"])
         size: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size}
-        return {"baseline": harness.CallableClient(LocalModel(base_dir, **size).generate,
-                                                   name=f"{t['base_model']} {t['base_version']}"),
+        loaded: list[LocalModel] = []
+
+        def base_answers(prompts: list[str]) -> list[str]:  # the base is loaded only if an answer is not kept
+            if not loaded:
+                loaded.append(LocalModel(base_dir, **size))
+            return loaded[0].generate(prompts)
+
+        baseline = harness.CallableClient(base_answers, name=f"{t['base_model']} {t['base_version']}")
+        return {"baseline": harness.CachedClient(baseline, self._answers_kept(store, t)),
                 "candidate": harness.CallableClient(
                     LocalModel(base_dir, store.path(t["model"], t["version"]), **size).generate,
                     name=f"{t['model']} {t['version']}")}
+
+    def _answers_kept(self, store: ModelStore, t: dict[str, Any]) -> Path:
+        """Where the base version's answers are kept: named by everything its greedy answers depend on (the
+        version's bytes, the decoding settings, the torch build and its threads), in the model store, which only
+        the control plane writes. Each evaluation of a tune of that base then asks the base only what it was not
+        asked before: half the evaluation's generation, after the first."""
+        from airflow_finetune_gov.tuning.causal_lm import torch_module
+
+        torch = torch_module()
+        scope = {"model": t["base_model"], "version": t["base_version"], "max_new_tokens": self.max_new_tokens,
+                 "batch_size": self.batch_size, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                 "decoding": "greedy/v1"}
+        digest = hashlib.sha256(json.dumps(scope, sort_keys=True).encode()).hexdigest()[:32]
+        return Path(store.root) / "_answers" / digest
 
     def _execute_in_control_plane(self, context: Any) -> Any:
         """The control plane runs the evaluation on the bytes in its store and records the verdict; this task

@@ -15,6 +15,7 @@ from airflow_finetune_gov.evaluation.harness import (
     MAX_PROMPT_CHARS,
     MAX_SUITE_BYTES,
     MAX_SUITE_PROMPTS,
+    CachedClient,
     CallableClient,
     EndpointError,
     JudgeDetector,
@@ -334,3 +335,24 @@ def test_fgov_eval_run_on_the_builtin_suites(tmp_path: Path, capsys: pytest.Capt
                      "--out", str(tmp_path / "x.jsonl")]) == 3
     assert "no built-in suite nope; built in: harmful" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_kept_answers_are_given_again_for_the_same_batch_and_asked_again_for_another(tmp_path: Path) -> None:
+    asked: list[list[str]] = []
+
+    def model(prompts: list[str]) -> list[str]:
+        asked.append(prompts)
+        return [f"answer to {p}" for p in prompts]
+
+    folder = tmp_path / "kept"
+    first = CachedClient(CallableClient(model, name="base v1"), folder)
+    assert first.generate(["a", "b"]) == ["answer to a", "answer to b"] and (first.hits, first.misses) == (0, 2)
+    again = CachedClient(CallableClient(model, name="base v1"), folder)  # another evaluation, same scope
+    assert again.generate(["a", "b"]) == ["answer to a", "answer to b"] and (again.hits, again.misses) == (2, 0)
+    assert again.generate(["b", "a"]) == ["answer to b", "answer to a"]  # another batch: asked
+    assert asked == [["a", "b"], ["b", "a"]] and again.name == "base v1"
+    (kept,) = [p for p in folder.iterdir() if json.loads(p.read_text()) == ["answer to a", "answer to b"]]
+    kept.write_text('["half')  # a damaged file is asked again and replaced, never half-used
+    assert again.generate(["a", "b"]) == ["answer to a", "answer to b"] and len(asked) == 3
+    assert json.loads(kept.read_text()) == ["answer to a", "answer to b"]
+    assert not list(folder.glob("*.part"))
