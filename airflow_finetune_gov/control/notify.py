@@ -124,7 +124,7 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
             link = request_link(base_url, latest)
             out.append(Message("requested", latest.id, _key(latest), assigned, f"{word}: {p.get('subject') or change}",
                                "\n".join(lines), link))
-            if deadline is not None and timeout:
+            if deadline is not None and timeout and (story := summary.get(chain)) and story["approval"] == "pending":
                 lead = min(remind_before, timedelta(seconds=float(timeout) / 2))
                 if deadline - lead <= now < deadline:
                     left = max(int((deadline - now).total_seconds() // 60), 0)
@@ -301,9 +301,10 @@ class Follower(threading.Thread):
     open: its reminder), sends what :func:`due` says is due on each channel, and records it."""
 
     def __init__(self, store: Any, record: Callable[..., Any], channels: Sequence[Channel], *, base_url: str,
-                 remind_before: timedelta, poll: float, lookback: timedelta = timedelta(days=1)) -> None:
+                 remind_before: timedelta, poll: float, lookback: timedelta = timedelta(days=1),
+                 asking: Callable[[EventKey], bool] = lambda _key: True) -> None:
         super().__init__(name="fgov-notify", daemon=True)
-        self.store, self.record, self.channels = store, record, list(channels)
+        self.store, self.record, self.channels, self.asking = store, record, list(channels), asking
         self.base_url, self.remind_before, self.poll = base_url, remind_before, poll
         self._open: set[tuple[str, str]] = set()
         self._cursor = 0
@@ -329,8 +330,9 @@ class Follower(threading.Thread):
         sent = 0
         for dag_id, run_id in sorted(runs):
             events = self.store.events(dag_id=dag_id, run_id=run_id)
-            messages = due(events, now=now or datetime.now(UTC), base_url=self.base_url,
-                           remind_before=self.remind_before)
+            messages = [m for m in due(events, now=now or datetime.now(UTC), base_url=self.base_url,
+                                       remind_before=self.remind_before)
+                        if m.kind != "reminder" or self.asking(m.key)]  # not for a request Airflow ended
             done: dict[tuple[str, int, str], int] = {}
             for e in events:
                 if e.event_type in (SENT, FAILED):
@@ -375,6 +377,20 @@ class Follower(threading.Thread):
         return 1
 
 
+def awaiting_input(key: EventKey) -> bool:
+    """Whether Airflow's task instance of ``key`` still waits for an answer (a run marked failed, or a gate marked
+    success, ended the request without a decision in lineage: nobody is reminded of it)."""
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        state = session.scalar(select(TaskInstance.state).where(
+            TaskInstance.dag_id == key.dag_id, TaskInstance.run_id == key.run_id, TaskInstance.task_id == key.task_id,
+            TaskInstance.map_index == key.map_index))
+    return getattr(state, "value", state) in ("awaiting_input", "deferred")
+
+
 def start(store: Any, record: Callable[..., Any]) -> Follower:
     """The control plane's follower, with the configured channels (raises ``NotifyConfigError`` naming the option
     when one cannot be used: the control plane then does not start)."""
@@ -387,7 +403,7 @@ def start(store: Any, record: Callable[..., Any]) -> Follower:
     if not base_url.startswith(("http://", "https://")) and any(c.name != RunNote.name for c in channels):
         raise NotifyConfigError(f"[api] base_url is {base_url!r} in the control plane's configuration: notifications "
                                 "link to Airflow's UI, so set it to the address people open (https://airflow...)")
-    follower = Follower(store, record, channels, base_url=base_url,
+    follower = Follower(store, record, channels, base_url=base_url, asking=awaiting_input,
                         remind_before=timedelta(seconds=float(settings.get("notify_remind_before_seconds"))),
                         poll=float(settings.get("notify_poll_seconds")))
     follower.start()

@@ -118,6 +118,22 @@ def test_the_follower_sends_each_message_once_on_each_channel_and_records_it(
     assert all(webhook.token not in e.payload for e in store.events())  # the webhook URL is a secret
 
 
+def test_nobody_is_reminded_of_a_request_airflow_no_longer_waits_on(store: LineageStore,
+                                                                    webhook: WebhookReceiver) -> None:
+    ended: list[EventKey] = []
+
+    def asking(key: EventKey) -> bool:
+        ended.append(key)
+        return False  # the run was marked failed while the request was open
+
+    follower = notify.Follower(store, store.record, [notify.Webhook(webhook.url)], base_url=BASE,
+                               remind_before=timedelta(hours=1), poll=1, asking=asking)
+    _d, request = opened(store)
+    assert follower.tick(now=datetime.fromisoformat(request.created_at) + timedelta(seconds=400)) == 1  # requested
+    sent = [e.payload_dict()["kind"] for e in store.events(event_type="notification.sent")]
+    assert sent == ["requested"] and ended == [EventKey("d", "manual__1+00:00", "approval_gate", 1)]
+
+
 def test_a_channel_that_fails_is_recorded_and_tried_three_times_in_all(
         store: LineageStore, webhook: WebhookReceiver) -> None:
     follower = notify.Follower(store, store.record, [notify.Webhook(webhook.url)], base_url=BASE,
