@@ -13,6 +13,7 @@ import psutil
 import pytest
 from receivers import Mailbox, WebhookReceiver
 
+from airflow_finetune_gov.policy.engine import default_policy_text
 from airflow_finetune_gov.stack.manager import Stack, StackOptions
 from airflow_finetune_gov.stack.users import ensure_task_user
 
@@ -94,8 +95,13 @@ def stack(mailbox: Mailbox, webhook: WebhookReceiver) -> Iterator[Stack]:
     # The test DAGs write their markers and reports beside themselves, as the DAG user
     dag_user = ensure_task_user()
     os.chown(dags, dag_user.pw_uid, dag_user.pw_gid)
+    # The packaged policy, as a file the tests may change (and put back) while the stack runs: the control plane
+    # re-reads it when it changes, as a deployment's would
+    policy = state_dir / "policy.yaml"
+    policy.write_text(default_policy_text())
+    policy.chmod(0o644)
     try:
-        stack.up(StackOptions(state_dir=state_dir, dags_folder=dags,
+        stack.up(StackOptions(state_dir=state_dir, dags_folder=dags, policy_file=str(policy),
                               raw_audit_log=state_dir / "openbao" / "audit-raw.log", log=lambda *_: None,
                               notify_smtp_url=mailbox.url, notify_webhook_url=webhook.url))
         yield stack

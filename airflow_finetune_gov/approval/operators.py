@@ -183,7 +183,10 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             self.log.info("tier auto: approved by policy %s", decision["policy_sha256"][:12])
             return {"granted": {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}}
         excluded = {decision["request"]["requester"], *owners}
-        approvers = [a for a in decision["approvers"] if a not in excluded]
+        # the approvers as the policy names them now: one taken out since the decision is asked no more
+        current = set(common.policy().approvers)
+        withdrawn = sorted(a for a in decision["approvers"] if a not in current and a not in excluded)
+        approvers = [a for a in decision["approvers"] if a not in excluded and a in current]
         needed = self._needed(decision)
         if len(approvers) < needed:
             reason = f"not enough eligible approvers for {needed} approval(s)"
@@ -193,7 +196,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                                                         "tier": decision["tier"]}, actor="policy")
             raise AirflowFailException(f"not enough eligible approvers: tier {decision['tier']} needs {needed}, and "
                                        f"the approver group {decision['approvers']} minus requester/owners "
-                                       f"{sorted(excluded)} leaves {approvers}")
+                                       f"{sorted(excluded)}" + (f" and those no longer approvers {withdrawn}"
+                                                                if withdrawn else "") + f" leaves {approvers}")
         req = decision["request"]
         events = common.run_events(context)
         # Quorum progress: who approved this decision already is shown, and is not asked again
@@ -219,7 +223,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         shown = request_sha256(subject, body, options)
         common.record(context, "approval.requested", {
             "tier": decision["tier"], "approvers": approvers, "excluded": sorted(excluded), "needed": needed,
-            "approved_by": sorted(approved), "assigned": waiting,
+            "approved_by": sorted(approved), "assigned": waiting, **({"withdrawn": withdrawn} if withdrawn else {}),
             "round": len(requests) + 1, "policy_sha256": decision["policy_sha256"], **answered(decision),
             "subject": subject, "request_sha256": shown,
             **({"reason": reopen, "remaining_seconds": round(remaining.total_seconds(), 1) if remaining else None}
@@ -411,11 +415,14 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                 f"the answer by {who} was given to decision sha256 {asked[:16]}, but the run's policy decision is now "
                 f"{decision['decision_sha256'][:16]} (the policy check ran again): clear the approval gate to ask "
                 "about the current decision")
-        allowed = self._asked_approvers(context, decision)
+        opened_for = self._asked_approvers(context, decision)
+        allowed = opened_for & set(common.policy().approvers)  # one taken out of the approvers since cannot approve
         if who not in allowed:
             common.record(context, "approval.violation", {
                 **answer, "allowed": sorted(allowed),
-                "reason": "responder is the requester, an owner, or not an approver",
+                "reason": "responder is no longer an approver (taken out of the policy's approvers after the "
+                          "request opened)" if who in opened_for else
+                          "responder is the requester, an owner, or not an approver",
             }, actor=who)
             self.log.warning("%s may not answer this approval (separation of duties): recorded as a violation, "
                              "the request stays open", who)

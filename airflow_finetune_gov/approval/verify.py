@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -106,7 +106,12 @@ def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
                       need_comment=APPROVE in (decision.get("comment_required") or []))
 
 
-def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, Any]:
+def granted_approval(events: Sequence[LineageEvent], run_id: str,
+                     current_approvers: Collection[str] | None = None) -> dict[str, Any]:
+    """The run's approval, as the record proves it: the latest decision, approved by enough distinct approvers
+    it names, each answer witnessed by the api-server. With ``current_approvers`` (the policy's approvers now),
+    an approver the policy no longer names does not count: taking someone out of the approvers withdraws what
+    they have not yet had used."""
     decision = policy_decision(events, run_id)
     tier = decision["tier"]
     if tier == "deny":
@@ -129,6 +134,8 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         approval_id = auto[-1]["approval_id"]
     else:
         allowed = set(decision["approvers"]) - {requester}
+        removed = sorted(allowed - set(current_approvers)) if current_approvers is not None else []
+        allowed -= set(removed)
         seen = witnessed_approvals(events)
         valid = [g for g in grants if g.get("responder") in allowed and g.get("responder") in seen]
         unwitnessed = sorted({str(g.get("responder")) for g in grants if g.get("responder") not in seen})
@@ -138,6 +145,8 @@ def granted_approval(events: Sequence[LineageEvent], run_id: str) -> dict[str, A
         if len(approvers) < int(decision["quorum"]):
             hint = (f"; recorded but not witnessed by the api-server (no answer through Airflow's API after the "
                     f"decision to a request the gate opened for it): {unwitnessed}" if unwitnessed else "")
+            if removed:
+                hint += f"; no longer approvers under the current policy (taken out since the decision): {removed}"
             if elsewhere:
                 hint += (f"; Approve given to another request (not one the gate opened for this decision, or "
                          f"before it): {elsewhere}")

@@ -281,6 +281,14 @@ PLANE_STEPS: dict[str, tuple[str, str, tuple[str, ...], str, tuple[str, ...]]] =
 }
 
 
+def _approvers_now() -> list[str]:
+    """The policy's approvers as the policy file says now (re-read when it changes): an approval counts only
+    while its approver is one."""
+    from airflow_finetune_gov import common
+
+    return common.policy().approvers
+
+
 class ControlPlane:
     """The calls, as plain methods (the socket layer below only authenticates and routes)."""
 
@@ -426,7 +434,7 @@ class ControlPlane:
             raise ControlError("refused", "provenance is signed by the control plane itself, for a version its own "
                                           "evaluation passed: a task never holds the signing identity")
         try:
-            approval = granted_approval(self._run_events(identity), identity.run_id)
+            approval = granted_approval(self._run_events(identity), identity.run_id, _approvers_now())
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no {role} login for {identity.subject}: {exc}") from None
         dataset = extra.get("dataset", "")
@@ -554,7 +562,7 @@ class ControlPlane:
         folder = self._staging(identity)
         try:  # whatever the outcome, the staged files go: a refused hand-over leaves nothing behind
             try:
-                approval = granted_approval(self._run_events(identity), identity.run_id)
+                approval = granted_approval(self._run_events(identity), identity.run_id, _approvers_now())
             except ApprovalMissing as exc:
                 raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
             if approval["model"] not in (base_model, name):
@@ -600,7 +608,7 @@ class ControlPlane:
             raise ControlError("bad", f"storing a remote model needs name, remote_job_id, base_model: {exc}") from None
         run = self._run_events(identity)
         try:
-            approval = granted_approval(run, identity.run_id)
+            approval = granted_approval(run, identity.run_id, _approvers_now())
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
         if approval["model"] not in (base_model, name):

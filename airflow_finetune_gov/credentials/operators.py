@@ -55,7 +55,7 @@ class AcquireLeaseOperator(GovernedOpenLineageMixin, BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         ti = context["ti"]
         try:
-            approval = granted_approval(common.run_events(context), ti.run_id)
+            approval = granted_approval(common.run_events(context), ti.run_id, common.policy().approvers)
         except ApprovalMissing as exc:
             common.record(context, "lease.refused", {"reason": str(exc)}, actor="lease-broker")
             raise AirflowFailException(f"no lease without a recorded approval: {exc}") from exc

@@ -95,7 +95,7 @@ APPROVAL_REQUESTED = EventType(
     "names what the approvers are shown (verify.request_sha256)",
     ("tier", "needed", "round", "policy_sha256", "decision_id", "decision_sha256", "request_sha256"),
     ("approvers", "excluded", "approved_by", "assigned", "subject", "response_timeout_seconds", "reason",
-     "remaining_seconds"), reserved=True)
+     "remaining_seconds", "withdrawn"), reserved=True)
 APPROVAL_WITNESSED = EventType(
     "approval.witnessed", "the api-server (the provider's root middleware)",
     "Airflow accepted an answer to a HITL request through its API, from this authenticated user: the only "

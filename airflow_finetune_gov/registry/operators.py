@@ -49,7 +49,8 @@ class _AliasMoveOperator(GovernedOpenLineageMixin, BaseOperator):
 
     def _approval(self, context: Any) -> dict[str, Any]:
         try:
-            approval = granted_approval(common.run_events(context), context["ti"].run_id)
+            approval = granted_approval(common.run_events(context), context["ti"].run_id,
+                                        common.policy().approvers)
         except ApprovalMissing as exc:
             raise self._blocked(context, str(exc)) from exc
         if approval["change"] != self.change:

@@ -230,7 +230,7 @@ class GovernedFineTuneOperator(GovernedOpenLineageMixin, BaseOperator):
         ti = context["ti"]
         hp = dict(self.hyperparameters)
         try:
-            approval = granted_approval(common.run_events(context), ti.run_id)
+            approval = granted_approval(common.run_events(context), ti.run_id, common.policy().approvers)
         except ApprovalMissing as exc:
             raise self._refuse(context, f"no approval of the run's current policy decision: {exc}") from None
         approved_hp = approval.get("hyperparameters")

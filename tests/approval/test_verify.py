@@ -72,6 +72,18 @@ def test_quorum_needs_distinct_people(store: LineageStore) -> None:
     assert granted_approval(store.events(dag_id="d", run_id="r"), "r")["approvers"] == ["approver1", "approver2"]
 
 
+def test_an_approver_taken_out_of_the_policy_since_the_decision_no_longer_counts(store: LineageStore) -> None:
+    d = decide(store, env="production")
+    grant(store, "approver1", d)
+    grant(store, "approver2", d)
+    events_now = store.events(dag_id="d", run_id="r")
+    assert granted_approval(events_now, "r", ["approver1", "approver2"])["approvers"] == ["approver1", "approver2"]
+    with pytest.raises(ApprovalMissing, match=r"no longer approvers under the current policy .*\['approver2'\]"):
+        granted_approval(events_now, "r", ["approver1", "approver3"])  # approver2 out, approver3 in since
+    with pytest.raises(ApprovalMissing, match="needs 2 distinct"):
+        granted_approval(events_now, "r", [])
+
+
 def test_where_the_policy_wants_a_reason_an_approval_without_one_does_not_count(store: LineageStore) -> None:
     d = decide(store, env="production")
     assert d["comment_required"] == ["Approve", "Reject"]  # the policy's, sealed in the decision

@@ -161,6 +161,33 @@ def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate, mailbox: M
     assert gate.leased_roles() == before
 
 
+def test_an_approver_taken_out_of_the_policy_while_the_request_is_open_cannot_approve(gate: Gate) -> None:
+    """Ops take approver1 out of the policy's approvers after the request went to both: approver1's Approve, which
+    Airflow still accepts (the request assigned them), is a violation and counts for nothing; the request is asked
+    again of approver2 alone, who approves."""
+    policy = gate.stack.dir / "policy.yaml"
+    before = policy.read_text()
+    assert "\napprovers: [approver1, approver2]\n" in before
+    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
+    try:
+        gate.wait_round(DEMO_DAG_ID, run_id, 1)
+        assert gate.events(run_id, "approval.requested")[0].payload_dict()["assigned"] == ["approver1", "approver2"]
+        policy.write_text(before.replace("\napprovers: [approver1, approver2]\n", "\napprovers: [approver2]\n"))
+        gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="still thinks they may")
+        gate.wait_round(DEMO_DAG_ID, run_id, 2)
+        (violation,) = [e.payload_dict() for e in gate.events(run_id, "approval.violation")]
+        assert violation["responder"] == "approver1" and "no longer an approver" in violation["reason"], violation
+        second = gate.events(run_id, "approval.requested")[1].payload_dict()
+        assert (second["assigned"], second["withdrawn"]) == (["approver2"], ["approver1"])
+        assert gate.events(run_id, "approval.granted") == [] and gate.training_lease_events(run_id) == []
+        gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="approver2 read it")
+        state, tasks = gate.final(DEMO_DAG_ID, run_id)
+        assert state == "success", tasks
+        assert [g.payload_dict()["responder"] for g in gate.events(run_id, "approval.granted")] == ["approver2"]
+    finally:
+        policy.write_text(before)
+
+
 def test_a_run_approved_for_test_cannot_promote_to_production(gate: Gate) -> None:
     store = ModelStore(gate.state["model_store"])
     production_before = store.aliases("fgov-demo-tiny").get("production")
