@@ -179,10 +179,12 @@ class EvaluationMissing(RuntimeError):
     pass
 
 
-def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str) -> dict[str, Any]:
+def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str,
+                       current_approvers: Collection[str] | None = None) -> dict[str, Any]:
     """The evaluation that lets ``version`` be promoted: the last recorded one, for that version, with
     verdict ``pass``, or ``needs_review`` accepted by an eligible reviewer (an approver of the run's
-    policy decision who is not its requester) in a recorded review of that evaluation."""
+    policy decision who is not its requester, and, given ``current_approvers``, still an approver) in a
+    recorded review of that evaluation."""
     evals = _of(events, "evaluation.completed")
     if not evals:
         raise EvaluationMissing(f"run {run_id} has no recorded evaluation")
@@ -195,6 +197,8 @@ def evaluation_outcome(events: Sequence[LineageEvent], run_id: str, version: str
         raise EvaluationMissing(f"run {run_id}: evaluation verdict {last['verdict']} for version {version}")
     decision = policy_decision(events, run_id)
     eligible = set(decision["approvers"]) - {decision["request"]["requester"]}
+    if current_approvers is not None:
+        eligible &= set(current_approvers)
     reviews = [r for r in _of(events, "evaluation.reviewed") if r.get("evaluation_id") == last.get("evaluation_id")]
     if not reviews or reviews[-1].get("outcome") != "accepted":
         outcome = reviews[-1].get("outcome") if reviews else "not reviewed"

@@ -172,7 +172,7 @@ class PromoteModelOperator(_AliasMoveOperator):
             raise self._blocked(context, "no tuned model was stored for this run (no model.stored record)")
         t = {**tuned[-1].payload_dict(), **stored}  # the store's record of what is promoted
         try:
-            e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"])
+            e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"], common.policy().approvers)
         except EvaluationMissing as exc:
             raise self._blocked(context, str(exc)) from exc
         store = ModelStore(settings.get("model_store"))

@@ -192,6 +192,9 @@ def test_needs_review_accepted_by_an_approver_counts(store: LineageStore) -> Non
     decide(store)
     evaluated(store, "needs_review", review=("approver2", "accepted"))
     assert evaluation_outcome(store.events(run_id="r"), "r", "v1")["reviewed_by"] == "approver2"
+    assert evaluation_outcome(store.events(run_id="r"), "r", "v1", ["approver2"])["reviewed_by"] == "approver2"
+    with pytest.raises(EvaluationMissing, match="not an eligible reviewer"):  # taken out of the approvers since
+        evaluation_outcome(store.events(run_id="r"), "r", "v1", ["approver1"])
 
 
 def test_an_acceptance_nobody_was_seen_giving_does_not_count(store: LineageStore) -> None:
