@@ -326,7 +326,8 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
         excluded = excluded_people(context)
-        return [a for a in decision["approvers"] if a not in excluded], decision
+        current = set(common.policy().approvers)  # one taken out of the approvers since reviews nothing
+        return [a for a in decision["approvers"] if a not in excluded and a in current], decision
 
     def _ask(self, context: Any, payload: dict[str, Any], comparison: harness.Comparison) -> Any:
         reviewers, _ = self._reviewers(context)
