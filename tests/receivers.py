@@ -12,15 +12,27 @@ from collections.abc import Callable
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 
 from aiosmtpd.controller import Controller
 
+T = TypeVar("T")
 
-def _free_port() -> int:
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing listens on (until someone binds it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(found: Callable[[], list[T]], count: int, timeout: float, what: str, seen: Callable[[], str]) -> list[T]:
+    """``found()`` once it holds ``count`` items, or fail naming what was received instead."""
+    end = time.monotonic() + timeout
+    while len(items := found()) < count and time.monotonic() < end:
+        time.sleep(0.2)
+    assert len(items) >= count, f"{len(items)} of {count} {what} within {timeout:.0f} s; received: {seen()}"
+    return items
 
 
 class Mailbox:
@@ -29,7 +41,7 @@ class Mailbox:
     def __init__(self) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
         self._lock = threading.Lock()
-        self.port = _free_port()
+        self.port = free_port()
         self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
 
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
@@ -55,12 +67,8 @@ class Mailbox:
 
     def wait_for(self, test: Callable[[list[str], EmailMessage], bool], count: int = 1,
                  timeout: float = 60) -> list[tuple[list[str], EmailMessage]]:
-        end = time.monotonic() + timeout
-        while len(found := self.where(test)) < count and time.monotonic() < end:
-            time.sleep(0.2)
-        assert len(found) >= count, f"{len(found)} of {count} mail(s) within {timeout:.0f} s; received: " + \
-            "; ".join(f"{to} {m['Subject']!r}" for to, m in self.messages)
-        return found
+        return wait_for(lambda: self.where(test), count, timeout, "mail(s)",
+                        lambda: "; ".join(f"{to} {m['Subject']!r}" for to, m in self.messages))
 
 
 class WebhookReceiver:
@@ -102,9 +110,5 @@ class WebhookReceiver:
 
     def wait_for(self, test: Callable[[dict[str, Any]], bool], count: int = 1,
                  timeout: float = 60) -> list[dict[str, Any]]:
-        end = time.monotonic() + timeout
-        while len(found := [p for p in list(self.posts) if test(p)]) < count and time.monotonic() < end:
-            time.sleep(0.2)
-        assert len(found) >= count, f"{len(found)} of {count} post(s) within {timeout:.0f} s; received: " + \
-            "; ".join(p["text"].splitlines()[0] for p in self.posts)
-        return found
+        return wait_for(lambda: [p for p in list(self.posts) if test(p)], count, timeout, "post(s)",
+                        lambda: "; ".join(p["text"].splitlines()[0] for p in self.posts))

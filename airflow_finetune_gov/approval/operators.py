@@ -54,12 +54,16 @@ def shown_row(prompt: str, response: str, display: str) -> str:
     return f"{_cell(prompt)} → {_cell(response)}"
 
 
+def describe_change(request: dict[str, Any]) -> str:
+    """What a request changes, in a few words: ``benign → model``, or ``rollback model v2 → v1``."""
+    if request.get("change") == "rollback":
+        return f"rollback {request['model']} {request['base_version']} → {request['rollback_to']}"
+    return f"{request['dataset']} → {request['model']}"
+
+
 def change_subject(request: dict[str, Any], got: int, needed: int) -> str:
     """The request's subject, key facts first (Airflow's Required Actions list shows the start of it)."""
-    head = f"[{request['target_environment']} · {got} of {needed} approved]"
-    if request.get("change") == "rollback":
-        return f"{head} rollback {request['model']} {request['base_version']} → {request['rollback_to']}"
-    return f"{head} {request['dataset']} → {request['model']}"
+    return f"[{request['target_environment']} · {got} of {needed} approved] {describe_change(request)}"
 
 
 def comment_field(params: Any, description: str) -> ParamsDict:

@@ -90,20 +90,29 @@ def _witnessed(events: Sequence[LineageEvent], option: str, after: int, requests
             and (not need_comment or str(p.get("comment") or "").strip())}
 
 
+def witnessed_answers(events: Sequence[LineageEvent]) -> list[dict[str, Any]]:
+    """Every answer given through Airflow's API after the latest policy decision, to a request rendered for that
+    decision, as the api-server witnessed it (``approval.witnessed``, which only the api-server records), in
+    order: what people answered, whatever the gate (a task) made of it."""
+    decided = [e for e in events if e.event_type == "policy.decided"]
+    if not decided:
+        return []
+    requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decided[-1].payload_dict())
+                if p.get("request_sha256")}
+    return [p for e in events if e.event_type == "approval.witnessed" and e.id > decided[-1].id
+            and (p := e.payload_dict()).get("request_sha256") in requests]
+
+
 def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
-    """Who answered ``Approve`` through Airflow's API after the latest policy decision, to a request rendered
-    for that decision, as the api-server witnessed it (``approval.witnessed``, which only the api-server
-    records): an ``approval.granted`` counts only for one of them. A grant is the gate's reading of an
-    answer; the witness is the answer. Where the decision requires a comment with an approval
-    (``comment_required``: the policy's, for the change's environment), only answers with one."""
+    """Who answered ``Approve`` (:func:`witnessed_answers`): an ``approval.granted`` counts only for one of them.
+    A grant is the gate's reading of an answer; the witness is the answer. Where the decision requires a comment
+    with an approval (``comment_required``: the policy's, for the change's environment), only answers with one."""
     decided = [e for e in events if e.event_type == "policy.decided"]
     if not decided:
         return set()
-    decision = decided[-1].payload_dict()
-    requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decision)
-                if p.get("request_sha256")}
-    return _witnessed(events, APPROVE, decided[-1].id, requests,
-                      need_comment=APPROVE in (decision.get("comment_required") or []))
+    need_comment = APPROVE in (decided[-1].payload_dict().get("comment_required") or [])
+    return {str(p.get("responder")) for p in witnessed_answers(events) if APPROVE in p.get("chosen_options", [])
+            and (not need_comment or str(p.get("comment") or "").strip())}
 
 
 def granted_approval(events: Sequence[LineageEvent], run_id: str,

@@ -84,15 +84,10 @@ def run_link(base_url: str, dag_id: str, run_id: str) -> str:
     return f"{base_url.rstrip('/')}/fgov/ui/runs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
 
 
-def _change(request: dict[str, Any]) -> str:
-    if request.get("change") == "rollback":
-        return f"rollback of {request.get('model')} to {request.get('rollback_to')}"
-    return f"{request.get('dataset')} \u2192 {request.get('model')}"
-
-
 def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
         remind_before: timedelta) -> list[Message]:
     """The messages one run's events call for (the newest run under its run id), whether sent already or not."""
+    from airflow_finetune_gov.approval.operators import describe_change
     from airflow_finetune_gov.lineage.runs import newest
     from airflow_finetune_gov.plugin import views
 
@@ -103,7 +98,8 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
         decided = last_payload(evs, "policy.decided") or {}
         request = decided.get("request") or {}
         requester = request.get("requester")
-        change = _change(request) if request else ""
+        change = describe_change(request) if request else ""
+        story = summary.get(chain)
         requests = [e for e in evs if e.event_type == "approval.requested"]
         ends = [e for e in evs if e.event_type in ("approval.decided", "approval.expired")]
         latest = requests[-1] if requests else None
@@ -124,7 +120,7 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
             link = request_link(base_url, latest)
             out.append(Message("requested", latest.id, _key(latest), assigned, f"{word}: {p.get('subject') or change}",
                                "\n".join(lines), link))
-            if deadline is not None and timeout and (story := summary.get(chain)) and story["approval"] == "pending":
+            if deadline is not None and timeout and story and story["approval"] == "pending":
                 lead = min(remind_before, timedelta(seconds=float(timeout) / 2))
                 if deadline - lead <= now < deadline:
                     left = max(int((deadline - now).total_seconds() // 60), 0)
@@ -154,7 +150,6 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
             out.append(Message("decided", outcome.id, _key(outcome), (requester,),
                                f"{p['outcome'].capitalize()}: {change} ({request.get('target_environment')})",
                                "\n".join(lines), run_link(base_url, outcome.dag_id, outcome.run_id)))
-        story = summary.get(chain)
         if story is not None and requester and views.chain_blocked(story) and story["approval"] != "rejected" \
                 and story["tier"] != "deny":
             trigger = next((e for e in evs if e.event_type in _STOPS or (
@@ -323,7 +318,7 @@ class Follower(threading.Thread):
         """One poll; returns how many messages went out."""
         # a little behind the newest seen: an event numbered before it may commit after it (what was sent is
         # recorded, so reading one again sends nothing twice)
-        new = self.store.events_after(max(self._cursor - 16, 0), WATCHED, since=self._since.isoformat())
+        new = self.store.events(event_types=WATCHED, after_id=max(self._cursor - 16, 0), since=self._since.isoformat())
         if new:
             self._cursor = max(e.id for e in new)
         runs = {(e.dag_id, e.run_id) for e in new} | self._open
@@ -339,13 +334,15 @@ class Follower(threading.Thread):
                     p = e.payload_dict()
                     k = (p["kind"], p["about"], p["channel"])
                     done[k] = ATTEMPTS if e.event_type == SENT else done.get(k, 0) + 1
-            retry = False
+            retry = False  # a send failed and has tries left
             for message in messages:
                 for channel in self.channels:
-                    if done.get((message.kind, message.about, channel.name), 0) >= ATTEMPTS:
+                    tries = done.get((message.kind, message.about, channel.name), 0)
+                    if tries >= ATTEMPTS:
                         continue
-                    sent += self._send(channel, message)
-                    retry = retry or done.get((message.kind, message.about, channel.name), 0) + 1 < ATTEMPTS
+                    delivered = self._send(channel, message)
+                    sent += delivered is True
+                    retry = retry or (delivered is None and tries + 1 < ATTEMPTS)
             if any(m.kind == "requested" for m in messages) or retry:
                 self._open.add((dag_id, run_id))  # a reminder may come due, or a send be tried again
             else:
@@ -358,7 +355,9 @@ class Follower(threading.Thread):
         events.check(event_type, payload)
         self.record(key, event_type, actor="control-plane", payload=payload)
 
-    def _send(self, channel: Channel, message: Message) -> int:
+    def _send(self, channel: Channel, message: Message) -> bool | None:
+        """Send ``message`` on ``channel`` and record it: True when it went out, False when the channel had nothing
+        to send (a run note for a request), None when it failed."""
         base = {"kind": message.kind, "about": message.about, "channel": channel.name}
         try:
             where = channel.send(message)
@@ -366,15 +365,15 @@ class Follower(threading.Thread):
             log.warning("notification %s about event %s on %s failed: %s", message.kind, message.about,
                         channel.name, exc)
             self._record(message.key, FAILED, {**base, "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"})
-            return 0
+            return None
         if not where:  # nothing for this channel to do with this kind (a run note for a request)
             self._record(message.key, SENT, {**base, "to": [], "delivered_to": []})
-            return 0
+            return False
         self._record(message.key, SENT, {**base, "to": list(message.to), "delivered_to": where,
                                          "subject": message.subject, "link": message.link})
         log.info("notification %s about event %s sent on %s to %s", message.kind, message.about, channel.name,
                  ", ".join(message.to) or "-")
-        return 1
+        return True
 
 
 def awaiting_input(key: EventKey) -> bool:

@@ -331,8 +331,18 @@ class LineageStore:
         return LineageEvent(id=new_id, **row)
 
     def events(self, *, dag_id: str | None = None, run_id: str | None = None,
-               event_type: str | None = None, event_prefix: str | None = None) -> list[LineageEvent]:
+               event_type: str | None = None, event_prefix: str | None = None,
+               event_types: Sequence[str] | None = None, after_id: int | None = None,
+               since: str | None = None) -> list[LineageEvent]:
+        """Events in order, of one run or all, of one type, a prefix or a set of types; ``after_id`` and ``since``
+        (a ``created_at``) leave out what a follower of the record has seen."""
         stmt = select(LineageEvent).order_by(LineageEvent.id)
+        if event_types is not None:
+            stmt = stmt.where(LineageEvent.event_type.in_(list(event_types)))
+        if after_id is not None:
+            stmt = stmt.where(LineageEvent.id > after_id)
+        if since is not None:
+            stmt = stmt.where(LineageEvent.created_at >= since)
         if event_prefix is not None:
             stmt = stmt.where(LineageEvent.event_type.startswith(event_prefix, autoescape=True))
         if dag_id is not None:
@@ -349,22 +359,6 @@ class LineageStore:
         except SQLAlchemyError as exc:
             where = "/".join(x for x in (dag_id, run_id) if x) or "all runs"
             raise LineageError(f"could not read lineage events of {where}: {exc.__class__.__name__}: "
-                               f"{str(exc).splitlines()[0]}") from exc
-
-    def events_after(self, after_id: int, event_types: Sequence[str], *,
-                     since: str | None = None) -> list[LineageEvent]:
-        """Events of ``event_types`` numbered after ``after_id`` (and recorded at ``since`` or later): what a
-        follower of the record has not seen yet."""
-        stmt = select(LineageEvent).where(LineageEvent.id > after_id, LineageEvent.event_type.in_(list(event_types)))
-        if since is not None:
-            stmt = stmt.where(LineageEvent.created_at >= since)
-        try:
-            with Session(self.engine) as session:
-                rows = list(session.scalars(stmt.order_by(LineageEvent.id)))
-                session.expunge_all()
-                return rows
-        except SQLAlchemyError as exc:
-            raise LineageError(f"could not read new lineage events: {exc.__class__.__name__}: "
                                f"{str(exc).splitlines()[0]}") from exc
 
     def runs(self, limit: int | None = None) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import payloads
 import pytest
-from receivers import Mailbox, WebhookReceiver
+from receivers import Mailbox, WebhookReceiver, free_port
 
 from airflow_finetune_gov.control import notify
 from airflow_finetune_gov.lineage import events
@@ -152,9 +152,7 @@ def test_a_channel_that_fails_is_recorded_and_tried_three_times_in_all(
 
 
 def test_an_unreachable_smtp_server_is_a_failure_recorded_not_a_crash(store: LineageStore) -> None:
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
+    closed = free_port()
     follower = notify.Follower(store, store.record, [notify.Email(f"smtp://u:pw-secret@127.0.0.1:{closed}",
                                                                   "fgov@example.org", "{user}@example.org")],
                                base_url=BASE, remind_before=timedelta(hours=1), poll=1)
