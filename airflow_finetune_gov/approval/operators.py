@@ -16,6 +16,8 @@ from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval.verify import (
+    APPROVE,
+    REJECT,
     ApprovalMissing,
     answered,
     answers_to,
@@ -24,7 +26,6 @@ from airflow_finetune_gov.approval.verify import (
 )
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
 
-APPROVE, REJECT = "Approve", "Reject"
 _MARKUP = re.compile(r"[\\`*_\[\]<>|~!#]")
 # What "redacted" masks in rows shown to approvers: e-mail addresses, URLs, then any run of digits (phone, card,
 # account numbers). Names and free-text identifiers are not found: classify such data "sensitive" (shown: none).

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from airflow_finetune_gov.lineage.store import LineageEvent
 
 
-APPROVE = "Approve"  # the gate's approving option (approval.operators)
+APPROVE, REJECT = "Approve", "Reject"  # the gate's options (approval.operators)
 ACCEPT_REVIEW = "Accept and allow promotion"  # the evaluation review's accepting option (evaluation.operators)
 
 
@@ -90,17 +90,17 @@ def _witnessed(events: Sequence[LineageEvent], option: str, after: int, requests
             and (not need_comment or str(p.get("comment") or "").strip())}
 
 
-def witnessed_answers(events: Sequence[LineageEvent]) -> list[dict[str, Any]]:
+def witnessed_answers(events: Sequence[LineageEvent]) -> list[LineageEvent]:
     """Every answer given through Airflow's API after the latest policy decision, to a request rendered for that
-    decision, as the api-server witnessed it (``approval.witnessed``, which only the api-server records), in
-    order: what people answered, whatever the gate (a task) made of it."""
+    decision, as the api-server witnessed it (``approval.witnessed`` events, which only the api-server records),
+    in order: what people answered, whatever the gate (a task) made of it."""
     decided = [e for e in events if e.event_type == "policy.decided"]
     if not decided:
         return []
     requests = {str(p["request_sha256"]) for p in answers_to(events, "approval.requested", decided[-1].payload_dict())
                 if p.get("request_sha256")}
-    return [p for e in events if e.event_type == "approval.witnessed" and e.id > decided[-1].id
-            and (p := e.payload_dict()).get("request_sha256") in requests]
+    return [e for e in events if e.event_type == "approval.witnessed" and e.id > decided[-1].id
+            and e.payload_dict().get("request_sha256") in requests]
 
 
 def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
@@ -111,7 +111,8 @@ def witnessed_approvals(events: Sequence[LineageEvent]) -> set[str]:
     if not decided:
         return set()
     need_comment = APPROVE in (decided[-1].payload_dict().get("comment_required") or [])
-    return {str(p.get("responder")) for p in witnessed_answers(events) if APPROVE in p.get("chosen_options", [])
+    answers = [e.payload_dict() for e in witnessed_answers(events)]
+    return {str(p.get("responder")) for p in answers if APPROVE in p.get("chosen_options", [])
             and (not need_comment or str(p.get("comment") or "").strip())}
 
 

@@ -34,6 +34,7 @@ from email.message import EmailMessage
 from typing import Any, Protocol
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
+from airflow_finetune_gov.approval.verify import REJECT, witnessed_answers
 from airflow_finetune_gov.lineage.store import EventKey, LineageEvent, by_chain, last_payload
 
 log = logging.getLogger("airflow_finetune_gov.control.notify")
@@ -43,6 +44,7 @@ WATCHED = ("approval.requested", "approval.decided", "evaluation.review_requeste
            "evaluation.completed", "promotion.blocked", "rollback.blocked", "lease.refused", "tuning.refused")
 # What stops a change after its approval: the first of these in a blocked chain is what its "blocked" message is about
 _STOPS = ("promotion.blocked", "rollback.blocked", "lease.refused", "tuning.refused")
+_TASK_STOPS = ("lease.refused", "tuning.refused")  # recorded by the task (not reserved): their reason is its text
 SENT, FAILED = "notification.sent", "notification.failed"
 
 
@@ -139,27 +141,56 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
                 f"undecided {', '.join(p.get('undecided') or []) or '-'}. No answer blocks the promotion.",
                 request_link(base_url, review)))
         outcome = next((e for e in reversed(evs) if e.event_type == "approval.decided"), None)
-        if outcome is not None and requester:
-            p = outcome.payload_dict()
-            said = [(a.get("responder"), a.get("comment")) for a in (e.payload_dict() for e in evs
-                    if e.event_type in ("approval.granted", "approval.rejected") and e.id < outcome.id)
-                    if a.get("responder") != "policy"]
-            lines = [f"Your change {change} ({request.get('target_environment')}) was {p['outcome']}"
-                     + (f": {p['reason']}." if p.get("reason") else ".")]
-            lines += [f"- {who}: \u201c{comment}\u201d" if comment else f"- {who}" for who, comment in said]
+        told = _outcome(evs, outcome) if outcome is not None and requester else None
+        if outcome is not None and told is not None and requester:
+            verdict, why = told
+            lines = [f"Your change {change} ({request.get('target_environment')}) was {verdict}: {why}."]
+            said = [e.payload_dict() for e in witnessed_answers(evs) if e.id < outcome.id]
+            lines += [f"- {a.get('responder')}: \u201c{a['comment']}\u201d" if a.get("comment")
+                      else f"- {a.get('responder')}" for a in said]
             out.append(Message("decided", outcome.id, _key(outcome), (requester,),
-                               f"{p['outcome'].capitalize()}: {change} ({request.get('target_environment')})",
+                               f"{verdict.capitalize()}: {change} ({request.get('target_environment')})",
                                "\n".join(lines), run_link(base_url, outcome.dag_id, outcome.run_id)))
         if story is not None and requester and views.chain_blocked(story) and story["approval"] != "rejected" \
                 and story["tier"] != "deny":
             trigger = next((e for e in evs if e.event_type in _STOPS or (
                 e.event_type == "evaluation.completed" and e.payload_dict().get("verdict") == "fail")), None)
             if trigger is not None:
+                # a refusal the task recorded says what the task wrote: it is not repeated in a message or a note
+                why = story["reason"] if trigger.event_type not in _TASK_STOPS else \
+                    "a credential or the tuning was refused (the run's governance page shows the refusal)"
                 out.append(Message("blocked", trigger.id, _key(trigger), (requester,),
                                    f"Blocked: {change} ({request.get('target_environment')})",
-                                   f"Your change {change} was not promoted: {story['reason']}.",
+                                   f"Your change {change} was not promoted: {why}.",
                                    run_link(base_url, trigger.dag_id, trigger.run_id)))
     return out
+
+
+def _outcome(evs: Sequence[LineageEvent], decided: LineageEvent) -> tuple[str, str] | None:
+    """What the requester is told of a decided request, from what no task can write: the gate's
+    ``approval.decided`` (a task's record) says only when to tell. Approved only where the record proves the
+    approval (``granted_approval``: witnessed answers to the decision); rejected by whoever the api-server saw
+    reject, else in the gate's own fixed words; a forged outcome with free text is told as nothing or as a plain
+    rejection, never in its words."""
+    from airflow_finetune_gov.approval.verify import ApprovalMissing, granted_approval
+
+    claimed, reason = decided.payload_dict().get("outcome"), str(decided.payload_dict().get("reason") or "")
+    if claimed == "approved":
+        try:
+            proof = granted_approval(list(evs), decided.run_id)
+        except ApprovalMissing:
+            return None  # not proved: nothing is said
+        return "approved", f"approved by {', '.join(proof['approvers']) or 'the policy'}"
+    if claimed != "rejected":
+        return None
+    rejecters = [p.get("responder") for e in witnessed_answers(evs) if e.id < decided.id
+                 and REJECT in (p := e.payload_dict()).get("chosen_options", [])]
+    if rejecters:
+        return "rejected", f"rejected by {rejecters[-1]}"
+    for fixed in ("expired", "not enough eligible approvers"):  # the gate's own reasons, not a task's free text
+        if reason.startswith(fixed):
+            return "rejected", fixed
+    return "rejected", "no approval"
 
 
 class Channel(Protocol):

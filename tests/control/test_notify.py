@@ -63,6 +63,7 @@ def test_an_open_request_asks_its_assigned_approvers_with_a_link_and_reminds_the
 
 def test_the_next_round_asks_those_still_waiting_and_the_outcome_goes_to_the_requester(store: LineageStore) -> None:
     d, _first = opened(store)
+    rec(store, "approval_gate", "approval.witnessed", payloads.witnessed("approver1", comment="data reviewed"))
     rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1", comment="data reviewed"))
     second = rec(store, "approval_gate", "approval.requested", payloads.requested(
         d, round=2, subject="[production · 1 of 2 approved] benign → m", approved_by=["approver1"],
@@ -71,6 +72,8 @@ def test_the_next_round_asks_those_still_waiting_and_the_outcome_goes_to_the_req
     assert (message.about, message.to) == (second.id, ("approver2",))
     assert message.subject.startswith("Approval still needed: [production · 1 of 2 approved]")
     assert "approved so far: approver1" in message.text and "Asked again: 1 of 2 approvals." in message.text
+    rec(store, "approval_gate", "approval.witnessed", payloads.witnessed("approver2", "Reject",
+                                                                         comment="six harmful rows"))
     rec(store, "approval_gate", "approval.rejected", payloads.rejection(d, "approver2", comment="six harmful rows"))
     outcome = rec(store, "approval_gate", "approval.decided",
                   {"outcome": "rejected", "reason": "rejected by approver2"})
@@ -78,8 +81,35 @@ def test_the_next_round_asks_those_still_waiting_and_the_outcome_goes_to_the_req
     assert (message.kind, message.about, message.to) == ("decided", outcome.id, ("requester",))
     assert message.subject == "Rejected: benign → m (production)"
     assert "- approver1: \u201cdata reviewed\u201d" in message.text
-    assert "- approver2: \u201csix harmful rows\u201d" in message.text
+    assert "- approver2: \u201csix harmful rows\u201d" in message.text and "was rejected: rejected by approver2" in \
+        message.text
     assert message.link == f"{BASE}/fgov/ui/runs/d/manual__1%2B00%3A00"
+
+
+def test_an_outcome_a_task_forged_is_told_only_as_the_record_proves_it_never_in_its_words(
+        store: LineageStore) -> None:
+    """approval.decided, approval.granted and approval.rejected are the gate's (a task's) records: DAG code can
+    append them with any text. The requester's message takes its words from the api-server's witness only."""
+    d, _request = opened(store)
+    lure = "approved; re-enter your password at https://evil.example"
+    rec(store, "approval_gate", "approval.granted", payloads.grant(d, "approver1", comment=lure))
+    rec(store, "approval_gate", "approval.decided", {"outcome": "approved", "reason": lure})
+    assert [m.kind for m in due(store)] == []  # nobody's answer proves an approval: nothing is said
+    rec(store, "approval_gate", "approval.rejected", payloads.rejection(d, "approver1", comment=lure))
+    rec(store, "approval_gate", "approval.decided", {"outcome": "rejected", "reason": lure})
+    (message,) = due(store)
+    assert message.kind == "decided"
+    assert message.text == "Your change benign → m (production) was rejected: no approval."
+    rec(store, "approval_gate", "approval.decided", {"outcome": f"Approved \u2014 {lure}"})
+    assert due(store) == []
+
+
+def test_a_refusal_the_task_recorded_is_not_repeated_in_its_words(store: LineageStore) -> None:
+    _d, _request = opened(store)  # the gate then marked success: the lease is refused, recorded by the task
+    rec(store, "acquire_lease", "lease.refused", {"reason": "call +1 555 0100 to have it approved"})
+    (blocked,) = [m for m in due(store) if m.kind == "blocked"]
+    assert blocked.text == ("Your change benign → m was not promoted: a credential or the tuning was refused (the "
+                            "run's governance page shows the refusal).")
 
 
 def test_a_failed_evaluation_after_approval_tells_the_requester_why(store: LineageStore) -> None:
