@@ -195,6 +195,7 @@ def _outcome(evs: Sequence[LineageEvent], decided: LineageEvent) -> tuple[str, s
 
 class Channel(Protocol):
     name: str
+    kinds: frozenset[str] | None  # the kinds of message it takes (None: every kind)
 
     def send(self, message: Message) -> list[str]:
         """Send ``message``; return where it went (addresses, a host), or raise."""
@@ -206,6 +207,7 @@ class Email:
     is an address is used as it is)."""
 
     name = "email"
+    kinds: frozenset[str] | None = None
 
     def __init__(self, url: str, sender: str, address: str) -> None:
         parts = urlsplit(url)
@@ -251,6 +253,7 @@ class Webhook:
     Slack-compatible connectors take it). The URL is a secret: it is never logged or recorded."""
 
     name = "webhook"
+    kinds: frozenset[str] | None = None
 
     def __init__(self, url: str) -> None:
         if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).hostname:
@@ -280,11 +283,10 @@ class RunNote:
     change says why on the run itself. A note someone wrote is kept, with this one after it."""
 
     name = "airflow-note"
+    kinds: frozenset[str] | None = frozenset({"blocked"})
     MARK = "airflow-finetune-gov:"
 
     def send(self, message: Message) -> list[str]:
-        if message.kind != "blocked":
-            return []
         from airflow.models.dagrun import DagRun
         from airflow.utils.session import create_session
         from sqlalchemy import select
@@ -369,7 +371,7 @@ class Follower(threading.Thread):
             for message in messages:
                 for channel in self.channels:
                     tries = done.get((message.kind, message.about, channel.name), 0)
-                    if tries >= ATTEMPTS:
+                    if tries >= ATTEMPTS or (channel.kinds is not None and message.kind not in channel.kinds):
                         continue
                     delivered = self._send(channel, message)
                     sent += delivered is True
@@ -387,8 +389,8 @@ class Follower(threading.Thread):
         self.record(key, event_type, actor="control-plane", payload=payload)
 
     def _send(self, channel: Channel, message: Message) -> bool | None:
-        """Send ``message`` on ``channel`` and record it: True when it went out, False when the channel had nothing
-        to send (a run note for a request), None when it failed."""
+        """Send ``message`` on ``channel`` and record it: True when it went out, False when it had nobody to go to
+        (a round with nobody assigned), None when it failed."""
         base = {"kind": message.kind, "about": message.about, "channel": channel.name}
         try:
             where = channel.send(message)
@@ -397,7 +399,7 @@ class Follower(threading.Thread):
                         channel.name, exc)
             self._record(message.key, FAILED, {**base, "error": f"{exc.__class__.__name__}: {str(exc)[:300]}"})
             return None
-        if not where:  # nothing for this channel to do with this kind (a run note for a request)
+        if not where:  # nobody to send it to
             self._record(message.key, SENT, {**base, "to": [], "delivered_to": []})
             return False
         self._record(message.key, SENT, {**base, "to": list(message.to), "delivered_to": where,

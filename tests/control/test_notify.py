@@ -125,7 +125,15 @@ def test_a_failed_evaluation_after_approval_tells_the_requester_why(store: Linea
 
 def test_the_follower_sends_each_message_once_on_each_channel_and_records_it(
         store: LineageStore, mailbox: Mailbox, webhook: WebhookReceiver) -> None:
-    channels = [notify.Email(mailbox.url, "fgov@example.org", "{user}@example.org"), notify.Webhook(webhook.url)]
+    class BlockedOnly:  # a channel for one kind (as the run note is): the others are not offered, nor recorded
+        name, kinds, got = "blocked-only", frozenset({"blocked"}), []
+
+        def send(self, message: notify.Message) -> list[str]:
+            self.got.append(message)
+            return ["x"]
+
+    only = BlockedOnly()
+    channels = [notify.Email(mailbox.url, "fgov@example.org", "{user}@example.org"), notify.Webhook(webhook.url), only]
     follower = notify.Follower(store, store.record, channels, base_url=BASE, remind_before=timedelta(hours=1),
                                poll=1)
     mails, posts = len(mailbox.messages), len(webhook.posts)
@@ -146,6 +154,7 @@ def test_the_follower_sends_each_message_once_on_each_channel_and_records_it(
         ("email", request.id, ["approver1@example.org", "approver2@example.org"]), ("webhook", request.id,
                                                                                   ["127.0.0.1"])]
     assert all(webhook.token not in e.payload for e in store.events())  # the webhook URL is a secret
+    assert only.got == []
 
 
 def test_nobody_is_reminded_of_a_request_airflow_no_longer_waits_on(store: LineageStore,
