@@ -61,6 +61,7 @@ class Message:
     subject: str
     text: str
     link: str
+    until: datetime | None = None  # a request's deadline: until then a reminder may come due
 
     @property
     def full_text(self) -> str:
@@ -121,7 +122,7 @@ def due(events: Sequence[LineageEvent], *, now: datetime, base_url: str,
             word = "Approval requested" if p["round"] == 1 else "Approval still needed"
             link = request_link(base_url, latest)
             out.append(Message("requested", latest.id, _key(latest), assigned, f"{word}: {p.get('subject') or change}",
-                               "\n".join(lines), link))
+                               "\n".join(lines), link, until=deadline))
             if deadline is not None and timeout and story and story["approval"] == "pending":
                 lead = min(remind_before, timedelta(seconds=float(timeout) / 2))
                 if deadline - lead <= now < deadline:
@@ -349,6 +350,7 @@ class Follower(threading.Thread):
 
     def tick(self, now: datetime | None = None) -> int:
         """One poll; returns how many messages went out."""
+        now = now or datetime.now(UTC)
         # a little behind the newest seen: an event numbered before it may commit after it (what was sent is
         # recorded, so reading one again sends nothing twice)
         new = self.store.events(event_types=WATCHED, after_id=max(self._cursor - 16, 0), since=self._since.isoformat())
@@ -358,7 +360,7 @@ class Follower(threading.Thread):
         sent = 0
         for dag_id, run_id in sorted(runs):
             events = self.store.events(dag_id=dag_id, run_id=run_id)
-            messages = [m for m in due(events, now=now or datetime.now(UTC), base_url=self.base_url,
+            messages = [m for m in due(events, now=now, base_url=self.base_url,
                                        remind_before=self.remind_before)
                         if m.kind != "reminder" or self.asking(m.key)]  # not for a request Airflow ended
             done: dict[tuple[str, int, str], int] = {}
@@ -376,7 +378,7 @@ class Follower(threading.Thread):
                     delivered = self._send(channel, message)
                     sent += delivered is True
                     retry = retry or (delivered is None and tries + 1 < ATTEMPTS)
-            if any(m.kind == "requested" for m in messages) or retry:
+            if retry or any(m.until is not None and now < m.until for m in messages):
                 self._open.add((dag_id, run_id))  # a reminder may come due, or a send be tried again
             else:
                 self._open.discard((dag_id, run_id))

@@ -173,6 +173,17 @@ def test_nobody_is_reminded_of_a_request_airflow_no_longer_waits_on(store: Linea
     assert sent == ["requested"] and ended == [EventKey("d", "manual__1+00:00", "approval_gate", 1)]
 
 
+def test_a_run_is_followed_for_its_reminder_until_the_deadline_and_no_longer(store: LineageStore,
+                                                                             webhook: WebhookReceiver) -> None:
+    follower = notify.Follower(store, store.record, [notify.Webhook(webhook.url)], base_url=BASE,
+                               remind_before=timedelta(hours=1), poll=1)
+    _d, request = opened(store)  # a 10-minute request nobody answers, and the gate never records an end
+    at = datetime.fromisoformat(request.created_at)
+    assert follower.tick(now=at) == 1 and follower._open == {("d", "manual__1+00:00")}
+    assert follower.tick(now=at + timedelta(seconds=301)) == 1  # the reminder: the run was still followed
+    assert follower.tick(now=at + timedelta(seconds=601)) == 0 and follower._open == set()
+
+
 def test_a_channel_that_fails_is_recorded_and_tried_three_times_in_all(
         store: LineageStore, webhook: WebhookReceiver) -> None:
     follower = notify.Follower(store, store.record, [notify.Webhook(webhook.url)], base_url=BASE,
