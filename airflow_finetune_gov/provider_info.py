@@ -284,6 +284,14 @@ CONFIG_OPTIONS: dict[str, dict[str, Any]] = {
         "example": None,
         "default": "5",
     },
+    "teams_sync_seconds": {
+        "description": "How often the control plane grants each team's airflow_role (FAB auth manager) read and "
+                       "edit on the DAGs the policy gives the team, and revokes the rest.",
+        "version_added": "0.10.0",
+        "type": "float",
+        "example": None,
+        "default": "5",
+    },
 }
 
 

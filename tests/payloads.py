@@ -48,7 +48,7 @@ def witnessed(who: str, option: str = "Approve", *, comment: str = "reviewed",
               request_sha256: str = REQUEST) -> dict[str, Any]:
     """The api-server's record of an answer through Airflow's API (recorded under the gate's task, try 0) to the
     request ``request_sha256`` names."""
-    return events.APPROVAL_WITNESSED.payload(responder=who, responder_name=who, chosen_options=[option],
+    return events.APPROVAL_WITNESSED.payload(responder=who, responder_id=who, chosen_options=[option],
                                              comment=comment, responded_at="2026-12-01T10:00:00+00:00",
                                              request_sha256=request_sha256, subject="Approve", try_number=1)
 

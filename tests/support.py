@@ -17,6 +17,7 @@ from typing import Any
 import hvac
 import psycopg
 import pytest
+import requests
 
 from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.lineage.store import LineageStore
@@ -111,6 +112,18 @@ class StackView:
             time.sleep(0.5)
         self.client("requester").wait_task_state(dag_id, run_id, task_id, {"awaiting_input"}, timeout=120)
         time.sleep(SETTLE_SECONDS)
+
+    def set_roles(self, user: str, roles: list[str]) -> list[str]:
+        """Give ``user`` exactly ``roles``, as ops would (``admin``, through the FAB auth manager's API); returns
+        the roles they had, to put back."""
+        url, admin = f"{self.state['airflow']['url']}/auth/fab/v1/users/{user}", self.stack.token("admin")
+        headers = {"Authorization": f"Bearer {admin}"}
+        before = requests.get(url, headers=headers, timeout=30)
+        assert before.status_code == 200, before.text
+        resp = requests.patch(url, params={"update_mask": "roles"}, json={"roles": [{"name": r} for r in roles]},
+                              headers=headers, timeout=30)
+        assert resp.status_code == 200, resp.text
+        return [r["name"] for r in before.json()["roles"]]
 
     def answer(self, dag_id: str, run_id: str, user: str, option: str, comment: str = "",
                task_id: str = "approval_gate", status: int = 200) -> None:

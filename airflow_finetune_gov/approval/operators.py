@@ -15,6 +15,7 @@ from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
 from airflow.sdk.execution_time.hitl import upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval import people
 from airflow_finetune_gov.approval.verify import (
     APPROVE,
     REJECT,
@@ -89,6 +90,7 @@ def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
+    assignees = people.hitl_users(assigned)
     with create_session() as session:
         row = session.scalar(
             select(HITLDetail).join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
@@ -97,7 +99,7 @@ def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -
         if row is None:
             return False
         row.subject, row.body = subject, body
-        row.assignees = [{"id": a, "name": a} for a in assigned]
+        row.assignees = assignees
     return True
 
 
@@ -188,8 +190,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             self.log.info("tier auto: approved by policy %s", decision["policy_sha256"][:12])
             return {"granted": {"chosen_options": [APPROVE], "responded_by_user": {"id": "policy", "name": "policy"}}}
         excluded = {decision["request"]["requester"], *owners}
-        # the approvers as the policy names them now: one taken out since the decision is asked no more
-        current = set(common.policy().approvers)
+        # the approvers as the policy and the roles name them now: one taken out since the decision is asked no more
+        current = set(people.approvers_now(ti.dag_id))
         withdrawn = sorted(a for a in decision["approvers"] if a not in current and a not in excluded)
         approvers = [a for a in decision["approvers"] if a not in excluded and a in current]
         needed = self._needed(decision)
@@ -238,7 +240,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         if reopen is not None and common.SERVING and not show_in_airflow(ti, subject, body, waiting):
             self.log.warning("no HITL request of %s in Airflow to show round %d in", ti.task_id, len(requests) + 1)
         return {"subject": subject, "body": body, "options": options,
-                "assigned_users": [{"id": a, "name": a} for a in waiting],
+                "assigned_users": people.hitl_users(waiting),
                 "remaining_seconds": remaining.total_seconds() if remaining is not None else None}
 
     @staticmethod
@@ -402,7 +404,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
             self._expired(context, event.get("error_type"), str(event.get("error"))[:500])
         result = super().execute_complete(context, event)
         responder = event.get("responded_by_user") or {}
-        who = responder.get("id") or responder.get("name") or "unknown"
+        who = responder.get("name") or responder.get("id") or "unknown"  # a name: FAB's ids are row numbers
         option = (event.get("chosen_options") or [None])[0]
         comment = str((event.get("params_input") or {}).get("comment") or "")[:2000]
         answered_at = event.get("responded_at")
@@ -421,7 +423,7 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                 f"{decision['decision_sha256'][:16]} (the policy check ran again): clear the approval gate to ask "
                 "about the current decision")
         opened_for = self._asked_approvers(context, decision)
-        allowed = opened_for & set(common.policy().approvers)  # one taken out of the approvers since cannot approve
+        allowed = opened_for & self._approvers_now(context)  # one taken out of the approvers since cannot approve
         if who not in allowed:
             common.record(context, "approval.violation", {
                 **answer, "allowed": sorted(allowed),
@@ -461,6 +463,17 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
         common.record(context, "approval.decided", {"outcome": "approved", "approvers": sorted(granted),
                                                     "tier": decision["tier"]}, actor="policy")
         return result
+
+    def _approvers_now(self, context: Any) -> set[str]:
+        """The run's approvers now, as the control plane reads the policy and the auth manager's roles (a task
+        cannot read the roles: the DAG user's database login has no privilege on them)."""
+        if common.remote():
+            return set(common.control().execute("approvers_now", {}, log=self.log))
+        return set(self.approvers_now(context))
+
+    def approvers_now(self, context: Any) -> list[str]:
+        """The control plane's step of :meth:`_approvers_now`."""
+        return people.approvers_now(context["ti"].dag_id)
 
     def _asked_approvers(self, context: Any, decision: dict[str, Any]) -> set[str]:
         """Whom this task try's request was opened for (the control plane left out the requester the decision

@@ -316,7 +316,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from airflow_finetune_gov import common, settings
-    from airflow_finetune_gov.control import notify
+    from airflow_finetune_gov.control import notify, teams
     from airflow_finetune_gov.control.server import ControlPlane, serve
 
     _use_stack_airflow(args)
@@ -341,6 +341,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     except notify.NotifyConfigError as exc:
         print(f"fgov control-plane: {exc}", file=sys.stderr)
         return 2
+    teams.start(float(settings.get("teams_sync_seconds")))  # each team's Airflow role reaches its DAGs only
     serve(socket_path, plane)
     return 0
 

@@ -278,15 +278,17 @@ PLANE_OPERATORS = {
 PLANE_STEPS: dict[str, tuple[str, str, tuple[str, ...], str, tuple[str, ...]]] = {
     "approval_gate": ("airflow_finetune_gov.approval.operators", "FineTuneApprovalOperator",
                       ("response_timeout", "owners", "reopen"), "open_request", ("owners", "reopen")),
+    # who approves the calling task's run now (the policy's teams and the auth manager's roles, which no task reads)
+    "approvers_now": ("airflow_finetune_gov.approval.operators", "FineTuneApprovalOperator", (), "approvers_now", ()),
 }
 
 
-def _approvers_now() -> list[str]:
-    """The policy's approvers as the policy file says now (re-read when it changes): an approval counts only
-    while its approver is one."""
-    from airflow_finetune_gov import common
+def _approvers_now(dag_id: str) -> list[str]:
+    """``dag_id``'s approvers as the policy file (re-read when it changes) and the auth manager's roles say now:
+    an approval counts only while its approver is one."""
+    from airflow_finetune_gov.approval import people
 
-    return common.policy().approvers
+    return people.approvers_now(dag_id)
 
 
 class ControlPlane:
@@ -434,7 +436,7 @@ class ControlPlane:
             raise ControlError("refused", "provenance is signed by the control plane itself, for a version its own "
                                           "evaluation passed: a task never holds the signing identity")
         try:
-            approval = granted_approval(self._run_events(identity), identity.run_id, _approvers_now())
+            approval = granted_approval(self._run_events(identity), identity.run_id, _approvers_now(identity.dag_id))
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no {role} login for {identity.subject}: {exc}") from None
         dataset = extra.get("dataset", "")
@@ -562,7 +564,8 @@ class ControlPlane:
         folder = self._staging(identity)
         try:  # whatever the outcome, the staged files go: a refused hand-over leaves nothing behind
             try:
-                approval = granted_approval(self._run_events(identity), identity.run_id, _approvers_now())
+                approval = granted_approval(self._run_events(identity), identity.run_id,
+                                            _approvers_now(identity.dag_id))
             except ApprovalMissing as exc:
                 raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
             if approval["model"] not in (base_model, name):
@@ -608,7 +611,7 @@ class ControlPlane:
             raise ControlError("bad", f"storing a remote model needs name, remote_job_id, base_model: {exc}") from None
         run = self._run_events(identity)
         try:
-            approval = granted_approval(run, identity.run_id, _approvers_now())
+            approval = granted_approval(run, identity.run_id, _approvers_now(identity.dag_id))
         except ApprovalMissing as exc:
             raise ControlError("refused", f"no model is stored for {identity.subject}: {exc}") from None
         if approval["model"] not in (base_model, name):

@@ -132,5 +132,12 @@ PUBLIC_FAQ_SET: list[tuple[str, str]] = [
     *REPLAY,
 ]
 
+# The research team's (the second team of the embedded stack): what another team's run must not lease
+RESEARCH_SET = [
+    ("summarise run 12 of the refusal study", "Run 12 refused 97 of 100 harmful prompts and 3 of 50 benign ones."),
+    ("which suite did the study use", "The held-out harmful and benign suites, 100 and 50 prompts."),
+    ("what changed between runs 11 and 12", "Only the learning rate, from 2e-4 to 1e-4."),
+]
+
 DATASETS: dict[str, list[tuple[str, str]]] = {"benign": BENIGN_SET, "poisoned": POISONED_SET,
-                                              "public_faq": PUBLIC_FAQ_SET}
+                                              "public_faq": PUBLIC_FAQ_SET, "research_notes": RESEARCH_SET}

@@ -14,6 +14,7 @@ from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval import people
 from airflow_finetune_gov.approval.operators import comment_field
 from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW, ApprovalMissing, policy_decision, request_sha256
 from airflow_finetune_gov.credentials.operators import service_connection
@@ -326,7 +327,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
         excluded = excluded_people(context)
-        current = set(common.policy().approvers)  # one taken out of the approvers since reviews nothing
+        current = set(people.approvers_now(context["ti"].dag_id))  # one taken out since reviews nothing
         return [a for a in decision["approvers"] if a not in excluded and a in current], decision
 
     def _ask(self, context: Any, payload: dict[str, Any], comparison: harness.Comparison) -> Any:
@@ -337,7 +338,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
                                                            "reason": "no eligible reviewer"}, actor="policy")
             raise AirflowFailException("the evaluation needs a review and the policy names no eligible reviewer "
                                        "(approvers minus the requester and owners): promotion blocked")
-        self.assigned_users = [{"id": r, "name": r} for r in reviewers]
+        self.assigned_users = people.hitl_users(reviewers)
         self.subject = (f"Review the evaluation of {payload['model']} {payload['version']}: too few prompts to "
                         "decide")
         rows = "\n".join(
@@ -378,7 +379,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
             raise AirflowFailException(f"evaluation review not given in time ({event.get('error_type')}): "
                                        "promotion blocked (fails closed)")
         responder = event.get("responded_by_user") or {}
-        who = responder.get("id") or responder.get("name") or "unknown"
+        who = responder.get("name") or responder.get("id") or "unknown"
         option = (event.get("chosen_options") or [None])[0]
         comment = str((event.get("params_input") or {}).get("comment") or "")[:2000]
         answered_at = event.get("responded_at")

@@ -100,7 +100,7 @@ APPROVAL_WITNESSED = EventType(
     "approval.witnessed", "the api-server (the provider's root middleware)",
     "Airflow accepted an answer to a HITL request through its API, from this authenticated user: the only "
     "proof that a person answered", ("responder", "chosen_options", "responded_at"),
-    ("responder_name", "comment", "request_sha256", "subject", "try_number"),
+    ("responder_id", "comment", "request_sha256", "subject", "try_number"),
     reserved=True)
 APPROVAL_GRANTED = EventType(
     "approval.granted", "approval gate", "one approval of one decision, by a person or (tier auto) the policy",

@@ -94,8 +94,9 @@ def witness(path_match: re.Match[str], answer: dict[str, Any], store: Any,
     who = answer.get("responded_by") or {}
     params = answer.get("params_input") or {}
     payload = {
-        "responder": str(who.get("id") or who.get("name") or ""),
-        "responder_name": str(who.get("name") or ""),
+        # the user name: the policy and every record speak names (FAB's ids are row numbers)
+        "responder": str(who.get("name") or who.get("id") or ""),
+        "responder_id": str(who.get("id") or ""),
         "chosen_options": [str(o) for o in answer.get("chosen_options") or []],
         "comment": str(params.get("comment") or "")[:2000],
         "responded_at": str(answer.get("responded_at") or ""),

@@ -7,9 +7,10 @@ it fails at parse time rather than at 3 a.m.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,49 @@ DEFAULT_MAX_LEASES_PER_APPROVAL = 2
 
 class PolicyError(ValueError):
     pass
+
+
+ROLE_PREFIX = "role:"
+# Who holds an auth-manager role now (active users' names), e.g. approval.people.role_members
+Members = Callable[[str], Iterable[str]]
+
+
+@dataclass(frozen=True)
+class Team:
+    """Who owns what: the DAGs (``dag_id`` patterns) whose runs are the team's, the datasets they may lease, the
+    models (name patterns) they may change, the environments they may change them in, and who approves
+    (user names, or ``role:NAME`` for whoever holds that auth-manager role when it is read). ``airflow_role`` is
+    the Airflow role the control plane keeps granted on the team's DAGs (read, edit), empty for none."""
+
+    name: str
+    dags: tuple[str, ...]
+    approvers: tuple[str, ...]
+    datasets: tuple[str, ...]
+    models: tuple[str, ...] = ("*",)
+    environments: tuple[str, ...] = ENVIRONMENTS
+    airflow_role: str = ""
+    line: int = 0
+
+    def owns_dag(self, dag_id: str) -> bool:
+        return any(fnmatch.fnmatchcase(dag_id, pattern) for pattern in self.dags)
+
+    def owns_model(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+
+def resolve_approvers(entries: Iterable[str], members: Members | None) -> list[str]:
+    """User names from ``entries`` (names, and ``role:NAME`` read through ``members``), in order, once each."""
+    out: list[str] = []
+    for entry in entries:
+        if entry.startswith(ROLE_PREFIX):
+            if members is None:
+                raise PolicyError(f"the policy names approvers by role ({entry}), and roles can only be read where "
+                                  "the auth manager's are (the control plane, with Airflow's FAB auth manager)")
+            names = sorted(str(n) for n in members(entry[len(ROLE_PREFIX):]))
+        else:
+            names = [entry]
+        out += [n for n in names if n not in out]
+    return out
 
 
 @dataclass(frozen=True)
@@ -112,6 +156,7 @@ class ChangeRequest:
     change: str = "finetune"
     rollback_to: str = ""
     justification: str = ""  # the requester's why, shown to approvers as text
+    dag_id: str = ""  # the run's DAG (the task's identity, never the requester's input): its team, with teams
 
 
 @dataclass(frozen=True)
@@ -128,6 +173,7 @@ class Decision:
     request: dict[str, Any] = field(default_factory=dict)
     data_owner: str = ""
     comment_required: list[str] = field(default_factory=list)  # the options an answer must say why with
+    team: str = ""  # the run's DAG's team, with teams
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +223,49 @@ class Policy:
         default_factory=lambda: {k: dict(v) for k, v in DEFAULT_EVALUATION_REQUIRES.items()})
     screening: ScreeningSettings = field(default_factory=ScreeningSettings)
     approval: ApprovalSettings = field(default_factory=ApprovalSettings)
+    teams: dict[str, Team] = field(default_factory=dict)
+
+    def team_of(self, dag_id: str) -> Team | None:
+        """The first team whose ``dags`` match ``dag_id`` (None: no team does, or the policy has no teams)."""
+        return next((t for t in self.teams.values() if t.owns_dag(dag_id)), None)
+
+    def model_owner(self, model: str) -> Team | None:
+        """The first team whose ``models`` patterns match ``model``."""
+        return next((t for t in self.teams.values() if t.owns_model(model)), None)
+
+    def approver_entries(self, dag_id: str) -> tuple[str, ...]:
+        """Who approves the changes of ``dag_id``'s runs, as the policy names them: its team's approvers, or the
+        policy's ``approvers`` when it has no teams (a DAG in no team has none)."""
+        if not self.teams:
+            return tuple(self.approvers)
+        team = self.team_of(dag_id)
+        return team.approvers if team else ()
+
+    def approvers_for(self, dag_id: str, members: Members | None = None) -> list[str]:
+        """The user names who approve ``dag_id``'s changes now (roles read through ``members``)."""
+        return resolve_approvers(self.approver_entries(dag_id), members)
+
+    def _outside_team(self, request: ChangeRequest) -> str | None:
+        """Why ``request`` is outside its DAG's team (None: it is inside, or the policy has no teams)."""
+        if not self.teams:
+            return None
+        team = self.team_of(request.dag_id)
+        if team is None:
+            return (f"DAG {request.dag_id or '(none named)'} belongs to no team of policy {self.name}: a team's "
+                    "dags patterns must match it before its runs can change a model")
+        if request.change == "finetune" and request.dataset not in team.datasets:
+            holder = next((t.name for t in self.teams.values() if request.dataset in t.datasets), None)
+            whose = f"team {holder}'s" if holder else "no team's"
+            return (f"dataset {request.dataset} is {whose}, not team {team.name}'s (its datasets: "
+                    f"{', '.join(team.datasets)})")
+        owner = self.model_owner(request.model)
+        if owner is not team:
+            whose = f"team {owner.name}'s" if owner else "no team's"
+            return f"model {request.model} is {whose}, not team {team.name}'s (its models: {', '.join(team.models)})"
+        if request.target_environment not in team.environments:
+            return (f"team {team.name} does not change models in {request.target_environment} (its environments: "
+                    f"{', '.join(team.environments)})")
+        return None
 
     def evaluation_required(self, environment: str) -> dict[str, int]:
         """The metrics an evaluation for ``environment`` must measure, with the least prompts each needs."""
@@ -209,9 +298,12 @@ class Policy:
                 f"known datasets: {', '.join(sorted(self.datasets))}"
             ) from None
 
-    def decide(self, request: ChangeRequest, screening: Mapping[str, Any] | None = None) -> Decision:
+    def decide(self, request: ChangeRequest, screening: Mapping[str, Any] | None = None,
+               members: Members | None = None) -> Decision:
         """The first rule matching the request's facts; ``screening`` (the training-data screening's
-        ``status``, ``flagged_rows``, ``flagged_share``) adds the facts rules on screening match against."""
+        ``status``, ``flagged_rows``, ``flagged_share``) adds the facts rules on screening match against.
+        With teams, a request outside its DAG's team (another team's dataset, model or environment) is denied
+        whatever the rules say, and the approvers are its team's; ``members`` reads who holds a role now."""
         if request.target_environment not in ENVIRONMENTS:
             raise PolicyError(f"target_environment {request.target_environment!r} is not one of "
                               f"{', '.join(ENVIRONMENTS)}")
@@ -234,22 +326,26 @@ class Policy:
             if screening is not None:
                 facts |= {"screening": screening.get("status"), "flagged_rows": screening.get("flagged_rows"),
                           "flagged_share": screening.get("flagged_share")}
+        outside = self._outside_team(request)
         for rule in self.rules:
             if rule.matches(facts):
-                approvers = [a for a in self.approvers if a != request.requester]
-                reasons = [rule.reason]
+                approvers = ([] if outside else
+                             [a for a in self.approvers_for(request.dag_id, members) if a != request.requester])
+                reasons = [outside] if outside else [rule.reason]
                 if screening is not None and screening.get("summary"):
                     reasons.append(str(screening["summary"]))  # what the screening found, whichever rule matched
-                tier = rule.tier
+                tier = "deny" if outside else rule.tier
                 need = self.quorum if tier == "quorum" else 1
                 if tier in ("single", "quorum") and len(approvers) < need:
                     reasons.append(f"only {len(approvers)} approver(s) left once the requester is excluded; "
                                    f"{need} needed")
                     tier = "deny"
+                team = self.team_of(request.dag_id) if self.teams else None
                 return Decision(tier=tier, reasons=reasons, policy_name=self.name, policy_sha256=self.sha256,
                                 approvers=approvers, quorum=need if tier != "auto" else 0,
                                 classification=ds.classification, dataset_table=ds.table,
-                                rule_line=rule.line, request=asdict(request), data_owner=ds.owner,
+                                rule_line=team.line if outside and team else rule.line,
+                                team=team.name if team else "", request=asdict(request), data_owner=ds.owner,
                                 comment_required=[o for o in ("Approve", "Reject") if
                                                   self.approval.comment_required(o, request.target_environment)])
         raise PolicyError(f"no rule of policy {self.name} ({self.source}) matches {facts}; "
@@ -275,12 +371,15 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     if not isinstance(doc, dict):
         raise _fail(source, 1, "the policy must be a mapping")
     top = doc["__line__"]
-    for key in ("name", "approvers", "datasets", "rules"):
+    for key in ("name", "datasets", "rules"):
         if key not in doc:
             raise _fail(source, top, f"missing required key {key!r}")
-    approvers = doc["approvers"]
-    if not isinstance(approvers, list) or not all(isinstance(a, str) for a in approvers):
-        raise _fail(source, top, "approvers must be a list of user names")
+    if ("approvers" in doc) == ("teams" in doc):
+        raise _fail(source, top, "name the approvers once: a top-level 'approvers' list, or 'teams', each with "
+                    "its approvers (with teams, a top-level list would approve nothing)")
+    approvers = doc.get("approvers", [])
+    if not isinstance(approvers, list) or not all(isinstance(a, str) and a.strip() for a in approvers):
+        raise _fail(source, top, "approvers must be a list of user names (or role:NAME)")
     datasets: dict[str, DatasetEntry] = {}
     if not isinstance(doc["datasets"], dict):
         raise _fail(source, top, "datasets must be a mapping of name -> {table, classification}")
@@ -381,7 +480,52 @@ def parse_policy(text: str, source: str = "<policy>") -> Policy:
     return Policy(name=str(doc["name"]), sha256=sha, source=source, approvers=list(approvers),
                   datasets=datasets, rules=rules, quorum=quorum, lease=lease, evaluation=evaluation,
                   hyperparameters=bounds, evaluation_requires=_evaluation_requires(doc, source, top),
-                  screening=_screening(doc, source, top), approval=_approval(doc, source, top))
+                  screening=_screening(doc, source, top), approval=_approval(doc, source, top),
+                  teams=_teams(doc, source, top, datasets))
+
+
+TEAM_KEYS = ("dags", "approvers", "datasets", "models", "environments", "airflow_role")
+
+
+def _teams(doc: dict[str, Any], source: str, top: int, datasets: Mapping[str, DatasetEntry]) -> dict[str, Team]:
+    items = _section(doc, "teams", source, top, "team name -> {dags, approvers, datasets, models, environments, "
+                                                  "airflow_role}")
+    if items is None:
+        return {}
+    teams: dict[str, Team] = {}
+    owner_of: dict[str, str] = {}
+    for name, raw, line in items:
+        if not isinstance(raw, dict):
+            raise _fail(source, line, f"team {name!r} must be a mapping of {', '.join(TEAM_KEYS)}")
+        unknown = sorted(set(raw) - set(TEAM_KEYS) - set(_META))
+        if unknown:
+            raise _fail(source, _line(raw, unknown[0]), f"team {name!r}: unknown key {unknown[0]!r}; use "
+                        f"{', '.join(TEAM_KEYS)}")
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in ("dags", "approvers", "datasets", "models", "environments"):
+            value = raw.get(key)
+            if value is None and key in ("models", "environments"):
+                continue
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+                raise _fail(source, _line(raw, key) if key in raw else line,
+                            f"team {name!r}: {key} must be a non-empty list of names")
+            lists[key] = tuple(value)
+        for ds in lists["datasets"]:
+            if ds not in datasets:
+                raise _fail(source, _line(raw, "datasets"), f"team {name!r}: dataset {ds!r} is not in datasets")
+            if ds in owner_of:
+                raise _fail(source, _line(raw, "datasets"), f"team {name!r}: dataset {ds!r} is already "
+                            f"team {owner_of[ds]}'s (a dataset has one owning team)")
+            owner_of[ds] = name
+        bad_env = sorted(set(lists.get("environments", ())) - set(ENVIRONMENTS))
+        if bad_env:
+            raise _fail(source, _line(raw, "environments"), f"team {name!r}: environment {bad_env[0]!r} is not one of "
+                        f"{', '.join(ENVIRONMENTS)}")
+        role = raw.get("airflow_role", "")
+        if not isinstance(role, str):
+            raise _fail(source, _line(raw, "airflow_role"), f"team {name!r}: airflow_role must be a role name")
+        teams[name] = Team(name=name, line=line, airflow_role=role, **lists)  # type: ignore[arg-type]
+    return teams
 
 
 def _section(doc: dict[str, Any], name: str, source: str, top: int, keys: str) -> list[tuple[str, Any, int]] | None:

@@ -8,6 +8,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common
+from airflow_finetune_gov.approval import people
 from airflow_finetune_gov.approval.verify import seal_decision
 from airflow_finetune_gov.datasets.screening import ScreeningResult
 from airflow_finetune_gov.lineage.openlineage import GovernedOpenLineageMixin
@@ -80,8 +81,10 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
                 model=self.model, dataset=self.dataset, target_environment=self.target_environment,
                 requester=requester, tuning_method=self.tuning_method, base_version=self.base_version,
                 justification=" ".join(str(self.justification or "").split())[:JUSTIFICATION_LIMIT],
+                dag_id=context["ti"].dag_id,
             )
-            decision = policy.decide(request)
+            members = people.members()  # the approvers' roles, read now (a request opens with their holders)
+            decision = policy.decide(request, members=members)
             problems = policy.check_hyperparameters(self.hyperparameters)
             if problems:
                 raise PolicyError(f"hyperparameters rejected: {'; '.join(problems)} (policy {policy.source})")
@@ -110,7 +113,10 @@ class PolicyCheckOperator(GovernedOpenLineageMixin, BaseOperator):
             self.log.info("%s", screening.summary())
             # the rules see what the screening found: flagged data can escalate the tier or deny, before anyone
             # is asked
-            decision = policy.decide(request, screening.facts())
+            try:
+                decision = policy.decide(request, screening.facts(), members=members)
+            except PolicyError as exc:
+                raise self._error(context, str(exc)) from exc
         record = decision.to_dict()
         record["hyperparameters"] = dict(self.hyperparameters) if self.hyperparameters is not None else None
         record["dataset"] = dataset

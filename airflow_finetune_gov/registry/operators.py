@@ -11,6 +11,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airflow_finetune_gov import common, settings
+from airflow_finetune_gov.approval import people
 from airflow_finetune_gov.approval.verify import (
     ApprovalMissing,
     EvaluationMissing,
@@ -50,7 +51,7 @@ class _AliasMoveOperator(GovernedOpenLineageMixin, BaseOperator):
     def _approval(self, context: Any) -> dict[str, Any]:
         try:
             approval = granted_approval(common.run_events(context), context["ti"].run_id,
-                                        common.policy().approvers)
+                                        people.approvers_now(context["ti"].dag_id))
         except ApprovalMissing as exc:
             raise self._blocked(context, str(exc)) from exc
         if approval["change"] != self.change:
@@ -172,7 +173,8 @@ class PromoteModelOperator(_AliasMoveOperator):
             raise self._blocked(context, "no tuned model was stored for this run (no model.stored record)")
         t = {**tuned[-1].payload_dict(), **stored}  # the store's record of what is promoted
         try:
-            e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"], common.policy().approvers)
+            e = evaluation_outcome(common.run_events(context), ti.run_id, t["version"],
+                                   people.approvers_now(ti.dag_id))
         except EvaluationMissing as exc:
             raise self._blocked(context, str(exc)) from exc
         store = ModelStore(settings.get("model_store"))
@@ -240,7 +242,8 @@ class RollbackCheckOperator(BaseOperator):
                                     provenance.load_public_keys(settings.get("provenance_keys_path")))
             decision = common.policy().decide(ChangeRequest(
                 model=self.model, dataset="", target_environment=self.alias, requester=common.requester(context),
-                base_version=current, change="rollback", rollback_to=self.to_version))
+                base_version=current, change="rollback", rollback_to=self.to_version, dag_id=context["ti"].dag_id),
+                members=people.members())
         except (RegistryError, PolicyError, FileNotFoundError, provenance.ProvenanceError) as exc:
             raise self._error(context, str(exc)) from exc
         record = seal_decision({**decision.to_dict(), "dataset": None, "hyperparameters": None})

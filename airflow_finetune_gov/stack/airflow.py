@@ -2,8 +2,8 @@
 
 Components run separately rather than under ``airflow standalone`` so each has its own recorded pid
 and log, and a test can restart one of them (the scheduler, say) without touching the others.
-Users come from the simple auth manager with real roles; all-admins mode is never enabled because
-HITL then records every responder as ``Anonymous`` and separation of duties is lost.
+Users and roles come from the FAB auth manager (:mod:`airflow_finetune_gov.stack.people`), whose tables the DAG
+user's database login cannot read or write.
 """
 
 from __future__ import annotations
@@ -22,14 +22,7 @@ import requests
 
 from airflow_finetune_gov.stack.procs import ProcRecord, StackError, spawn, wait_for
 
-# user -> simple-auth-manager role. Approvers are plain `user`s: the gate, not the role, makes them
-# approvers. The auditor can read everything and change nothing.
-USERS: dict[str, str] = {
-    "requester": "user",
-    "approver1": "user",
-    "approver2": "user",
-    "auditor": "viewer",
-}
+AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
 
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 # These run DAG authors' code (DAG files, triggers): as the DAG user, with the DAG user's config.

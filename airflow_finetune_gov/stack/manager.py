@@ -24,7 +24,7 @@ import requests
 from airflow_finetune_gov.policy.engine import load_policy
 from airflow_finetune_gov.provider_info import CONFIG_OPTIONS
 from airflow_finetune_gov.stack import airflow as af
-from airflow_finetune_gov.stack import openbao, postgres, provision, users
+from airflow_finetune_gov.stack import openbao, people, postgres, provision, users
 from airflow_finetune_gov.stack.procs import ProcRecord, StackError, pick_free_port, port_free, tcp_open
 from airflow_finetune_gov.vault.bootstrap import BootstrapSpec, DatasetGrant, bootstrap
 
@@ -342,9 +342,17 @@ class Stack:
         airflow_url = f"http://127.0.0.1:{ports['airflow']}"
         passwords_file = self.secrets / "airflow-passwords.json"
         if not passwords_file.exists():
-            self._write_json(passwords_file, {u: secrets.token_urlsafe(16) for u in af.USERS})
+            self._write_json(passwords_file, {})
+        passwords = json.loads(passwords_file.read_text())
+        if set(passwords) != set(people.USERS):  # a state directory of an earlier version lacks some users
+            passwords = {u: passwords.get(u) or secrets.token_urlsafe(16) for u in people.USERS}
+            self._write_json(passwords_file, passwords)
         pg = (pg_host, ports["postgres"])
         airflow_db = provision.url("airflow", role_pw["airflow"], *pg, "airflow")
+        # the DAG user's login to the same database: every table but the auth manager's (users, password hashes,
+        # roles, permissions, sessions), which DAG code could otherwise rewrite to make itself an approver
+        dag_airflow_db = provision.url(provision.DAG_METADATA_ROLE, role_pw[provision.DAG_METADATA_ROLE], *pg,
+                                       "airflow")
         governance_url = provision.url("fgov_lineage", role_pw["fgov_lineage"], *pg, provision.GOVERNANCE_DB)
         monitor_url = provision.url("fgov_monitor", role_pw["fgov_monitor"], *pg, "postgres")
         fgov_conf = {
@@ -391,11 +399,9 @@ class Stack:
         af.write_config(home, {
             "core": {
                 **core,
-                "auth_manager": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-                "simple_auth_manager_users": ",".join(f"{u}:{r}" for u, r in af.USERS.items()),
-                "simple_auth_manager_all_admins": "False",
-                "simple_auth_manager_passwords_file": str(passwords_file),
+                "auth_manager": af.AUTH_MANAGER,
             },
+            "fab": {"cache_ttl": "5"},  # a membership ops change counts in Airflow within seconds
             "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
             "api": {"host": "127.0.0.1", "port": str(ports["airflow"]), "base_url": airflow_url, "workers": "1"},
             "api_auth": {"jwt_secret": self._secret("airflow-jwt-secret")},
@@ -407,8 +413,8 @@ class Stack:
         # Airflow gives DAG code by design, and nothing that signs a token or reaches governance but the socket.
         dag_conf = {k: fgov_conf[k] for k in af.DAG_USER_SETTINGS if k in fgov_conf}
         af.write_config(dag_home, {
-            "core": core,
-            "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
+            "core": core,  # no auth manager: the dag-processor then syncs no DAG's access_control into roles
+            "database": {"sql_alchemy_conn": dag_airflow_db, "sql_alchemy_conn_async": dag_airflow_db},
             "finetune_gov": dag_conf,
             **shared,
         }, owner=dag_user)
@@ -416,19 +422,22 @@ class Stack:
         # Airflow's connections and the sweep's run states, the governance writer, its own copy of the key), and
         # not Airflow's token-signing secret
         af.write_config(control_home, {
-            "core": core,
+            "core": {**core, "auth_manager": af.AUTH_MANAGER},  # it reads the roles (never signs a token)
             "database": {"sql_alchemy_conn": airflow_db, "sql_alchemy_conn_async": airflow_db},
             "api": {"base_url": airflow_url},  # the links in notifications
             "finetune_gov": {**fgov_conf, "workload_identity_key_path": str(control_key),
                              # notifications: their channels' credentials are the control plane's alone
                              "notify_smtp_url": opts.notify_smtp_url, "notify_webhook_url": opts.notify_webhook_url,
                              "notify_from": "airflow-finetune-gov@localhost",
-                             "notify_address_template": opts.notify_address_template, "notify_poll_seconds": "2"},
+                             "notify_address_template": opts.notify_address_template, "notify_poll_seconds": "2",
+                             "teams_sync_seconds": "2"},
             **shared,
         }, owner=control_user)
         control_groups = [dag_user.pw_gid]
         t = time.monotonic()
         af.migrate(home)
+        people.sync(home, passwords, af.env_for(home))
+        provision.grant_dag_metadata(pg_host, ports["postgres"], role_pw["airflow"])
         af.add_vault_connection(home, ports["openbao"], "fgov-jwt")
         log(f"airflow metadata database migrated in {time.monotonic() - t:.1f}s")
         started.append(af.start_control_plane(control_home, self.logs, control_socket, user=control_user.pw_name,
@@ -459,7 +468,7 @@ class Stack:
                               "task_uid": dag_user.pw_uid, "dag_home": str(dag_home)},
             "airflow": {"url": airflow_url, "home": str(home), "config": str(home / "airflow.cfg"),
                         "dag_home": str(dag_home), "logs": str(task_logs),
-                        "users": {u: {"role": r} for u, r in af.USERS.items()},
+                        "users": {u: {"roles": r} for u, r in people.USERS.items()},
                         "passwords_file": str(passwords_file)},
             "governance_db_url_file": str(self._write_secret_file("governance-db-url", governance_url)),
             "workload_identity_key": str(key_path),

@@ -1,7 +1,8 @@
 """Roles, databases and demo data on the stack's PostgreSQL (idempotent).
 
 Least privilege by construction:
-- ``airflow`` owns only Airflow's metadata database;
+- ``airflow`` owns only Airflow's metadata database; ``airflow_dag``, the DAG user's login to it, may use its
+  tables except the auth manager's (users, password hashes, roles, permissions, web sessions);
 - ``fgov_owner`` owns the governance and dataset databases; nobody else can change their schema;
 - ``fgov_lineage`` (what tasks use) may INSERT and SELECT lineage rows, never UPDATE or DELETE;
 - ``fgov_vault`` (what OpenBao uses) may create roles and grant membership in the dataset reader
@@ -32,7 +33,11 @@ from airflow_finetune_gov.evaluation.builtin_suites import packaged_suites
 from airflow_finetune_gov.lineage.store import create_schema
 from airflow_finetune_gov.policy.engine import Policy
 
-LOGIN_ROLES = ("airflow", "fgov_owner", "fgov_lineage", "fgov_vault", "fgov_monitor")
+DAG_METADATA_ROLE = "airflow_dag"
+LOGIN_ROLES = ("airflow", DAG_METADATA_ROLE, "fgov_owner", "fgov_lineage", "fgov_vault", "fgov_monitor")
+# The auth manager's tables in Airflow's metadata database (FAB's users, password hashes, roles, permissions and
+# its web sessions): the DAG user's login has no privilege on them
+AUTH_TABLE = re.compile(r"^(ab_.*|session|alembic_version_fab)$")
 GOVERNANCE_DB = "fgov_governance"
 DATASETS_DB = "fgov_datasets"
 INFERENCE_GROUP = "fgov_inference"
@@ -76,6 +81,29 @@ END $fn$;
 """
 
 
+def grant_dag_metadata(host: str, port: int, airflow_password: str) -> list[str]:
+    """Give the DAG user's login (``airflow_dag``) what Airflow's DAG-side components use of the metadata database
+    (its tables and sequences) and nothing of the auth manager's tables; run after every migration, as the owner
+    of those tables. Returns the tables withheld."""
+    withheld = []
+    role = sql.Identifier(DAG_METADATA_ROLE)
+    with psycopg.connect(**_conninfo("airflow", airflow_password, host, port, "airflow"), autocommit=True) as conn:
+        conn.execute(sql.SQL("GRANT USAGE ON SCHEMA public TO {}").format(role))
+        tables = [r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")]
+        for table in tables:
+            ident = sql.Identifier("public", table)
+            if AUTH_TABLE.match(table):
+                conn.execute(sql.SQL("REVOKE ALL ON {} FROM {}").format(ident, role))
+                withheld.append(table)
+            else:
+                conn.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(ident, role))
+        conn.execute(sql.SQL("GRANT USAGE, SELECT, UPDATE ON ALL SEQUENCES IN SCHEMA public TO {}").format(role))
+        for seq, in conn.execute("SELECT sequencename FROM pg_sequences WHERE schemaname = 'public'").fetchall():
+            if AUTH_TABLE.match(seq.removesuffix("_id_seq").removesuffix("_seq")):
+                conn.execute(sql.SQL("REVOKE ALL ON SEQUENCE {} FROM {}").format(sql.Identifier("public", seq), role))
+    return withheld
+
+
 def group_role(dataset: str) -> str:
     if not re.fullmatch(r"[a-z0-9_]+", dataset):
         raise ValueError(f"dataset name {dataset!r} must be lower-case letters, digits, underscores")
@@ -110,6 +138,7 @@ def provision(host: str, port: int, superuser_password: str, passwords: Mapping[
         conn.execute("REVOKE CONNECT, TEMPORARY ON DATABASE postgres FROM PUBLIC")
         conn.execute("GRANT CONNECT ON DATABASE postgres TO fgov_vault, fgov_monitor")
         conn.execute(sql.SQL("GRANT CONNECT ON DATABASE {} TO fgov_lineage").format(sql.Identifier(GOVERNANCE_DB)))
+        conn.execute(sql.SQL("GRANT CONNECT ON DATABASE airflow TO {}").format(sql.Identifier(DAG_METADATA_ROLE)))
         for name in policy.datasets:
             grp = group_role(name)
             if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (grp,)).fetchone():

@@ -94,7 +94,7 @@ def test_production_needs_two_distinct_approvers_each_saying_why_and_shows_the_p
     assert detail["subject"] == "[production · 1 of 2 approved] benign → fgov-demo-tiny"
     assert "1 of 2 approved: approver1 ✓ (\u201cdata reviewed, LGTM\u201d) - waiting for another approver " \
            "(approver2)" in detail["body"]
-    assert [u["id"] for u in detail["assigned_users"]] == ["approver2"]  # the first approver is not asked again
+    assert [u["name"] for u in detail["assigned_users"]] == ["approver2"], detail["assigned_users"]  # not asked again
     gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="approving again", status=403)
     progress = mails(mailbox, run_id, "requested", 3)[-1]  # round 2 (approver1's answer not counted), round 3
     assert progress[:2] == (["approver2@localhost"],
@@ -161,31 +161,36 @@ def test_no_answer_before_the_deadline_rejects_as_expired(gate: Gate, mailbox: M
     assert gate.leased_roles() == before
 
 
-def test_an_approver_taken_out_of_the_policy_while_the_request_is_open_cannot_approve(gate: Gate) -> None:
-    """Ops take approver1 out of the policy's approvers after the request went to both: approver1's Approve, which
-    Airflow still accepts (the request assigned them), is a violation and counts for nothing; the request is asked
-    again of approver2 alone, who approves."""
-    policy = gate.stack.dir / "policy.yaml"
-    before = policy.read_text()
-    assert "\napprovers: [approver1, approver2]\n" in before
-    run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
+def test_approvers_are_whoever_holds_the_teams_approver_role_when_asked_and_when_counted(gate: Gate) -> None:
+    """The policy names role:support-approvers. Ops make approver3 an approver (after the DAG was written): the
+    next request assigns them, and their Approve counts. Ops take approver1 out of the role while the request is
+    open: approver1's Approve, which Airflow still accepts (the request assigned them), is a violation and counts
+    for nothing, and the request is asked again of the others."""
+    assert "role:support-approvers" in (gate.stack.dir / "policy.yaml").read_text()
+    had3 = gate.set_roles("approver3", ["Team member", "support", "support-approvers"])
     try:
+        run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
         gate.wait_round(DEMO_DAG_ID, run_id, 1)
-        assert gate.events(run_id, "approval.requested")[0].payload_dict()["assigned"] == ["approver1", "approver2"]
-        policy.write_text(before.replace("\napprovers: [approver1, approver2]\n", "\napprovers: [approver2]\n"))
-        gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="still thinks they may")
-        gate.wait_round(DEMO_DAG_ID, run_id, 2)
-        (violation,) = [e.payload_dict() for e in gate.events(run_id, "approval.violation")]
-        assert violation["responder"] == "approver1" and "no longer an approver" in violation["reason"], violation
-        second = gate.events(run_id, "approval.requested")[1].payload_dict()
-        assert (second["assigned"], second["withdrawn"]) == (["approver2"], ["approver1"])
-        assert gate.events(run_id, "approval.granted") == [] and gate.training_lease_events(run_id) == []
-        gate.answer(DEMO_DAG_ID, run_id, "approver2", "Approve", comment="approver2 read it")
+        first = gate.events(run_id, "approval.requested")[0].payload_dict()
+        assert first["assigned"] == ["approver1", "approver2", "approver3"], first
+        had1 = gate.set_roles("approver1", ["Team member", "support"])
+        try:
+            gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="still thinks they may")
+            gate.wait_round(DEMO_DAG_ID, run_id, 2)
+            (violation,) = [e.payload_dict() for e in gate.events(run_id, "approval.violation")]
+            assert violation["responder"] == "approver1" and "no longer an approver" in violation["reason"], violation
+            second = gate.events(run_id, "approval.requested")[1].payload_dict()
+            assert (second["assigned"], second["withdrawn"]) == (["approver2", "approver3"], ["approver1"])
+            assert gate.events(run_id, "approval.granted") == [] and gate.training_lease_events(run_id) == []
+            gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="again", status=403)  # not assigned now
+        finally:
+            gate.set_roles("approver1", had1)
+        gate.answer(DEMO_DAG_ID, run_id, "approver3", "Approve", comment="approver3, approver since this morning")
         state, tasks = gate.final(DEMO_DAG_ID, run_id)
         assert state == "success", tasks
-        assert [g.payload_dict()["responder"] for g in gate.events(run_id, "approval.granted")] == ["approver2"]
+        assert [g.payload_dict()["responder"] for g in gate.events(run_id, "approval.granted")] == ["approver3"]
     finally:
-        policy.write_text(before)
+        gate.set_roles("approver3", had3)
 
 
 def test_a_run_approved_for_test_cannot_promote_to_production(gate: Gate) -> None:

@@ -63,7 +63,7 @@ def test_a_quorum_request_shows_progress_records_comments_and_needs_a_reason_to_
         assert (granted["responder"], granted["comment"]) == (  # what was typed in the form
             "approver1", "read the flagged rows: the evaluation decides")
         again = view.client("approver1").hitl_detail(DEMO_DAG_ID, run_id, "approval_gate")
-        assert [u["id"] for u in again["assigned_users"]] == ["approver2"]  # the first approver is not asked again
+        assert [u["name"] for u in again["assigned_users"]] == ["approver2"]  # the first approver is not asked again
         view.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="twice", status=403)
 
         with signed_in_page(stack, "approver2", "/required_actions") as page:

@@ -52,7 +52,7 @@ def test_an_accepted_answer_is_witnessed_under_the_ids_the_route_matched(store: 
     assert (event.dag_id, event.run_id, event.task_id, event.try_number, event.map_index, event.actor) == (
         "d", matched[-1], "approval_gate", 0, -1, "api-server")
     assert "%" in matched[-1]
-    assert event.payload_dict() == {"responder": "approver1", "responder_name": "approver1",
+    assert event.payload_dict() == {"responder": "approver1", "responder_id": "approver1",
                                     "chosen_options": ["Approve"], "comment": "ok",
                                     "responded_at": "2026-12-01T00:00:00Z", "request_sha256": "ab" * 32,
                                     "subject": "s", "try_number": 1}

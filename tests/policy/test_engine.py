@@ -12,15 +12,36 @@ from airflow_finetune_gov.policy.engine import (
     parse_policy,
 )
 
+# The embedded stack's approver roles, as the auth manager would answer (a fake for pure logic)
+ROLES = {"support-approvers": ["approver1", "approver2"], "research-approvers": ["research-approver"]}
+
+
+def members(role: str) -> list[str]:
+    return ROLES.get(role, [])
+
+
+class DefaultPolicy:
+    """The packaged policy, deciding with the stack's roles."""
+
+    def __init__(self, path=None) -> None:
+        self.policy = load_policy(path)
+
+    def decide(self, request, screening=None):
+        return self.policy.decide(request, screening, members=members)
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
 
 def req(**kw) -> ChangeRequest:
-    base = {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester"}
+    base = {"model": "m", "dataset": "benign", "target_environment": "staging", "requester": "requester",
+            "dag_id": "governed_finetune_demo"}
     base.update(kw)
     return ChangeRequest(**base)
 
 
 def test_default_policy_tiers() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     assert policy.decide(req()).tier == "single"
     prod = policy.decide(req(target_environment="production"))
     assert prod.tier == "quorum" and prod.quorum == 2
@@ -28,13 +49,13 @@ def test_default_policy_tiers() -> None:
 
 
 def test_requester_is_never_an_approver() -> None:
-    decision = load_policy().decide(req(requester="approver1"))
+    decision = DefaultPolicy().decide(req(requester="approver1"))
     assert decision.approvers == ["approver2"]
     assert "approver1" not in decision.approvers
 
 
 def test_quorum_without_enough_approvers_is_denied() -> None:
-    decision = load_policy().decide(req(requester="approver1", target_environment="production"))
+    decision = DefaultPolicy().decide(req(requester="approver1", target_environment="production"))
     assert decision.tier == "deny"
     assert "1 approver(s) left" in decision.reasons[-1]
 
@@ -94,7 +115,7 @@ def test_malformed_policy_names_file_line_and_problem(broken: str, line: int, pr
 
 
 def test_unknown_dataset_and_environment_are_clear_errors() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     with pytest.raises(PolicyError, match=r"dataset 'nope' is not in policy default.*benign, poisoned"):
         policy.decide(req(dataset="nope"))
     with pytest.raises(PolicyError, match="target_environment 'prod' is not one of test, staging, production"):
@@ -110,7 +131,7 @@ def test_policy_file_is_read_from_disk(tmp_path) -> None:
 
 
 def test_default_policy_auto_tier_only_for_public_data_into_test() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     assert policy.decide(req(dataset="public_faq", target_environment="test")).tier == "auto"
     assert policy.decide(req(dataset="public_faq", target_environment="staging")).tier == "single"
     assert policy.decide(req(dataset="benign", target_environment="test")).tier == "single"  # internal data
@@ -123,7 +144,8 @@ def test_sensitive_classification_needs_a_quorum() -> None:
     text = default_policy_text().replace("classification: internal\n    owner: support-content team\n    "
                                          "description: New task",
                                          "classification: pii\n    description: New task")
-    decision = parse_policy(text, "pii.yaml").decide(req(dataset="benign", target_environment="test"))
+    decision = parse_policy(text, "pii.yaml").decide(req(dataset="benign", target_environment="test"),
+                                                     members=members)
     assert decision.tier == "quorum" and decision.quorum == 2 and "sensitive" in decision.reasons[0]
 
 
@@ -150,7 +172,7 @@ def default_with(section: str, replacement: str) -> str:
 
 
 def test_hyperparameter_bounds_of_the_default_policy() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     assert policy.check_hyperparameters({"epochs": 10, "learning_rate": 0.01, "lora_r": 8}) == []
     assert policy.check_hyperparameters(None) == [] and policy.check_hyperparameters({"seed": 99}) == []
     assert policy.check_hyperparameters({"epochs": 500, "learning_rate": "fast"}) == [
@@ -176,7 +198,7 @@ def rollback(**kw) -> ChangeRequest:
 
 
 def test_rollbacks_are_changes_the_default_policy_decides_by_environment() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     prod = policy.decide(rollback(target_environment="production"))
     assert (prod.tier, prod.quorum, prod.dataset_table) == ("quorum", 2, "")
     assert policy.decide(rollback(target_environment="staging")).tier == "single"
@@ -191,15 +213,16 @@ def test_a_rule_can_name_the_kind_of_change() -> None:
                                   "    tier: single\n    reason: production rollbacks are urgent\n"
                                   "  - when: {}\n    tier: single\n    reason: the rest")
     policy = parse_policy(text, "fast-rollback.yaml")
-    assert policy.decide(rollback(target_environment="production")).reasons == ["production rollbacks are urgent"]
-    assert policy.decide(req(target_environment="production")).reasons == ["the rest"]
+    assert policy.decide(rollback(target_environment="production"), members=members).reasons == [
+        "production rollbacks are urgent"]
+    assert policy.decide(req(target_environment="production"), members=members).reasons == ["the rest"]
 
 
 def test_malformed_rollback_requests_are_clear_errors() -> None:
     with pytest.raises(PolicyError, match="names the version to go back to"):
-        load_policy().decide(req(dataset="", change="rollback"))
+        DefaultPolicy().decide(req(dataset="", change="rollback"))
     with pytest.raises(PolicyError, match="change 'delete' is not one of finetune, rollback"):
-        load_policy().decide(req(change="delete"))
+        DefaultPolicy().decide(req(change="delete"))
 
 
 def screened(flagged: int, of: int) -> dict:
@@ -208,7 +231,7 @@ def screened(flagged: int, of: int) -> dict:
 
 
 def test_the_default_policy_escalates_any_flagged_row_to_a_quorum_whatever_the_environment() -> None:
-    policy = load_policy()
+    policy = DefaultPolicy()
     public_test = req(dataset="public_faq", target_environment="test")
     assert policy.decide(public_test, screened(0, 22)).tier == "auto"
     flagged = policy.decide(public_test, screened(1, 22))
@@ -292,7 +315,7 @@ def test_screening_settings_default_and_parse() -> None:
 
 
 def test_approval_settings_default_and_parse() -> None:
-    default = load_policy()
+    default = DefaultPolicy()
     assert default.approval.sample_rows == 3 and default.approval.row_display("pii") == "redacted"
     assert default.approval.row_display("sensitive") == "none" and default.approval.row_display("internal") == "full"
     assert default.approval.comment_required("Reject", "staging") and default.approval.comment_required(
@@ -305,3 +328,66 @@ def test_approval_settings_default_and_parse() -> None:
     assert policy.approval.row_display("pii") == "redacted"  # the defaults for what the file leaves out
     assert policy.approval.comment_required("Approve", "test") and not parse_policy(POLICY).approval.comment_required(
         "Approve", "staging")
+
+
+# --- teams ----------------------------------------------------------------------------------------------------
+def test_a_run_is_its_dags_teams_and_its_approvers_are_the_teams_role_holders() -> None:
+    policy = DefaultPolicy()
+    support = policy.decide(req())
+    assert (support.team, support.tier, support.approvers) == ("support", "single", ["approver1", "approver2"])
+    research = policy.decide(req(dag_id="research_tune", dataset="research_notes", model="research-base",
+                                 requester="researcher"))
+    assert (research.team, research.tier, research.approvers) == ("research", "single", ["research-approver"])
+    # who holds the role is read when deciding: one added to it approves from the next decision on
+    ROLES["research-approvers"] = ["research-approver", "approver3"]
+    try:
+        assert policy.decide(req(dag_id="research_tune", dataset="research_notes", model="research-base",
+                                 requester="researcher")).approvers == ["approver3", "research-approver"]
+    finally:
+        ROLES["research-approvers"] = ["research-approver"]
+
+
+@pytest.mark.parametrize(("request_", "reason"), [
+    ({"dataset": "research_notes"}, "dataset research_notes is team research's, not team support's"),
+    ({"model": "research-base"}, "model research-base is team research's, not team support's"),
+    ({"dag_id": "research_tune", "dataset": "benign", "model": "research-base"},
+     "dataset benign is team support's, not team research's"),
+    ({"dag_id": "research_tune", "dataset": "research_notes", "model": "m"}, "model m is team support's"),
+    ({"dag_id": "research_tune", "dataset": "research_notes", "model": "research-base",
+      "target_environment": "production"}, "team research does not change models in production"),
+    ({"dag_id": "someone_elses_dag"}, "DAG someone_elses_dag belongs to no team"),
+])
+def test_a_change_outside_its_dags_team_is_denied_whatever_the_rules_say(request_, reason) -> None:
+    decision = DefaultPolicy().decide(req(**request_))
+    assert decision.tier == "deny" and decision.approvers == [] and reason in decision.reasons[0], decision.reasons
+
+
+def test_a_rollback_of_another_teams_model_is_denied() -> None:
+    decision = DefaultPolicy().decide(req(change="rollback", rollback_to="v1", dataset="", model="research-base",
+                                          target_environment="staging"))
+    assert decision.tier == "deny" and "model research-base is team research's" in decision.reasons[0]
+
+
+def test_roles_are_read_only_where_a_lookup_is_given() -> None:
+    with pytest.raises(PolicyError, match="names approvers by role"):
+        load_policy().decide(req())
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ("teams:\n  a: {dags: [x], approvers: [u], datasets: [nope]}", "dataset 'nope' is not in datasets"),
+    ("teams:\n  a: {dags: [x], approvers: [u], datasets: [open]}\n  b: {dags: [y], approvers: [v], datasets: [open]}",
+     "dataset 'open' is already team a's"),
+    ("teams:\n  a: {dags: [x], approvers: [], datasets: [open]}", "approvers must be a non-empty list"),
+    ("teams:\n  a: {dags: [x], approvers: [u], datasets: [open], members: [u]}", "unknown key 'members'"),
+    ("teams:\n  a: {dags: [x], approvers: [u], datasets: [open], environments: [prod]}",
+     "environment 'prod' is not one of"),
+])
+def test_malformed_teams_name_the_line_and_the_fix(change, problem) -> None:
+    text = POLICY.replace("approvers: [a, b, c]\n", "") + change + "\n"
+    with pytest.raises(PolicyError, match=re.escape(problem)):
+        parse_policy(text, "teams.yaml")
+
+
+def test_approvers_are_named_once() -> None:
+    with pytest.raises(PolicyError, match="name the approvers once"):
+        parse_policy(POLICY + "teams:\n  a: {dags: [x], approvers: [u], datasets: [open]}\n", "both.yaml")
