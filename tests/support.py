@@ -54,9 +54,9 @@ class StackView:
         return psycopg.connect(host="127.0.0.1", port=self.state["postgres"]["port"], user="postgres",
                                password=pw, dbname=db, autocommit=True)
 
-    def trigger(self, dag_id: str, **conf: str) -> str:
-        """Trigger ``dag_id`` as ``requester`` (waiting until the DAG is parsed and unpaused)."""
-        requester = self.client("requester")
+    def trigger(self, dag_id: str, *, as_user: str = "requester", **conf: str) -> str:
+        """Trigger ``dag_id`` as ``as_user`` (waiting until the DAG is parsed and unpaused)."""
+        requester = self.client(as_user)
         requester.wait_for_dag(dag_id)
         return requester.trigger(dag_id, conf)
 

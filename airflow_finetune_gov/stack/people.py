@@ -6,6 +6,8 @@
 - one role per team (``support``, ``research``) and one approver role per team (``support-approvers``,
   ``research-approvers``): the policy names approvers by role (``role:support-approvers``), and the control plane
   reads who holds it when a request opens and again when an answer is counted;
+- ``Governance reader``: reads Airflow's plugin list, which the UI needs to show the governance view's nav entry
+  and DAG-run tab (FAB gives it to ``Op`` and ``Admin`` only); every user but ``admin`` holds it;
 - ``auditor``: Airflow's ``Viewer`` (every DAG, read only); ``admin``: ``Admin`` (ops, who change memberships).
 
 :func:`sync` runs in a process of its own with the deployment's configuration (``python -m
@@ -25,19 +27,21 @@ from typing import Any
 from airflow_finetune_gov.stack.procs import StackError
 
 MEMBER_ROLE = "Team member"
+READER_ROLE = "Governance reader"
 TEAMS = ("support", "research")
 # user -> roles. approver3 is a support member who is no approver (until ops make them one).
 USERS: dict[str, list[str]] = {
-    "requester": [MEMBER_ROLE, "support"],
-    "approver1": [MEMBER_ROLE, "support", "support-approvers"],
-    "approver2": [MEMBER_ROLE, "support", "support-approvers"],
-    "approver3": [MEMBER_ROLE, "support"],
-    "researcher": [MEMBER_ROLE, "research"],
-    "research-approver": [MEMBER_ROLE, "research", "research-approvers"],
-    "auditor": ["Viewer"],
+    "requester": [MEMBER_ROLE, READER_ROLE, "support"],
+    "approver1": [MEMBER_ROLE, READER_ROLE, "support", "support-approvers"],
+    "approver2": [MEMBER_ROLE, READER_ROLE, "support", "support-approvers"],
+    "approver3": [MEMBER_ROLE, READER_ROLE, "support"],
+    "researcher": [MEMBER_ROLE, READER_ROLE, "research"],
+    "research-approver": [MEMBER_ROLE, READER_ROLE, "research", "research-approvers"],
+    "research-approver2": [MEMBER_ROLE, READER_ROLE, "research", "research-approvers"],
+    "auditor": ["Viewer", READER_ROLE],
     "admin": ["Admin"],
 }
-ROLES = (MEMBER_ROLE, *TEAMS, *(f"{t}-approvers" for t in TEAMS))
+ROLES = (MEMBER_ROLE, READER_ROLE, *TEAMS, *(f"{t}-approvers" for t in TEAMS))
 
 
 def sync(home: Path, passwords: dict[str, str], env: dict[str, str]) -> None:
@@ -59,6 +63,7 @@ def _member_permissions(sm: Any) -> list[tuple[str, str]]:
 
 def _apply(spec: dict[str, Any]) -> None:
     from airflow.providers.fab.auth_manager.cli_commands.utils import get_application_builder
+    from airflow.providers.fab.www.security import permissions
     from airflow.utils.providers_configuration_loader import providers_configuration_loaded
 
     providers_configuration_loaded(lambda: None)()  # the FAB provider's configuration defaults
@@ -72,8 +77,9 @@ def _apply(spec: dict[str, Any]) -> None:
                 sm.add_role(name)
         member = sm.find_role(MEMBER_ROLE)
         for action, resource in _member_permissions(sm):
-            perm = sm.create_permission(action, resource)
-            sm.add_permission_to_role(member, perm)
+            sm.add_permission_to_role(member, sm.create_permission(action, resource))
+        sm.add_permission_to_role(sm.find_role(READER_ROLE), sm.create_permission(
+            permissions.ACTION_CAN_READ, permissions.RESOURCE_PLUGIN))
         for username, role_names in spec["users"].items():
             roles = [sm.find_role(r) for r in role_names]
             password = spec["passwords"][username]

@@ -12,6 +12,7 @@ from support import StackView
 
 from airflow_finetune_gov.datasets.demo import BENIGN_SET
 from airflow_finetune_gov.registry.store import ModelStore
+from airflow_finetune_gov.stack import people
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
 pytestmark = pytest.mark.stack
@@ -167,13 +168,13 @@ def test_approvers_are_whoever_holds_the_teams_approver_role_when_asked_and_when
     open: approver1's Approve, which Airflow still accepts (the request assigned them), is a violation and counts
     for nothing, and the request is asked again of the others."""
     assert "role:support-approvers" in (gate.stack.dir / "policy.yaml").read_text()
-    had3 = gate.set_roles("approver3", ["Team member", "support", "support-approvers"])
+    had3 = gate.set_roles("approver3", [*people.USERS["approver3"], "support-approvers"])
     try:
         run_id = gate.trigger(DEMO_DAG_ID, dataset="benign", target_environment="staging")
         gate.wait_round(DEMO_DAG_ID, run_id, 1)
         first = gate.events(run_id, "approval.requested")[0].payload_dict()
         assert first["assigned"] == ["approver1", "approver2", "approver3"], first
-        had1 = gate.set_roles("approver1", ["Team member", "support"])
+        had1 = gate.set_roles("approver1", [r for r in people.USERS["approver1"] if r != "support-approvers"])
         try:
             gate.answer(DEMO_DAG_ID, run_id, "approver1", "Approve", comment="still thinks they may")
             gate.wait_round(DEMO_DAG_ID, run_id, 2)

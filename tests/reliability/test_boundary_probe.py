@@ -21,7 +21,7 @@ from airflow_finetune_gov.stack.manager import Stack
 pytestmark = pytest.mark.stack
 DAG_ID = "boundary_probe"
 NOTHING = {"dataset_rows": [], "governance_write": [], "openbao_token": [], "openbao_trusted_key": [],
-           "airflow_token": []}
+           "airflow_token": [], "auth_tables": []}
 
 
 def report(view: StackView, where: str, timeout: float = 180) -> dict:
@@ -56,3 +56,13 @@ def test_task_code_finds_nothing_usable(probed: dict[str, dict]) -> None:
 
 def test_parse_time_code_finds_nothing_usable(probed: dict[str, dict]) -> None:
     assert probed["parse"]["uid"] != 0 and probed["parse"]["usable"] == NOTHING
+
+
+@pytest.mark.parametrize("where", ["task", "parse"])
+def test_dag_code_reaches_airflows_database_but_not_who_approves(probed: dict[str, dict], where: str) -> None:
+    """DAG code logs in to Airflow's metadata database (the DAG user's login, in its airflow.cfg, as Airflow's
+    DAG-side components need), and cannot read a password hash, rewrite a user, give itself a role (an approver's)
+    or read a web session there: the FAB auth manager's tables are withheld from that login."""
+    assert any(login.startswith("airflow_dag from airflow.cfg") for login in probed[where]["metadata_logins"]), \
+        probed[where]["metadata_logins"]
+    assert probed[where]["usable"]["auth_tables"] == []

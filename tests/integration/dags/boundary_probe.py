@@ -78,14 +78,15 @@ def probe(where: str) -> dict:
     except OSError:
         state = {}
     usable: dict[str, list[str]] = {"dataset_rows": [], "governance_write": [], "openbao_token": [],
-                                    "openbao_trusted_key": [], "airflow_token": []}
+                                    "openbao_trusted_key": [], "airflow_token": [], "auth_tables": []}
+    metadata: list[str] = []  # logins to Airflow's metadata database (the DAG user's, by Airflow's design)
     pg_port = (state.get("postgres") or {}).get("port")
     logins = [(m.group(1), m.group(2), int(m.group(4)), where_) for value, where_ in found.items()
               if (m := URL.fullmatch(value))]
     if pg_port:  # every other candidate as the password of the roles a deployment has
         logins += [(user, value, int(pg_port), where_) for value, where_ in found.items()
                    if not value.startswith("postgres") and 20 <= len(value) <= 64
-                   for user in ("postgres", "fgov_owner", "fgov_vault", "airflow")]
+                   for user in ("postgres", "fgov_owner", "fgov_vault", "airflow", "airflow_dag")]
     for user, password, port, src in logins:
         for db, check, kind in (("fgov_datasets", "SELECT count(*) FROM datasets.poisoned", "dataset_rows"),
                                 ("fgov_governance", "INSERT INTO fgov_lineage_event (dag_id, run_id, task_id, "
@@ -100,6 +101,25 @@ def probe(where: str) -> dict:
                 usable[kind].append(f"{user} from {src}")
             except psycopg.Error:
                 pass
+        # the auth manager's tables (users, password hashes, roles, sessions): reading a hash, making oneself an
+        # approver or taking over a session would decide who approves
+        try:
+            with psycopg.connect(host="127.0.0.1", port=port, user=user, password=password, dbname="airflow",
+                                 connect_timeout=3) as conn:
+                conn.execute("SELECT count(*) FROM dag")
+                metadata.append(f"{user} from {src}")
+                conn.rollback()
+                for attempt in ("SELECT password FROM ab_user", "UPDATE ab_user SET password = password",
+                                "INSERT INTO ab_user_role (user_id, role_id) SELECT 1, id FROM ab_role",
+                                "SELECT data FROM session"):
+                    try:
+                        conn.execute(attempt)
+                        usable["auth_tables"].append(f"{attempt.split()[0]} as {user} from {src}")
+                    except psycopg.Error:
+                        pass
+                    conn.rollback()  # shown possible; nothing is left behind
+        except psycopg.Error:
+            pass
     bao = (state.get("openbao") or {}).get("addr")
     if bao:
         for value, src in found.items():
@@ -137,12 +157,13 @@ def probe(where: str) -> dict:
     if api:
         for value, src in found.items():
             now = int(time.time())
-            token = jwt.encode({"sub": "approver1", "role": "user", "aud": "apache-airflow", "iat": now, "nbf": now,
-                                "exp": now + 300, "jti": os.urandom(8).hex()}, value, algorithm="HS512")
-            if requests.get(f"{api}/api/v2/dags", headers={"Authorization": f"Bearer {token}"}, timeout=5).ok:
-                usable["airflow_token"].append(src)
+            for sub in ("2", "approver1"):  # approver1's FAB user id (the stack creates its users in order), name
+                token = jwt.encode({"sub": sub, "role": "user", "aud": "apache-airflow", "iat": now, "nbf": now,
+                                    "exp": now + 300, "jti": os.urandom(8).hex()}, value, algorithm="HS512")
+                if requests.get(f"{api}/api/v2/dags", headers={"Authorization": f"Bearer {token}"}, timeout=5).ok:
+                    usable["airflow_token"].append(src)
     report = {"where": where, "process": " ".join(sys.argv)[:200], "uid": os.getuid(), "candidates": len(found),
-              "keys": len(keys),
+              "keys": len(keys), "metadata_logins": sorted(set(metadata)),
               "usable": {k: sorted(set(v)) for k, v in usable.items()}}
     (HERE / f"boundary_probe.{where}.json").write_text(json.dumps(report, indent=2))
     return {k: bool(v) for k, v in usable.items()}

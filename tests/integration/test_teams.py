@@ -1,0 +1,113 @@
+"""Two teams on one deployment (the packaged policy's ``support`` and ``research``, the stack's FAB roles): each
+team's members reach only the team's DAGs, its runs lease only the team's data, and only the team's approvers
+approve them; the auditor reads both and changes nothing. Every step is a real user over Airflow's REST API."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import requests
+from support import StackView
+
+from airflow_finetune_gov.demo import SETTLE_SECONDS
+from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
+
+pytestmark = pytest.mark.stack
+RESEARCH_DAG = "research_tune"
+SUPPORT_INPUTS_DAG = "governed_finetune_inputs"
+
+
+@pytest.fixture(scope="module")
+def view(stack: Stack) -> StackView:
+    return StackView(stack)
+
+
+def governance(view: StackView, user: str, path: str) -> requests.Response:
+    return view.client(user).session.get(view.state["airflow"]["url"] + "/fgov" + path, timeout=30)
+
+
+def hitl(view: StackView, user: str, dag_id: str, run_id: str, option: str, comment: str) -> requests.Response:
+    path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails"
+    return view.client(user).request("PATCH", path, json={"chosen_options": [option],
+                                                          "params_input": {"comment": comment}})
+
+
+def wait_round(view: StackView, user: str, dag_id: str, run_id: str, n: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    while len(requested := view.events(run_id, "approval.requested")) < n:
+        assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
+        time.sleep(0.5)
+    view.client(user).wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
+    time.sleep(SETTLE_SECONDS)
+    return requested[n - 1].payload_dict()
+
+
+@pytest.fixture(scope="module")
+def research_run(view: StackView) -> str:
+    """A research run waiting for its approvers (a base no screening can load: quorum)."""
+    run_id = view.trigger(RESEARCH_DAG, as_user="researcher")
+    wait_round(view, "researcher", RESEARCH_DAG, run_id, 1)
+    return run_id
+
+
+def test_a_teams_run_is_asked_of_its_teams_approvers_only(view: StackView, research_run: str) -> None:
+    (decided,) = [e.payload_dict() for e in view.events(research_run, "policy.decided")]
+    assert (decided["team"], decided["tier"]) == ("research", "quorum"), decided
+    assert decided["approvers"] == ["research-approver", "research-approver2"]
+    assert view.events(research_run, "approval.requested")[0].payload_dict()["assigned"] == decided["approvers"]
+    # support's approvers cannot answer it: Airflow does not let them reach the DAG, and nothing is witnessed
+    for user in ("approver1", "approver2"):
+        assert hitl(view, user, RESEARCH_DAG, research_run, "Approve", "not my team's").status_code == 403
+    # the auditor reads it and cannot answer it either
+    assert hitl(view, "auditor", RESEARCH_DAG, research_run, "Approve", "auditing").status_code == 403
+    assert view.events(research_run, "approval.witnessed") == []
+
+
+def test_team_members_see_their_teams_runs_only_and_the_auditor_sees_both(view: StackView,
+                                                                         research_run: str) -> None:
+    path = f"/api/runs/{RESEARCH_DAG}/{research_run}"
+    assert governance(view, "researcher", path).status_code == 200
+    assert governance(view, "auditor", path).status_code == 200
+    for user in ("requester", "approver1"):
+        denied = governance(view, user, path)
+        assert denied.status_code == 403 and RESEARCH_DAG in denied.json()["detail"], denied.text
+        assert view.client(user).request("GET", f"/dags/{RESEARCH_DAG}").status_code == 403  # Airflow's own
+        listed = governance(view, user, "/api/runs").json()["runs"]
+        assert research_run not in {r["run_id"] for r in listed}
+        assert governance(view, user, f"/ui/runs/{RESEARCH_DAG}/{research_run}").status_code == 403
+    assert research_run in {r["run_id"] for r in governance(view, "auditor", "/api/runs").json()["runs"]}
+    # and the other way round: research reads none of support's runs
+    assert governance(view, "researcher", f"/api/runs/{DEMO_DAG_ID}/any-run").status_code == 403
+    assert view.client("researcher").request("GET", f"/dags/{DEMO_DAG_ID}").status_code == 403
+    # the auditor changes nothing: no trigger of either team's DAG
+    for dag_id in (RESEARCH_DAG, DEMO_DAG_ID):
+        resp = view.client("auditor").request("POST", f"/dags/{dag_id}/dagRuns", json={"logical_date": None})
+        assert resp.status_code == 403, resp.text
+
+
+def test_the_teams_approvers_approve_and_its_run_leases_its_own_data(view: StackView, research_run: str) -> None:
+    assert hitl(view, "research-approver", RESEARCH_DAG, research_run, "Approve", "notes are ours").status_code == 200
+    wait_round(view, "researcher", RESEARCH_DAG, research_run, 2)
+    assert hitl(view, "research-approver2", RESEARCH_DAG, research_run, "Approve", "ok").status_code == 200
+    researcher = view.client("researcher")
+    assert researcher.wait_run(RESEARCH_DAG, research_run, timeout=300) == "success", \
+        researcher.task_states(RESEARCH_DAG, research_run)
+    (lease,) = [e.payload_dict() for e in view.events(research_run, "lease.issued") if e.task_id == "acquire_lease"]
+    assert lease["dataset"] == "research_notes", lease
+    (decided,) = [e.payload_dict() for e in view.events(research_run, "approval.decided")]
+    assert decided["approvers"] == ["research-approver", "research-approver2"]
+
+
+def test_a_run_cannot_lease_another_teams_dataset(view: StackView) -> None:
+    """Support's requester names research's dataset in a support DAG: denied before anyone is asked and before
+    any credential (the screening's and the digest's included) is issued."""
+    run_id = view.trigger(SUPPORT_INPUTS_DAG, dataset="research_notes")
+    requester = view.client("requester")
+    assert requester.wait_run(SUPPORT_INPUTS_DAG, run_id, timeout=300) == "failed"
+    assert requester.task_states(SUPPORT_INPUTS_DAG, run_id)["policy_check"] == "failed"
+    (decided,) = [e.payload_dict() for e in view.events(run_id, "policy.decided")]
+    assert (decided["team"], decided["tier"]) == ("support", "deny"), decided
+    assert "dataset research_notes is team research's, not team support's" in decided["reasons"][0]
+    assert view.events(run_id, "lease.issued") == [] and view.events(run_id, "approval.requested") == []
