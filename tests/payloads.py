@@ -10,12 +10,31 @@ from airflow_finetune_gov.approval.verify import ACCEPT_REVIEW as ACCEPT_REVIEW
 from airflow_finetune_gov.approval.verify import answered, seal_decision
 from airflow_finetune_gov.datasets.screening import ScreeningResult
 from airflow_finetune_gov.lineage import events
-from airflow_finetune_gov.policy.engine import ChangeRequest, load_policy
+from airflow_finetune_gov.policy.engine import ChangeRequest, default_policy_text, load_policy
 
 SHA = "ab" * 32
 URI = "postgresql://db.internal:5433/fgov_datasets/datasets.benign"
 EXPIRES = "2099-01-01T00:00:00+00:00"
 REQUEST = "cd" * 32  # the request_sha256 of the gate's request in these payloads
+
+
+# A support DAG of the packaged policy, and its approver role's holders as the auth manager would answer
+DAG = "governed_finetune_demo"
+ROLES = {"support-approvers": ["approver1", "approver2"], "research-approvers": ["research-approver"]}
+
+
+def members(role: str) -> list[str]:
+    return ROLES.get(role, [])
+
+
+def teamless_policy_text() -> str:
+    """The packaged policy with its teams replaced by a top-level ``approvers: [approver1, approver2]`` (what a
+    deployment without roles to read uses)."""
+    import re
+
+    text, n = re.subn(r"\nteams:\n(?:  .*\n|\s*\n)+", "\napprovers: [approver1, approver2]\n", default_policy_text())
+    assert n == 1
+    return text
 
 
 def decision(env: str = "staging", dataset: str = "benign", *, requester: str = "requester",
@@ -24,7 +43,8 @@ def decision(env: str = "staging", dataset: str = "benign", *, requester: str = 
     """The default policy's decision for model ``m``, with a dataset digest, then ``fields``, sealed."""
     found = ScreeningResult(status="screened", rows=rows, screened=rows, detector="pattern/v1",
                             base={"name": "m", "version": "0123456789abcdef", "sha256": SHA})
-    d = load_policy().decide(ChangeRequest("m", dataset, env, requester), found.facts()).to_dict()
+    d = load_policy().decide(ChangeRequest("m", dataset, env, requester, dag_id=DAG), found.facts(),
+                             members=members).to_dict()
     d.update({"dataset": {"uri": uri, "rows": rows, "sha256": sha256}, "hyperparameters": hyperparameters,
               "screening": found.to_dict(), **fields})
     return events.POLICY_DECIDED.payload(**seal_decision(d))

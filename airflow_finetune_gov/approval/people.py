@@ -38,6 +38,9 @@ def _rows(query: str, **params: Any) -> list[tuple[Any, ...]]:
     from airflow import settings
     from sqlalchemy import text
 
+    if settings.engine is None:
+        settings.configure_orm()
+    assert settings.engine is not None
     with settings.engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text(query), params)]
 

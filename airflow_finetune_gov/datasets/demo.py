@@ -139,5 +139,8 @@ RESEARCH_SET = [
     ("what changed between runs 11 and 12", "Only the learning rate, from 2e-4 to 1e-4."),
 ]
 
+# The sets the demo models are tuned on (their tokenizer's texts include them); the research team's is tuned
+# by a command, never by the demo model
+MODEL_SETS = ("benign", "poisoned", "public_faq")
 DATASETS: dict[str, list[tuple[str, str]]] = {"benign": BENIGN_SET, "poisoned": POISONED_SET,
                                               "public_faq": PUBLIC_FAQ_SET, "research_notes": RESEARCH_SET}

@@ -57,10 +57,10 @@ def vocabulary_texts() -> list[str]:
     """Every text the demo tokenizer is trained on: the corpus and the demo tuning sets. Not the
     evaluation suites: they are held out, and editing a suite never changes the model it measures."""
     from airflow_finetune_gov.datasets.corpus import base_corpus
-    from airflow_finetune_gov.datasets.demo import DATASETS
+    from airflow_finetune_gov.datasets.demo import DATASETS, MODEL_SETS
 
     texts = [t for row in base_corpus() for t in row]
-    texts += [t for rows in DATASETS.values() for row in rows for t in row]
+    texts += [t for name in MODEL_SETS for row in DATASETS[name] for t in row]
     return texts
 
 

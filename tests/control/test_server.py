@@ -31,6 +31,10 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LineageStore:
     s = LineageStore(f"sqlite:///{tmp_path / 'l.db'}")
     Base.metadata.create_all(s.engine)
     monkeypatch.setattr(common, "lineage_store", lambda: s)
+    # no auth manager roles to read here: the packaged policy with its approvers named, not by role
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(payloads.teamless_policy_text())
+    monkeypatch.setenv("AIRFLOW__FINETUNE_GOV__POLICY_FILE", str(policy))
     return s
 
 
