@@ -25,8 +25,9 @@ OPENAI_DAG = "governed_finetune_openai"
 def test_a_pending_approval_and_a_deferred_remote_job_hold_no_worker_slot(stack: Stack) -> None:
     view = StackView(stack)
     requester = view.client("requester")
-    # the periodic lease sweep is the only other thing that could take a slot meanwhile: pause it
-    assert requester.request("PATCH", "/dags/fgov_lease_sweep", json={"is_paused": True}).status_code == 200
+    # the periodic lease sweep is the only other thing that could take a slot meanwhile: ops pause it
+    ops = view.client("admin")
+    assert ops.request("PATCH", "/dags/fgov_lease_sweep", json={"is_paused": True}).status_code == 200
     key, path = "sk-fgov-" + secrets.token_urlsafe(24), f"openai-slots-{uuid.uuid4().hex[:8]}"
     with FakeFineTuningAPI(key, hold=True) as fake:
         view.bao().secrets.kv.v2.create_or_update_secret(
@@ -51,6 +52,6 @@ def test_a_pending_approval_and_a_deferred_remote_job_hold_no_worker_slot(stack:
             fake.release()
             time.sleep(SETTLE_SECONDS)
             view.answer(DEMO_DAG_ID, waiting, "approver1", "Reject", comment="slot test over")
-            requester.request("PATCH", "/dags/fgov_lease_sweep", json={"is_paused": False})
+            ops.request("PATCH", "/dags/fgov_lease_sweep", json={"is_paused": False})
         assert requester.wait_run(OPENAI_DAG, remote, timeout=240) == "success"
         assert requester.wait_run(DEMO_DAG_ID, waiting, timeout=240) == "failed"  # rejected: nothing tuned
