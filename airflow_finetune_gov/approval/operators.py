@@ -423,7 +423,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                 f"{decision['decision_sha256'][:16]} (the policy check ran again): clear the approval gate to ask "
                 "about the current decision")
         opened_for = self._asked_approvers(context, decision)
-        allowed = opened_for & self._approvers_now(context)  # one taken out of the approvers since cannot approve
+        # one taken out of the approvers since cannot approve
+        allowed = opened_for & set(people.approvers_now_of(context, self.log))
         if who not in allowed:
             common.record(context, "approval.violation", {
                 **answer, "allowed": sorted(allowed),
@@ -464,15 +465,8 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                                                     "tier": decision["tier"]}, actor="policy")
         return result
 
-    def _approvers_now(self, context: Any) -> set[str]:
-        """The run's approvers now, as the control plane reads the policy and the auth manager's roles (a task
-        cannot read the roles: the DAG user's database login has no privilege on them)."""
-        if common.remote():
-            return set(common.control().execute("approvers_now", {}, log=self.log))
-        return set(self.approvers_now(context))
-
     def approvers_now(self, context: Any) -> list[str]:
-        """The control plane's step of :meth:`_approvers_now`."""
+        """The control plane's step of :func:`people.approvers_now_of`: the calling task's run's approvers now."""
         return people.approvers_now(context["ti"].dag_id)
 
     def _asked_approvers(self, context: Any, decision: dict[str, Any]) -> set[str]:

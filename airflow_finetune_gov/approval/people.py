@@ -69,6 +69,16 @@ def approvers_now(dag_id: str) -> list[str]:
     return common.policy().approvers_for(dag_id, members())
 
 
+def approvers_now_of(context: Any, log: Any = None) -> list[str]:
+    """:func:`approvers_now` for the calling task's run: a task asks the control plane (which reads the roles; the
+    DAG user cannot), the control plane reads them itself."""
+    from airflow_finetune_gov import common
+
+    if common.remote():
+        return [str(a) for a in common.control().execute("approvers_now", {}, log=log)]
+    return approvers_now(context["ti"].dag_id)
+
+
 def hitl_users(names: Iterable[str]) -> list[HITLUser]:
     """HITL's ``assigned_users`` for ``names``: ``{"id", "name"}`` with the auth manager's user id. A name with
     no Airflow user (FAB) is left out and logged: nobody could answer as them."""

@@ -327,7 +327,7 @@ class BehaviourEvaluationOperator(GovernedOpenLineageMixin, HITLOperator):
         except ApprovalMissing as exc:
             raise AirflowFailException(str(exc)) from exc
         excluded = excluded_people(context)
-        current = set(people.approvers_now(context["ti"].dag_id))  # one taken out since reviews nothing
+        current = set(people.approvers_now_of(context, self.log))  # one taken out since reviews nothing
         return [a for a in decision["approvers"] if a not in excluded and a in current], decision
 
     def _ask(self, context: Any, payload: dict[str, Any], comparison: harness.Comparison) -> Any:

@@ -98,16 +98,26 @@ def test_the_teams_approvers_approve_and_its_run_leases_its_own_data(view: Stack
     assert lease["dataset"] == "research_notes", lease
     (decided,) = [e.payload_dict() for e in view.events(research_run, "approval.decided")]
     assert decided["approvers"] == ["research-approver", "research-approver2"]
+    # the model it made is on research's model page, and support's people do not read it there
+    assert governance(view, "researcher", "/api/models/research-tuned").status_code == 200
+    assert governance(view, "requester", "/api/models/research-tuned").status_code == 404
 
 
-def test_a_run_cannot_lease_another_teams_dataset(view: StackView) -> None:
-    """Support's requester names research's dataset in a support DAG: denied before anyone is asked and before
-    any credential (the screening's and the digest's included) is issued."""
-    run_id = view.trigger(SUPPORT_INPUTS_DAG, dataset="research_notes")
-    requester = view.client("requester")
-    assert requester.wait_run(SUPPORT_INPUTS_DAG, run_id, timeout=300) == "failed"
-    assert requester.task_states(SUPPORT_INPUTS_DAG, run_id)["policy_check"] == "failed"
+@pytest.mark.parametrize(("user", "dag_id", "conf", "team", "reason"), [
+    ("requester", SUPPORT_INPUTS_DAG, {"dataset": "research_notes"}, "support",
+     "dataset research_notes is team research's, not team support's"),
+    ("researcher", RESEARCH_DAG, {"model": "fgov-demo-tiny"}, "research",
+     "model fgov-demo-tiny is team support's, not team research's"),
+], ids=["support-leasing-research-data", "research-tuning-supports-model"])
+def test_a_run_cannot_use_another_teams_data_or_change_its_model(view: StackView, user: str, dag_id: str,
+                                                                 conf: dict[str, str], team: str, reason: str) -> None:
+    """A team's requester names the other team's dataset, or model, in their own DAG: denied before anyone is
+    asked and before any credential (the screening's and the digest's included) is issued."""
+    run_id = view.trigger(dag_id, as_user=user, **conf)
+    client = view.client(user)
+    assert client.wait_run(dag_id, run_id, timeout=300) == "failed"
+    assert client.task_states(dag_id, run_id)["policy_check"] == "failed"
     (decided,) = [e.payload_dict() for e in view.events(run_id, "policy.decided")]
-    assert (decided["team"], decided["tier"]) == ("support", "deny"), decided
-    assert "dataset research_notes is team research's, not team support's" in decided["reasons"][0]
+    assert (decided["team"], decided["tier"]) == (team, "deny"), decided
+    assert reason in decided["reasons"][0], decided["reasons"]
     assert view.events(run_id, "lease.issued") == [] and view.events(run_id, "approval.requested") == []

@@ -27,7 +27,8 @@ def forge_grant() -> str:
 with requesters_dag("decoy_request") as dag:
     decoy = HITLOperator(task_id="lunch_order", subject="Approve the team lunch order for Friday",
                          body="Pizza for 12, as every month.", options=["Approve", "Reject"], defaults=None,
-                         assigned_users=[{"id": "approver1", "name": "approver1"}],
+                         # unassigned: anyone who reaches the DAG may answer (DAG code cannot read the auth
+                         # manager's user ids, which HITL assigns by)
                          execution_timeout=timedelta(minutes=5))
     forger = PythonOperator(task_id="forge_grant", python_callable=forge_grant)
     dag.get_task("policy_check") >> [decoy, forger]
