@@ -439,7 +439,8 @@ class Stack:
         people.sync(home, passwords, af.env_for(home))
         provision.grant_dag_metadata(pg_host, ports["postgres"], role_pw["airflow"])
         af.add_vault_connection(home, ports["openbao"], "fgov-jwt")
-        log(f"airflow metadata database migrated in {time.monotonic() - t:.1f}s")
+        log(f"airflow metadata database migrated, its users, roles and the DAG user's login set in "
+            f"{time.monotonic() - t:.1f}s")
         started.append(af.start_control_plane(control_home, self.logs, control_socket, user=control_user.pw_name,
                                               groups=control_groups))
         self._write_partial(ports, started)
