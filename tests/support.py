@@ -104,13 +104,14 @@ class StackView:
                            token=Path(self.state["openbao"]["root_token_file"]).read_text())
 
     def wait_round(self, dag_id: str, run_id: str, n: int, timeout: float = 120,
-                   task_id: str = "approval_gate") -> None:
-        """Wait until request round ``n`` is open (recorded, and the task awaits input), then settle."""
+                   task_id: str = "approval_gate", as_user: str = "requester") -> None:
+        """Wait until request round ``n`` is open (recorded, and the task awaits input, as ``as_user`` reads it,
+        who must reach the DAG), then settle."""
         deadline = time.monotonic() + timeout
         while len(self.events(run_id, "approval.requested")) < n:
             assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
             time.sleep(0.5)
-        self.client("requester").wait_task_state(dag_id, run_id, task_id, {"awaiting_input"}, timeout=120)
+        self.client(as_user).wait_task_state(dag_id, run_id, task_id, {"awaiting_input"}, timeout=120)
         time.sleep(SETTLE_SECONDS)
 
     def set_roles(self, user: str, roles: list[str]) -> list[str]:

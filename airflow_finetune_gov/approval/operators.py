@@ -12,7 +12,7 @@ from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.sdk.exceptions import AirflowFailException, TaskAwaitingInput
-from airflow.sdk.execution_time.hitl import upsert_hitl_detail
+from airflow.sdk.execution_time.hitl import HITLUser, upsert_hitl_detail
 
 from airflow_finetune_gov import common, settings
 from airflow_finetune_gov.approval import people
@@ -80,7 +80,7 @@ def comment_field(params: Any, description: str) -> ParamsDict:
     return merged
 
 
-def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -> bool:
+def show_in_airflow(ti: Any, subject: str, body: str, assignees: Sequence[HITLUser]) -> bool:
     """Put a re-opened request's subject, body and assignees into Airflow's HITL row of ``ti`` (its current try).
     Airflow keeps one row per task instance and its execution API only clears the last answer on a re-open, so
     the control plane, which renders each round, writes what the next round shows: the progress, and the
@@ -90,7 +90,6 @@ def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -
     from airflow.utils.session import create_session
     from sqlalchemy import select
 
-    assignees = people.hitl_users(assigned)
     with create_session() as session:
         row = session.scalar(
             select(HITLDetail).join(TaskInstance, TaskInstance.id == HITLDetail.ti_id)
@@ -99,7 +98,7 @@ def show_in_airflow(ti: Any, subject: str, body: str, assigned: Sequence[str]) -
         if row is None:
             return False
         row.subject, row.body = subject, body
-        row.assignees = assignees
+        row.assignees = list(assignees)
     return True
 
 
@@ -237,10 +236,11 @@ class FineTuneApprovalOperator(GovernedOpenLineageMixin, HITLOperator):
                if reopen is not None else {"response_timeout_seconds": self.response_timeout.total_seconds()
                                            if self.response_timeout else None}),
         }, actor="policy")
-        if reopen is not None and common.SERVING and not show_in_airflow(ti, subject, body, waiting):
+        assignees = people.hitl_users(waiting)  # by the auth manager's user ids, read once for both
+        if reopen is not None and common.SERVING and not show_in_airflow(ti, subject, body, assignees):
             self.log.warning("no HITL request of %s in Airflow to show round %d in", ti.task_id, len(requests) + 1)
         return {"subject": subject, "body": body, "options": options,
-                "assigned_users": people.hitl_users(waiting),
+                "assigned_users": assignees,
                 "remaining_seconds": remaining.total_seconds() if remaining is not None else None}
 
     @staticmethod

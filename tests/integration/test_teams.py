@@ -4,14 +4,10 @@ approve them; the auditor reads both and changes nothing. Every step is a real u
 
 from __future__ import annotations
 
-import time
-from typing import Any
-
 import pytest
 import requests
 from support import StackView
 
-from airflow_finetune_gov.demo import SETTLE_SECONDS
 from airflow_finetune_gov.stack.manager import DEMO_DAG_ID, Stack
 
 pytestmark = pytest.mark.stack
@@ -28,27 +24,11 @@ def governance(view: StackView, user: str, path: str) -> requests.Response:
     return view.client(user).session.get(view.state["airflow"]["url"] + "/fgov" + path, timeout=30)
 
 
-def hitl(view: StackView, user: str, dag_id: str, run_id: str, option: str, comment: str) -> requests.Response:
-    path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/approval_gate/-1/hitlDetails"
-    return view.client(user).request("PATCH", path, json={"chosen_options": [option],
-                                                          "params_input": {"comment": comment}})
-
-
-def wait_round(view: StackView, user: str, dag_id: str, run_id: str, n: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 180
-    while len(requested := view.events(run_id, "approval.requested")) < n:
-        assert time.monotonic() < deadline, f"round {n} of the approval request never opened"
-        time.sleep(0.5)
-    view.client(user).wait_task_state(dag_id, run_id, "approval_gate", {"awaiting_input"}, timeout=120)
-    time.sleep(SETTLE_SECONDS)
-    return requested[n - 1].payload_dict()
-
-
 @pytest.fixture(scope="module")
 def research_run(view: StackView) -> str:
     """A research run waiting for its approvers (a base no screening can load: quorum)."""
     run_id = view.trigger(RESEARCH_DAG, as_user="researcher")
-    wait_round(view, "researcher", RESEARCH_DAG, run_id, 1)
+    view.wait_round(RESEARCH_DAG, run_id, 1, as_user="researcher")
     return run_id
 
 
@@ -59,9 +39,9 @@ def test_a_teams_run_is_asked_of_its_teams_approvers_only(view: StackView, resea
     assert view.events(research_run, "approval.requested")[0].payload_dict()["assigned"] == decided["approvers"]
     # support's approvers cannot answer it: Airflow does not let them reach the DAG, and nothing is witnessed
     for user in ("approver1", "approver2"):
-        assert hitl(view, user, RESEARCH_DAG, research_run, "Approve", "not my team's").status_code == 403
+        view.answer(RESEARCH_DAG, research_run, user, "Approve", "not my team's", status=403)
     # the auditor reads it and cannot answer it either
-    assert hitl(view, "auditor", RESEARCH_DAG, research_run, "Approve", "auditing").status_code == 403
+    view.answer(RESEARCH_DAG, research_run, "auditor", "Approve", "auditing", status=403)
     assert view.events(research_run, "approval.witnessed") == []
 
 
@@ -88,9 +68,9 @@ def test_team_members_see_their_teams_runs_only_and_the_auditor_sees_both(view: 
 
 
 def test_the_teams_approvers_approve_and_its_run_leases_its_own_data(view: StackView, research_run: str) -> None:
-    assert hitl(view, "research-approver", RESEARCH_DAG, research_run, "Approve", "notes are ours").status_code == 200
-    wait_round(view, "researcher", RESEARCH_DAG, research_run, 2)
-    assert hitl(view, "research-approver2", RESEARCH_DAG, research_run, "Approve", "ok").status_code == 200
+    view.answer(RESEARCH_DAG, research_run, "research-approver", "Approve", "notes are ours")
+    view.wait_round(RESEARCH_DAG, research_run, 2, as_user="researcher")
+    view.answer(RESEARCH_DAG, research_run, "research-approver2", "Approve", "ok")
     researcher = view.client("researcher")
     assert researcher.wait_run(RESEARCH_DAG, research_run, timeout=300) == "success", \
         researcher.task_states(RESEARCH_DAG, research_run)
